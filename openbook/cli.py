@@ -1,0 +1,117 @@
+"""The ``openbook`` command. Heavy imports happen inside each verb so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from openbook.errors import OpenbookError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="recipe YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set index.factory=HNSW32 (repeatable)")
+
+
+def _cmd_build_index(args: argparse.Namespace) -> int:
+    from openbook.recipe import load_recipe
+    from openbook.trainer.build_index import run_build_index
+
+    cfg = load_recipe(args.config, args.overrides)
+    summary = run_build_index(cfg, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from openbook.recipe import load_recipe
+    from openbook.trainer.train import run_train
+
+    cfg = load_recipe(args.config, args.overrides)
+    summary = run_train(cfg, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from openbook.trainer.search import run_search
+
+    for line in run_search(args.config, args.overrides, args.query, args.k):
+        print(line)
+    return 0
+
+
+def _cmd_world(args: argparse.Namespace) -> int:
+    from openbook.data.world import WorldConfig, generate_world
+
+    files = generate_world(WorldConfig(num_passages=args.num_passages, seed=args.seed), args.out)
+    print(json.dumps({k: str(v) for k, v in vars(files).items()}, indent=2))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from openbook.config import describe
+    from openbook.recipe import RecipeConfig, load_recipe
+
+    if args.config is None:
+        print("\n".join(describe(RecipeConfig)))
+    else:
+        print(yaml.safe_dump(dataclasses.asdict(load_recipe(args.config, args.overrides)), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openbook", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("build-index", help="encode a corpus and publish an index snapshot")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_build_index)
+
+    p = sub.add_parser("train", help="train a recipe with asynchronous index refresh")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("search", help="query the newest snapshot of a recipe")
+    _add_config_args(p)
+    p.add_argument("query", help="question text")
+    p.add_argument("-k", type=int, default=5, help="passages to show")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("world", help="generate the embedded demo world (corpus + QA) into a directory")
+    p.add_argument("--num-passages", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_world)
+
+    p = sub.add_parser("config", help="print a recipe resolved (or, without --config, every field's help)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # "Loading faiss with AVX512 support" is noise
+    try:
+        return args.func(args)
+    except OpenbookError as e:
+        print(f"openbook: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""One exception type for user-facing problems: its message is a single line naming what is wrong."""
+
+from __future__ import annotations
+
+
+class OpenbookError(Exception):
+    """A problem with the user's input (data, config, files): printed as one line by the CLI."""
+
+
+class ConfigError(OpenbookError):
+    """A config file or override is malformed or inconsistent."""
+
+
+class CorpusError(OpenbookError):
+    """A corpus file is missing, empty or has malformed rows."""
+
+
+class SnapshotError(OpenbookError):
+    """An index snapshot is missing, truncated, corrupt or incompatible."""

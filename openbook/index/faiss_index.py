@@ -1,0 +1,239 @@
+"""FAISS wrappers: build an inner-product index from an ``index_factory`` string, pick CPU/GPU, search.
+
+Everything here is metric-agnostic glue around ``faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)``:
+retrieval scores are dot products of query and doc embeddings (normalise them upstream for cosine).
+Indexes are always *built and stored* on CPU; :func:`to_device` optionally copies one to the GPUs for
+searching.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from openbook.config import opt
+from openbook.errors import ConfigError, SnapshotError
+
+log = logging.getLogger(__name__)
+
+_IVF_LISTS = re.compile(r"IVF(\d+)")
+
+
+@dataclass(kw_only=True)
+class IndexConfig:
+    factory: str = opt("Flat", "faiss index_factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF64,PQ16x8 "
+                               "(always inner-product metric)")
+    nprobe: int = opt(32, "IVF lists probed per query (clamped by faiss to the number of lists)")
+    ef_search: int = opt(128, "HNSW search-time beam width (efSearch)")
+    device: Literal["auto", "cpu", "gpu"] = opt("auto", "where to search: gpu if faiss has GPU support and a "
+                                                        "GPU is visible (auto), or force cpu/gpu")
+    train_size: int = opt(100_000, "max vectors sampled (deterministically) to train IVF/PQ indexes")
+    seed: int = opt(0, "seed of the training sample")
+
+    def __post_init__(self) -> None:
+        if not self.factory.strip():
+            raise ValueError("index.factory must be a non-empty faiss index_factory string")
+        for name in ("nprobe", "ef_search", "train_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"index.{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"index.device must be one of auto/cpu/gpu, got {self.device!r}")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """faiss errors span several lines (C++ location + message): squash them for one-line messages."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def as_float32_matrix(x: np.ndarray, what: str) -> np.ndarray:
+    """faiss wants C-contiguous float32 [n, d]; fp16 embeddings are upcast here."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise SnapshotError(f"{what}: expected a 2-D array [n, d], got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise SnapshotError(f"{what}: expected a float array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _layers(index: faiss.Index) -> Iterator[faiss.Index]:
+    """The index and every index it wraps (PreTransform, Refine, IDMap), downcast to concrete types."""
+    seen = 0
+    while index is not None and seen < 16:  # bounded: wrappers never nest this deep
+        index = faiss.downcast_index(index)
+        yield index
+        seen += 1
+        inner = getattr(index, "base_index", None) or getattr(index, "index", None)
+        index = inner if isinstance(inner, faiss.Index) else None
+
+
+def _clamp_ivf_lists(factory: str, n_train: int) -> str:
+    """k-means cannot make more IVF lists than training points: clamp (with a warning) rather than fail."""
+    def fix(m: re.Match) -> str:
+        nlist = int(m.group(1))
+        if nlist <= n_train:
+            return m.group(0)
+        log.warning("index factory %r: %d IVF lists but only %d training vectors; using IVF%d",
+                    factory, nlist, n_train, n_train)
+        return f"IVF{n_train}"
+
+    return _IVF_LISTS.sub(fix, factory)
+
+
+def _f32_rows(x: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows of ``x`` as contiguous float32, converted per block so an fp16 memmap is never copied whole."""
+    block = np.ascontiguousarray(x[rows], dtype=np.float32)
+    if not np.isfinite(block).all():
+        raise SnapshotError("build_faiss_index: embeddings contain NaN or inf")
+    return block
+
+
+def _training_sample(x: np.ndarray, cfg: IndexConfig) -> np.ndarray:
+    """A seeded subsample (sorted rows, so reads are sequential on memmaps) of at most train_size rows."""
+    n = x.shape[0]
+    if n <= cfg.train_size:
+        return _f32_rows(x, slice(None))
+    return _f32_rows(x, np.sort(np.random.default_rng(cfg.seed).choice(n, size=cfg.train_size, replace=False)))
+
+
+def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig, chunk: int = 65_536) -> faiss.Index:
+    """A trained, filled CPU index over ``embeddings`` (row i gets label i); fp16/fp32, added in chunks."""
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or x.dtype.kind not in "fiu":
+        raise SnapshotError(f"build_faiss_index: expected a 2-D float array [n, d], got {x.dtype} {x.shape}")
+    n, d = x.shape
+    if n == 0 or d == 0:
+        raise SnapshotError(f"build_faiss_index: no embeddings to index (shape {x.shape})")
+    factory = _clamp_ivf_lists(cfg.factory, min(n, cfg.train_size))
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ConfigError(f"index.factory {cfg.factory!r} is invalid for dim {d}: {one_line(e)}") from None
+    for layer in _layers(index):
+        # Polysemous training (on by default for PQ) costs ~10x the PQ training itself and only
+        # helps Hamming-threshold search, which we never enable.
+        if hasattr(layer, "do_polysemous_training"):
+            layer.do_polysemous_training = False
+    if not index.is_trained:
+        sample = _training_sample(x, cfg)
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise SnapshotError(f"index {factory!r}: training on {len(sample)} vectors failed: "
+                                f"{one_line(e)}") from None
+    id_map = isinstance(faiss.downcast_index(index), faiss.IndexIDMap)
+    for lo in range(0, n, chunk):
+        block = _f32_rows(x, slice(lo, lo + chunk))
+        if id_map:  # IDMap refuses add(); keep label i = row i
+            index.add_with_ids(block, np.arange(lo, lo + len(block), dtype=np.int64))
+        else:
+            index.add(block)
+    return index
+
+
+def gpu_available() -> bool:
+    """True if this faiss build has GPU support and at least one GPU is visible."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def use_gpu(cfg: IndexConfig) -> bool:
+    if cfg.device == "cpu":
+        return False
+    if cfg.device == "gpu" and not gpu_available():
+        raise ConfigError("index.device is 'gpu' but faiss has no GPU support or no GPU is visible "
+                          "(install faiss-gpu, check CUDA_VISIBLE_DEVICES, or use device: auto)")
+    return gpu_available()
+
+
+def to_device(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
+    """The index to search with: ``index`` itself on CPU, or a replica on every GPU.
+
+    HNSW has no GPU implementation in faiss, so it stays on CPU. Untested here (no GPU in CI).
+    """
+    if not use_gpu(cfg):
+        return index
+    if any(isinstance(layer, faiss.IndexHNSW) for layer in _layers(index)):
+        log.info("HNSW indexes have no faiss GPU implementation; searching on CPU")
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = False  # replicate: every GPU holds the whole index, queries are split between them
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=co)
+    except RuntimeError as e:
+        if cfg.device == "gpu":
+            raise ConfigError(f"index {cfg.factory!r}: cannot copy to GPU: {one_line(e)}") from None
+        log.warning("index %r: cannot copy to GPU (%s); searching on CPU", cfg.factory, one_line(e))
+        return index
+
+
+def _is_gpu_index(index: faiss.Index) -> bool:
+    return "Gpu" in type(faiss.downcast_index(index)).__name__ or "Replicas" in type(index).__name__
+
+
+class DenseIndex:
+    """A faiss index plus its search-time parameters; ``search`` is safe to call from many threads.
+
+    Parameters (nprobe, efSearch) are set once here, never per search, so concurrent readers of a
+    shared index never race on them. They are stored *in the faiss object*: two DenseIndex over the
+    same raw index share the last one's settings.
+    """
+
+    def __init__(self, index: faiss.Index, cfg: IndexConfig | None = None, where: str = "in-memory index"):
+        self.index = index
+        self.cfg = cfg or IndexConfig()
+        self.where = where  # named in error messages (a snapshot path, usually)
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        # ParameterSpace reaches through wrappers (PreTransform, Refine, IDMap) and raises for a
+        # parameter the index does not have; its initialize() misses some wrappers (IDMap), so we
+        # just try each one.
+        gpu_ps = getattr(faiss, "GpuParameterSpace", None)
+        ps = gpu_ps() if gpu_ps is not None and _is_gpu_index(self.index) else faiss.ParameterSpace()
+        wanted = {"nprobe": self.cfg.nprobe, "efSearch": self.cfg.ef_search,
+                  "quantizer_efSearch": self.cfg.ef_search}
+        self.search_params: dict[str, int] = {}
+        for name, value in wanted.items():
+            try:
+                ps.set_index_parameter(self.index, name, value)
+            except RuntimeError:
+                continue  # not applicable to this index type
+            self.search_params[name] = value
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (int64 [Q, k'], -1 where nothing was found) and scores (float32 [Q, k']).
+
+        ``k' = min(k, ntotal)``; a 1-D query is one row.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2:
+            raise SnapshotError(f"queries must be 1-D or 2-D, got shape {q.shape} ({self.where})")
+        if q.shape[1] != self.dim:
+            raise SnapshotError(f"query dim {q.shape[1]} does not match index dim {self.dim} ({self.where})")
+        q = as_float32_matrix(q, f"queries ({self.where})")
+        kk = min(k, self.ntotal)
+        if kk == 0 or q.shape[0] == 0:
+            return np.zeros((q.shape[0], kk), np.int64), np.zeros((q.shape[0], kk), np.float32)
+        scores, rows = self.index.search(q, kk)
+        return rows.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"DenseIndex({self.cfg.factory!r}, dim={self.dim}, ntotal={self.ntotal}, where={self.where!r})"

@@ -1,0 +1,499 @@
+"""Versioned index snapshots, published atomically and verified on load.
+
+Layout under a store root::
+
+    <root>/v000001/manifest.json   format, version, encoder_step, times, dim, count, factory, files, checksum
+    <root>/v000001/index.faiss     CPU faiss index; label i <-> row i
+    <root>/v000001/embeddings.npy  float16 [N, d] (the exact values the index was built from)
+    <root>/v000001/doc_ids.npy     numpy unicode [N]: corpus string id of row i
+    <root>/.tmp-<host>-<pid>-<rand>/    a publish in progress (or left by a killed writer)
+    <root>/.trash-v000001-<rand>/       a pruned snapshot being deleted
+
+Publishing writes everything into a hidden ``.tmp-*`` dir, fsyncs each file and the dir, then claims
+the next version with one ``os.rename`` — so a ``vNNNNNN`` dir is complete or absent, whatever
+moment a writer is killed at. Readers only ever look at ``vNNNNNN`` dirs holding a manifest.
+
+Crash hook (tests only): with ``OPENBOOK_TEST_CRASH_PUBLISH=<stage>`` in the environment, ``publish``
+calls ``os._exit(137)`` (no cleanup, like SIGKILL) when it reaches ``<stage>``, one of
+``after_embeddings``, ``after_index``, ``before_rename``. ``<stage>:hang`` instead prints
+``openbook-crash-point <stage>`` to stderr and sleeps, so a test can deliver a real SIGKILL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from openbook.errors import SnapshotError
+from openbook.index.faiss_index import DenseIndex, IndexConfig, build_faiss_index, one_line, to_device
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+EMBEDDINGS_FILE = "embeddings.npy"
+DOC_IDS_FILE = "doc_ids.npy"
+PAYLOAD = (EMBEDDINGS_FILE, DOC_IDS_FILE, INDEX_FILE)
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+CRASH_ENV = "OPENBOOK_TEST_CRASH_PUBLISH"
+CRASH_STAGES = ("after_embeddings", "after_index", "before_rename")
+
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+_TMP_DIR = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (int,), "version": (int,), "encoder_step": (int,), "created_at": (int, float),
+    "weights_time": (int, float), "dim": (int,), "count": (int,), "factory": (str,), "files": (dict,),
+    "checksum": (str,), "meta": (dict,), "index_config": (dict,),
+}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json``. ``files`` maps name -> {"size": int, "sha256": hex}."""
+
+    format: int
+    version: int
+    encoder_step: int
+    created_at: float
+    weights_time: float
+    dim: int
+    count: int
+    factory: str
+    files: dict[str, dict[str, Any]]
+    checksum: str
+    meta: dict[str, Any]
+    index_config: dict[str, Any]  # the IndexConfig used to build (search params default to it)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Manifest:
+        """Validate types so a hand-edited or damaged manifest fails here, with the key's name."""
+        if not isinstance(data, dict):
+            raise SnapshotError(f"{where}: manifest must be a JSON object")
+        for key, types in _MANIFEST_TYPES.items():
+            if key not in data:
+                raise SnapshotError(f"{where}: missing key '{key}'")
+            if not isinstance(data[key], types) or isinstance(data[key], bool):
+                raise SnapshotError(f"{where}: key '{key}' has the wrong type ({type(data[key]).__name__})")
+        if data["format"] > FORMAT:
+            raise SnapshotError(f"{where}: format {data['format']} is newer than supported ({FORMAT})")
+        for name, entry in data["files"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                    and isinstance(entry.get("sha256"), str)):
+                raise SnapshotError(f"{where}: files['{name}'] needs an int 'size' and a str 'sha256'")
+        return cls(**{k: data[k] for k in _MANIFEST_TYPES})
+
+
+def files_checksum(files: dict[str, dict[str, Any]]) -> str:
+    """sha256 over the files' sha256 hex digests concatenated in file-name order."""
+    return hashlib.sha256("".join(files[n]["sha256"] for n in sorted(files)).encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------- file helpers
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (a dir fsync makes the names it holds durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "wb") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _crash_point(stage: str) -> None:
+    """Test hook: die (or hang, to be SIGKILLed) at ``stage`` if OPENBOOK_TEST_CRASH_PUBLISH asks to."""
+    want = os.environ.get(CRASH_ENV, "")
+    name, _, mode = want.partition(":")
+    if name != stage:
+        return
+    if mode == "hang":
+        print(f"openbook-crash-point {stage}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    os._exit(137)
+
+
+def _rmtree(path: Path) -> None:
+    # Another process may be deleting the same trash dir: vanished entries are not an error.
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------- the snapshot
+
+def _read_manifest(path: Path) -> Manifest:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise SnapshotError(f"{mpath}: manifest missing (not a complete snapshot)")
+    try:
+        data = json.loads(mpath.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"{mpath}: invalid JSON ({one_line(e)})") from None
+    return Manifest.from_json(data, str(mpath))
+
+
+def _check_files(path: Path, m: Manifest, verify: bool) -> None:
+    """Sizes always (cheap; catches truncation); sha256 of every byte only when ``verify``."""
+    if sorted(m.files) != sorted(PAYLOAD):
+        raise SnapshotError(f"{path / MANIFEST}: lists files {sorted(m.files)}, expected {sorted(PAYLOAD)}")
+    if files_checksum(m.files) != m.checksum:
+        raise SnapshotError(f"{path / MANIFEST}: checksum does not match its files list (manifest corrupt)")
+    for name in PAYLOAD:
+        p, want = path / name, m.files[name]
+        if not p.is_file():
+            raise SnapshotError(f"{p}: file missing")
+        size = p.stat().st_size
+        if size != want["size"]:
+            why = "truncated" if size < want["size"] else "file corrupt"
+            raise SnapshotError(f"{p}: size {size} != manifest {want['size']} ({why})")
+        if verify and _sha256(p) != want["sha256"]:
+            raise SnapshotError(f"{p}: checksum mismatch (file corrupt)")
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SnapshotError(f"{p}: unreadable .npy ({one_line(e)})") from None
+
+
+def _read_faiss(p: Path) -> faiss.Index:
+    """Memory-map where this faiss supports it (IFC: flat codes, 1.10+; MMAP: IVF lists), else read."""
+    flags = [getattr(faiss, n) for n in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if hasattr(faiss, n)] + [0]
+    err: Exception | None = None
+    for flag in flags:
+        try:
+            return faiss.read_index(str(p), flag)
+        except RuntimeError as e:
+            err = e
+    raise SnapshotError(f"{p}: unreadable faiss index ({one_line(err)})")
+
+
+def _index_cfg_from(m: Manifest) -> IndexConfig:
+    known = {f.name for f in dataclasses.fields(IndexConfig)}
+    try:
+        return IndexConfig(**{k: v for k, v in m.index_config.items() if k in known})
+    except (TypeError, ValueError):
+        return IndexConfig(factory=m.factory)
+
+
+class IndexSnapshot:
+    """One published snapshot, loaded: memory-mapped embeddings/doc ids and a searchable index."""
+
+    def __init__(self, path: Path, manifest: Manifest, embeddings: np.ndarray, doc_ids: np.ndarray,
+                 index: DenseIndex):
+        self.path = path
+        self.manifest = manifest
+        self.embeddings = embeddings
+        self.doc_ids = doc_ids
+        self.index = index
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, index_cfg: IndexConfig | None = None) -> IndexSnapshot:
+        """Load and check a snapshot dir; ``verify`` hashes every file (cost ~ its size).
+
+        ``index_cfg`` sets search params/device; by default the config it was built with.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise SnapshotError(f"{path}: snapshot directory not found")
+        m = _read_manifest(path)
+        named = _VERSION_DIR.match(path.name)
+        if named and int(named.group(1)) != m.version:
+            raise SnapshotError(f"{path / MANIFEST}: version {m.version} does not match directory {path.name}")
+        _check_files(path, m, verify)
+        emb, ids = _load_npy(path / EMBEDDINGS_FILE), _load_npy(path / DOC_IDS_FILE)
+        if emb.dtype != np.float16 or emb.shape != (m.count, m.dim):
+            raise SnapshotError(f"{path / EMBEDDINGS_FILE}: {emb.dtype} {emb.shape} != manifest float16 "
+                                f"{(m.count, m.dim)}")
+        if ids.dtype.kind != "U" or ids.shape != (m.count,):
+            raise SnapshotError(f"{path / DOC_IDS_FILE}: {ids.dtype} {ids.shape} != manifest unicode ({m.count},)")
+        raw = _read_faiss(path / INDEX_FILE)
+        if raw.ntotal != m.count or raw.d != m.dim:
+            raise SnapshotError(f"{path / INDEX_FILE}: index has {raw.ntotal} vectors of dim {raw.d}, manifest "
+                                f"{m.count} of dim {m.dim}")
+        cfg = index_cfg or _index_cfg_from(m)
+        return cls(path, m, emb, ids, DenseIndex(to_device(raw, cfg), cfg, where=str(path)))
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def encoder_step(self) -> int:
+        return self.manifest.encoder_step
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def created_at(self) -> float:
+        return self.manifest.created_at
+
+    @property
+    def weights_time(self) -> float:
+        return self.manifest.weights_time
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows int64 [Q, k], scores float32 [Q, k]); rows index ``doc_ids``/``embeddings``, -1 = none."""
+        return self.index.search(queries, k)
+
+    def ids(self, rows: np.ndarray) -> np.ndarray:
+        """Doc id strings for ``rows`` (same shape); "" where a row is -1 (publish refuses empty ids)."""
+        r = np.asarray(rows, dtype=np.int64)
+        out = np.asarray(self.doc_ids)[np.where(r >= 0, r, 0)]
+        return np.where(r >= 0, out, "")
+
+    def __repr__(self) -> str:
+        return f"IndexSnapshot(v{self.version}, step={self.encoder_step}, count={self.count}, path={self.path})"
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+def _check_inputs(embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 C-contiguous embeddings and a unicode id array, or a one-line SnapshotError."""
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise SnapshotError(f"publish: embeddings must be a non-empty [N, d] array, got shape {emb.shape}")
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+        emb16 = np.ascontiguousarray(emb, dtype=np.float16)
+    if not np.isfinite(emb16).all():
+        raise SnapshotError("publish: embeddings contain NaN/inf (after float16 conversion; |x| > 65504?)")
+    ids = np.asarray(doc_ids)
+    ids = ids if ids.dtype.kind == "U" else ids.astype(str)  # object/bytes/int ids -> numpy unicode
+    if ids.shape != (emb.shape[0],):
+        raise SnapshotError(f"publish: doc ids of shape {ids.shape} for {emb.shape[0]} embeddings")
+    if (np.char.str_len(ids) == 0).any():
+        raise SnapshotError("publish: empty doc id (ids must be non-empty strings)")
+    return emb16, ids
+
+
+class SnapshotStore:
+    """The ``vNNNNNN`` snapshots under ``root``: publish, list, load the newest good one, prune, clean up.
+
+    Safe with several writers (version claims retry) and readers in other processes (a reader that
+    memory-mapped a pruned snapshot keeps its data: deletion only unlinks the files).
+    """
+
+    def __init__(self, root: str | Path, keep: int = 3, index_cfg: IndexConfig | None = None,
+                 stale_seconds: float = 3600.0):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.index_cfg = index_cfg  # search params for loads; None = each snapshot's own
+        self.stale_seconds = stale_seconds
+        self._last_good: int | None = None  # newest version this store wrote or verified; never pruned
+
+    def path(self, version: int) -> Path:
+        return self.root / version_dir_name(version)
+
+    def versions(self) -> list[int]:
+        """Published versions, ascending: ``vNNNNNN`` dirs holding a manifest (not necessarily valid)."""
+        return sorted(v for v, p in self._version_dirs() if (p / MANIFEST).is_file())
+
+    def _version_dirs(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        return [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _VERSION_DIR.match(p.name))]
+
+    def load(self, version: int, verify: bool = True) -> IndexSnapshot:
+        path = self.path(version)
+        if not path.is_dir():
+            raise SnapshotError(f"{path}: snapshot v{version} not found")
+        snap = IndexSnapshot.load(path, verify=verify, index_cfg=self.index_cfg)
+        if verify:
+            self._last_good = max(version, self._last_good or 0)
+        return snap
+
+    def latest(self, verify: bool = True) -> IndexSnapshot | None:
+        """The newest snapshot that loads (and verifies); broken newer ones are skipped with a warning."""
+        for v in reversed(self.versions()):
+            try:
+                return self.load(v, verify=verify)
+            except SnapshotError as e:
+                log.warning("skipping snapshot %s: %s", self.path(v), e)
+        return None
+
+    def publish(self, embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray, *, encoder_step: int,
+                index_cfg: IndexConfig, weights_time: float | None = None, meta: dict | None = None,
+                index: faiss.Index | None = None, protect: Iterable[int] = ()) -> IndexSnapshot:
+        """Write a new snapshot atomically and return it (loaded); then prune and clean up.
+
+        The index is built from the float16-rounded embeddings, so index scores and stored embeddings
+        agree exactly. A passed ``index`` must be a CPU index with row i = embeddings[i].
+        """
+        emb16, ids = _check_inputs(embeddings, doc_ids)
+        if index is None:
+            index = build_faiss_index(emb16, index_cfg)
+        if index.ntotal != emb16.shape[0] or index.d != emb16.shape[1]:
+            raise SnapshotError(f"publish: index has {index.ntotal} vectors of dim {index.d}, embeddings "
+                                f"{emb16.shape}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            files = self._write_payload(tmp, emb16, ids, index)
+            created = time.time()
+            body = {"format": FORMAT, "version": 0, "encoder_step": int(encoder_step), "created_at": created,
+                    "weights_time": float(created if weights_time is None else weights_time),
+                    "dim": int(emb16.shape[1]), "count": int(emb16.shape[0]), "factory": index_cfg.factory,
+                    "files": files, "checksum": files_checksum(files), "meta": dict(meta or {}),
+                    "index_config": dataclasses.asdict(index_cfg)}
+            version = self._claim(tmp, body)
+        except BaseException:
+            _rmtree(tmp)  # a clean failure leaves nothing; only a killed writer leaves .tmp-* for cleanup()
+            raise
+        self._last_good = version
+        log.info("published snapshot %s (%d docs, encoder_step %d)", self.path(version), body["count"],
+                 encoder_step)
+        self.prune(protect)
+        self.cleanup()
+        return self.load(version, verify=False)
+
+    @staticmethod
+    def _write_payload(tmp: Path, emb16: np.ndarray, ids: np.ndarray, index: faiss.Index) -> dict:
+        _save_npy(tmp / EMBEDDINGS_FILE, emb16)
+        _crash_point("after_embeddings")
+        _save_npy(tmp / DOC_IDS_FILE, ids)
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        _fsync_path(tmp / INDEX_FILE)
+        _crash_point("after_index")
+        return {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in PAYLOAD}
+
+    def _next_version(self) -> int:
+        return max((v for v, _ in self._version_dirs()), default=0) + 1
+
+    def _claim(self, tmp: Path, body: dict) -> int:
+        """Rename ``tmp`` to the next free ``vNNNNNN``; a name taken by a concurrent writer -> try the next."""
+        version = self._next_version()
+        for _ in range(1000):
+            body["version"] = version  # the manifest names its own version: rewrite it per attempt
+            _write_json(tmp / MANIFEST, body)
+            _fsync_path(tmp)
+            _crash_point("before_rename")
+            try:
+                os.rename(tmp, self.path(version))  # fails (ENOTEMPTY/EEXIST) if another writer won
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                version = max(version + 1, self._next_version())
+                continue
+            _fsync_path(self.root)
+            return version
+        raise SnapshotError(f"{self.root}: could not claim a version after 1000 attempts")
+
+    def prune(self, protect: Iterable[int] = ()) -> list[int]:
+        """Delete all but the newest ``keep`` versions, ``protect``-ed ones and the last known-good one.
+
+        Each victim is renamed to ``.trash-*`` first (one atomic step out of sight), then removed.
+        """
+        versions = self.versions()
+        keep = set(versions[-self.keep:]) | set(protect)
+        if self._last_good is not None:
+            keep.add(self._last_good)  # a corrupt newer snapshot must never cost us the last good one
+        removed = []
+        for v in versions:
+            if v in keep:
+                continue
+            trash = self.root / f"{TRASH_PREFIX}{version_dir_name(v)}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.path(v), trash)
+            except FileNotFoundError:
+                continue  # another process pruned it first
+            _rmtree(trash)
+            removed.append(v)
+        if removed:
+            _fsync_path(self.root)
+            log.info("pruned snapshots %s under %s", removed, self.root)
+        return removed
+
+    def cleanup(self) -> list[Path]:
+        """Remove leftovers of killed writers/pruners; returns what was removed.
+
+        ``.trash-*`` dirs always go (already out of sight). A ``.tmp-<host>-<pid>-*`` dir goes if its
+        writer is on this host and that pid is dead, or if nothing in it changed for
+        ``stale_seconds`` (writers on other hosts of a shared filesystem, or a reused pid).
+        """
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for p in self.root.iterdir():
+            if p.name.startswith(TRASH_PREFIX) or (p.name.startswith(TMP_PREFIX) and self._tmp_is_stale(p)):
+                _rmtree(p)
+                removed.append(p)
+        return removed
+
+    def _tmp_is_stale(self, p: Path) -> bool:
+        m = _TMP_DIR.match(p.name)
+        if m and m.group("host") == socket.gethostname() and not _pid_alive(int(m.group("pid"))):
+            return True
+        try:
+            newest = max([p.stat().st_mtime] + [c.stat().st_mtime for c in p.iterdir()])
+        except FileNotFoundError:
+            return False  # renamed/removed under us: its owner is active
+        return time.time() - newest > self.stale_seconds
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

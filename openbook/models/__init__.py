@@ -1,0 +1,1 @@
+"""Models: pure torch/transformers. No Ray, no ranks, no file layout."""

@@ -1,0 +1,67 @@
+"""The recipe: one YAML in configs/ = one ``RecipeConfig``, a section per component.
+
+Sections are the components' own small configs; code receives only the section it needs.
+Later issues add sections (model, train, refresh) next to these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from openbook.config import load_config, opt
+from openbook.data.world import WorldConfig
+from openbook.index.faiss_index import IndexConfig
+from openbook.models.retriever import RetrieverConfig
+from openbook.refresher.config import RefreshConfig
+from openbook.trainer.config import TrainConfig
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    corpus: str | None = opt(None, "corpus file (JSONL/Parquet) or datasets Arrow dir; null = generate the world")
+    qa_train: str | None = opt(None, "train QA JSONL (question, answers, gold_ids); defaults to the world's train split")
+    qa_dev: str | None = opt(None, "dev QA JSONL for evaluation (defaults to the world's dev split)")
+    world: WorldConfig = opt(WorldConfig(), "the generated demo world (used when corpus is null)")
+    cache_dir: str = opt(".openbook_cache", "Arrow copies of corpora, token caches, generated worlds")
+
+
+@dataclass(kw_only=True)
+class SnapshotsConfig:
+    dir: str | None = opt(None, "where snapshots are published; null = <run_dir>/snapshots")
+    keep: int = opt(3, "keep the newest K snapshots (plus the one in use)")
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError(f"snapshots.keep must be >= 1, got {self.keep}")
+
+
+@dataclass(kw_only=True)
+class EncodeConfig:
+    batch_size: int = opt(128, "passages per forward pass when (re-)encoding the corpus")
+    threads: int = opt(0, "torch intra-op threads for encoding; 0 = torch's default")
+
+
+@dataclass(kw_only=True)
+class RecipeConfig:
+    name: str = opt("default", "recipe name (used in run directories and logs)")
+    run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
+    data: DataConfig = opt(DataConfig(), "corpus and QA data")
+    retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
+    index: IndexConfig = opt(IndexConfig(), "FAISS index")
+    snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
+    encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")
+    train: TrainConfig = opt(TrainConfig(), "optimisation and Lightning Trainer settings")
+    refresh: RefreshConfig = opt(RefreshConfig(), "asynchronous index refresh (Ray actor pool)")
+
+    def __post_init__(self) -> None:
+        if self.train.freeze_doc_encoder and self.retriever.shared:
+            raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return Path(self.snapshots.dir) if self.snapshots.dir else Path(self.run_dir) / "snapshots"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    return load_config(RecipeConfig, path, overrides)

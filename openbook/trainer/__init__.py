@@ -1,0 +1,1 @@
+"""Where data, models, index and refresher meet: LightningModules, callbacks, CLI glue."""

@@ -1,0 +1,31 @@
+"""Training settings (no Lightning import, so recipes load fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openbook.config import opt
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = opt(200, "optimizer steps")
+    batch_size: int = opt(16, "questions per step (per device)")
+    lr: float = opt(1e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    negatives: int = opt(8, "hard negatives per question, from the (stale) index's top-k")
+    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); refresh is then pointless")
+    eval_k: int = opt(5, "k of the logged retrieval recall@k")
+    seed: int = opt(0, "seed for init, data order and dropout")
+    accelerator: str = opt("auto", "Lightning accelerator: auto, cpu, gpu")
+    devices: int = opt(1, "devices per node")
+    num_nodes: int = opt(1, "nodes")
+    strategy: str = opt("auto", "Lightning strategy: auto, ddp, ...")
+    precision: str = opt("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
+    log_every_n_steps: int = opt(1, "logger flush interval in steps")
+    num_threads: int = opt(0, "torch intra-op threads in the trainer; 0 = torch's default")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.negatives < 1:
+            raise ValueError("max_steps, batch_size and negatives must be >= 1")

@@ -1,0 +1,23 @@
+"""Shared fixtures: one local Ray per test session (ray.init costs ~8 s), small generated worlds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster shared by the whole session (no dashboard, a small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+                 configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

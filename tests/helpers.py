@@ -1,0 +1,27 @@
+"""Test helpers: small recipes in temporary directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from openbook.config import from_dict
+from openbook.recipe import RecipeConfig
+
+
+def tiny_recipe(tmp: Path, cache: Path | None = None, **sections) -> RecipeConfig:
+    """The embedded default, shrunk, writing into ``tmp``. ``sections`` override per section."""
+    data = {
+        "name": "test",
+        "run_dir": str(tmp / "run"),
+        "data": {"world": {"num_passages": 600, "seed": 0}, "cache_dir": str(cache or tmp / "cache")},
+        "retriever": {"encoder": {"source": "tiny", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                  "intermediate_size": 64}, "pooling": "mean", "doc_max_length": 32},
+        "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-3, "negatives": 4, "num_threads": 1},
+        "refresh": {"schedule": "5", "shard_size": 100, "batch_size": 64},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(name, {}).update(value)
+        else:
+            data[name] = value
+    return from_dict(RecipeConfig, data)

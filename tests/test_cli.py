@@ -1,0 +1,91 @@
+"""The ``openbook`` command and the README's two commands, run for real."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENBOOK = str(Path(sys.executable).parent / "openbook")  # the installed console entry point
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [next(line for line in b.splitlines() if line and not line.startswith("#")) for b in blocks]
+
+
+def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([OPENBOOK, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_second():
+    setup_cmd, test_cmd = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in ci
+    for cmd in (setup_cmd, test_cmd):
+        assert cmd.startswith("python3 -m venv .venv && .venv/bin/pip install")
+        assert "-c constraints.txt" in cmd and "-e '.[dev]'" in cmd
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+    assert test_cmd.endswith("pytest")
+
+
+def _workdir(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs(tmp_path):
+    """The part of README command 1 after set-up, in a scratch directory."""
+    main_job = readme_commands()[0].split("&&")[-1].strip()
+    assert main_job.startswith(".venv/bin/openbook ")
+    args = main_job.split()[1:]
+    proc = run(args, _workdir(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["index_version"] >= 1 if "index_version" in summary else summary["version"] >= 1
+    assert (tmp_path / "runs" / "default" / "snapshots").is_dir()
+
+
+def test_build_index_then_search(tmp_path):
+    wd = _workdir(tmp_path)
+    sets = ["--set", "data.world.num_passages=300", "--set", "retriever.encoder.num_layers=1"]
+    proc = run(["build-index", "--config", "configs/default.yaml", "--quiet", *sets], wd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["version"] == 1 and summary["docs"] == 300
+    assert 0.0 <= summary["dev_recall@10"] <= 1.0
+    first = json.loads((wd / ".openbook_cache").rglob("corpus.jsonl").__next__().read_text().splitlines()[0])
+    proc = run(["search", "--config", "configs/default.yaml", *sets, "-k", "3", first["title"]], wd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("snapshot v1") and len(lines) == 4
+
+
+def test_errors_are_one_line(tmp_path):
+    proc = run(["build-index", "--config", str(tmp_path / "missing.yaml")], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "config file not found" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "title": "t", "text": "x"}\n{"id": "b", "title": "t"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  corpus: {bad}\n  cache_dir: {tmp_path / 'cache'}\nrun_dir: {tmp_path / 'run'}\n")
+    proc = run(["build-index", "--config", str(cfg)], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "bad.jsonl:2" in last and "text" in last
+
+
+def test_config_help_lists_every_section():
+    proc = subprocess.run([OPENBOOK, "config"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for key in ("data.corpus", "retriever.pooling", "index.factory", "snapshots.keep", "refresh.schedule"):
+        assert key in proc.stdout
