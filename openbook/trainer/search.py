@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from openbook.errors import SnapshotError
 from openbook.models.retriever import build_retriever
 from openbook.recipe import load_recipe
@@ -15,8 +19,11 @@ def run_search(config: str, overrides: list[str], query: str, k: int) -> list[st
     snap = SnapshotStore(cfg.snapshot_dir, keep=cfg.snapshots.keep).latest()
     if snap is None:
         raise SnapshotError(f"{cfg.snapshot_dir}: no valid snapshot; run `openbook build-index --config {config}`")
-    # The seeded init reproduces the encoder that built a step-0 snapshot; trained ones load a checkpoint.
     model, tokenizer = build_retriever(cfg.retriever)
+    weights = Path(cfg.run_dir) / "retriever.pt"  # written by `openbook train`
+    if weights.is_file():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    # else: the seeded init reproduces the encoder that built a `build-index` snapshot
     corpus = prepare_data(cfg.data).corpus
     q = encode_queries(model, tokenizer, [query], cfg.retriever.query_max_length)
     rows, scores = snap.search(q, k)

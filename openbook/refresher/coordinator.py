@@ -1,0 +1,249 @@
+"""``RefreshCoordinator``: drives the EncoderWorker pool, then a Ray task builds and publishes the snapshot.
+
+Runs each refresh on a background thread of the process that owns it (rank 0), so the training
+loop never waits: ``submit`` returns at once, ``poll`` hands back finished refreshes. At most one
+refresh is in flight; a trigger while one runs is counted as skipped. A dead actor is replaced and
+its shard retried; any other failure is counted and the last good snapshot stays in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.errors import OpenbookError
+from openbook.models.retriever import RetrieverConfig
+from openbook.refresher.config import RefreshConfig
+from openbook.refresher.publish import IndexTarget
+from openbook.refresher.worker import EncoderWorker
+
+log = logging.getLogger(__name__)
+
+
+class RefreshCancelled(Exception):
+    pass
+
+
+class RefreshFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    version: int
+    path: str
+    encoder_step: int
+    weights_time: float  # when the encoder weights were snapshotted (lag_seconds counts from here)
+    duration: float  # submit → published, seconds
+    encode_seconds: float
+    docs: int
+    retried_shards: int
+
+    @property
+    def docs_per_second(self) -> float:
+        return self.docs / max(self.encode_seconds, 1e-9)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line; a Ray task error is unwrapped to the worker's own exception."""
+    cause = getattr(e, "cause", None) or e
+    text = " ".join(part.strip() for part in str(cause).splitlines() if part.strip())
+    return f"{type(cause).__name__}: {text}"[:limit]
+
+
+def ensure_ray(cfg: RefreshConfig) -> bool:
+    """Start a local Ray (or join ``cfg.address``) unless one is running; True if we started it."""
+    if ray.is_initialized():
+        return False
+    common = {"include_dashboard": False, "configure_logging": False}
+    if cfg.address:
+        ray.init(address=cfg.address, **common)
+    else:
+        ray.init(object_store_memory=cfg.object_store_memory, **common)
+    return True
+
+
+class RefreshCoordinator:
+    def __init__(self, cfg: RefreshConfig, retriever_cfg: RetrieverConfig, vocab_size: int,
+                 tokens: TokenizedCorpus, doc_ids: np.ndarray, target: IndexTarget):
+        if len(doc_ids) != len(tokens):
+            raise ValueError(f"{len(doc_ids)} doc ids for {len(tokens)} tokenised passages")
+        self.cfg, self.retriever_cfg, self.vocab_size = cfg, retriever_cfg, vocab_size
+        self.tokens, self.doc_ids, self.target = tokens, doc_ids, target
+        self.actors: list = []
+        self.skipped = self.failures = self.completed = self.retried_shards = 0
+        self.shards_done = 0  # progress of the running refresh (for logs and tests)
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._results: deque[RefreshResult] = deque()
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._tag = 0
+        self._doc_ids_ref = None
+        self._started_ray = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> RefreshCoordinator:
+        self._started_ray = ensure_ray(self.cfg)
+        self.actors = [self._new_actor() for _ in range(self.cfg.num_workers)]
+        try:  # fail here, loudly, if the cluster cannot host the pool
+            ray.get([a.pid.remote() for a in self.actors], timeout=self.cfg.start_timeout_seconds)
+        except GetTimeoutError:
+            need = self.cfg.num_workers * self.cfg.cpus_per_worker
+            have = ray.available_resources().get("CPU", 0)
+            self.shutdown()
+            raise OpenbookError(f"refresh pool did not start within {self.cfg.start_timeout_seconds:.0f}s: "
+                                f"{self.cfg.num_workers} actors need {need:g} CPUs, Ray has {have:g} free") from None
+        self._doc_ids_ref = ray.put(np.asarray(self.doc_ids))
+        return self
+
+    def _new_actor(self):
+        opts = {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker}
+        return EncoderWorker.options(**opts).remote(self.retriever_cfg, self.vocab_size, self.tokens,
+                                                    self.cfg.threads_per_worker, self.cfg.batch_size)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel in-flight work and kill the actors (no orphans); idempotent."""
+        self._cancel.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    # -- the trainer's side ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, state: dict[str, np.ndarray], encoder_step: int, protect: tuple[int, ...] = ()) -> bool:
+        """Start a refresh with these doc-encoder weights; False (counted as skipped) if one is running."""
+        if self.busy:
+            self.skipped += 1
+            return False
+        if not self.actors:
+            raise RuntimeError("RefreshCoordinator.submit before start()")
+        self._tag += 1
+        job = (self._tag, state, encoder_step, time.time(), tuple(protect))
+        self._thread = threading.Thread(target=self._run, args=job, name="openbook-refresh", daemon=True)
+        self._thread.start()
+        return True
+
+    def poll(self) -> RefreshResult | None:
+        """The newest finished refresh not yet handed out (older unclaimed ones are superseded)."""
+        with self._lock:
+            newest = self._results[-1] if self._results else None
+            self._results.clear()
+        return newest
+
+    def wait(self, timeout: float | None = None) -> RefreshResult | None:
+        """Block until the running refresh ends (sync mode, tests); its result, or None on failure."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.poll()
+
+    # -- the refresh itself (background thread) ----------------------------------------------
+    def _run(self, tag: int, state: dict, encoder_step: int, weights_time: float, protect: tuple) -> None:
+        try:
+            result = self._refresh(tag, state, encoder_step, weights_time, protect)
+        except RefreshCancelled:
+            log.info("refresh for step %d cancelled", encoder_step)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure is counted; training goes on
+            self.failures += 1
+            self.last_error = one_line(e)
+            log.error("refresh for step %d failed: %s", encoder_step, self.last_error)
+            return
+        with self._lock:
+            self._results.append(result)
+            self.completed += 1
+        log.info("published snapshot v%d (encoder_step %d) in %.1fs", result.version, encoder_step,
+                 result.duration)
+
+    def _refresh(self, tag: int, state: dict, encoder_step: int, weights_time: float,
+                 protect: tuple) -> RefreshResult:
+        t0 = time.time()
+        deadline = t0 + self.cfg.timeout_seconds
+        weights = ray.put(state)
+        shard_refs, retried = self._encode_all(tag, weights, deadline)
+        encode_s = time.time() - t0
+        info = self._publish(encoder_step, weights_time, protect, shard_refs, deadline)
+        return RefreshResult(version=info["version"], path=info["path"], encoder_step=encoder_step,
+                             weights_time=weights_time, duration=time.time() - t0, encode_seconds=encode_s,
+                             docs=len(self.tokens), retried_shards=retried)
+
+    def _encode_all(self, tag: int, weights, deadline: float) -> tuple[list, int]:
+        n, size = len(self.tokens), self.cfg.shard_size
+        todo = deque((lo, min(lo + size, n)) for lo in range(0, n, size))
+        attempts: dict[tuple[int, int], int] = {}
+        done: dict[int, ray.ObjectRef] = {}
+        inflight: dict[ray.ObjectRef, tuple[int, tuple[int, int]]] = {}
+        idle = list(range(len(self.actors)))
+        retried = self.shards_done = 0
+        while todo or inflight:
+            self._check(deadline, inflight)
+            while todo and idle:
+                a, shard = idle.pop(), todo.popleft()
+                inflight[self.actors[a].encode.remote(tag, weights, *shard)] = (a, shard)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
+            for ref in ready:
+                a, shard = inflight.pop(ref)
+                try:
+                    ray.get(ref)  # zero-copy view; raises if the actor died
+                except RayActorError:
+                    attempts[shard] = attempts.get(shard, 0) + 1
+                    if attempts[shard] > self.cfg.max_shard_retries:
+                        raise RefreshFailed(f"shard {shard} failed {attempts[shard]} times") from None
+                    log.warning("encoder actor died on shard %s; replacing it and retrying", shard)
+                    self.actors[a] = self._new_actor()
+                    todo.appendleft(shard)
+                    retried += 1
+                    self.retried_shards += 1
+                else:
+                    done[shard[0]] = ref
+                    self.shards_done += 1
+                idle.append(a)
+        return [done[lo] for lo in sorted(done)], retried
+
+    def _publish(self, encoder_step: int, weights_time: float, protect: tuple, shard_refs: list,
+                 deadline: float) -> dict:
+        """Build + publish on a pool actor; if that actor dies, on a fresh one (bounded retries)."""
+        for attempt in range(self.cfg.max_shard_retries + 1):
+            ref = self.actors[0].publish.remote(self.target, encoder_step, weights_time, protect,
+                                                self._doc_ids_ref, *shard_refs)
+            try:
+                return self._await(ref, deadline)
+            except RayActorError:
+                log.warning("publishing actor died (attempt %d); retrying on a fresh actor", attempt + 1)
+                self.actors[0] = self._new_actor()
+        raise RefreshFailed("index build failed: publishing actor kept dying")
+
+    def _check(self, deadline: float, inflight: dict) -> None:
+        if self._cancel.is_set() or time.time() > deadline:
+            for ref in inflight:
+                ray.cancel(ref)
+            if self._cancel.is_set():
+                raise RefreshCancelled()
+            raise RefreshFailed(f"refresh exceeded timeout_seconds={self.cfg.timeout_seconds}")
+
+    def _await(self, ref, deadline: float) -> dict:
+        while True:
+            try:
+                return ray.get(ref, timeout=0.2)
+            except GetTimeoutError:
+                pass
+            if self._cancel.is_set() or time.time() > deadline:
+                # Actor tasks cannot be force-cancelled; shutdown kills the actor, and a killed
+                # publisher leaves only a hidden temp dir that SnapshotStore.cleanup removes.
+                self._check(deadline, {ref: None})

@@ -1,0 +1,62 @@
+"""Dense-retrieval training with hard negatives from the (stale) index — the ANCE/REALM pattern.
+
+Candidates come from the snapshot in use; their scores are recomputed with the *current* towers,
+so gradients reach both the query and the doc encoder and the index drifts out of date — which
+is what the asynchronous refresh repairs. The reader-based recipes (RAG, REALM, FiD) reuse the
+same pieces: a ``retriever`` attribute and an ``IndexHolder``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.index import IndexHolder
+from openbook.models.retriever import BiEncoder
+from openbook.trainer.config import TrainConfig
+
+
+def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
+    """[B, 1+n] rows: the gold passage first, then the top retrieved non-gold passages (padded with
+    more retrieved rows if the index returned too few)."""
+    out = np.empty((len(gold), 1 + n), dtype=np.int64)
+    for i, (row, g) in enumerate(zip(retrieved, gold)):
+        negs = [r for r in row if r != g and r >= 0][:n]
+        while len(negs) < n:  # tiny corpora only: repeat rather than fail
+            negs.append(negs[-1] if negs else (g + 1) % max(1, retrieved.max() + 1))
+        out[i, 0], out[i, 1:] = g, negs
+    return out
+
+
+class DenseRetrievalModule(pl.LightningModule):
+    def __init__(self, retriever: BiEncoder, tokens: TokenizedCorpus, holder: IndexHolder, cfg: TrainConfig):
+        super().__init__()
+        self.retriever, self.tokens, self.holder, self.cfg = retriever, tokens, holder, cfg
+        if cfg.freeze_doc_encoder:
+            self.retriever.doc_encoder.requires_grad_(False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        q = self.retriever.encode_queries(batch["query"])
+        snap = self.holder.get()  # one reference for the whole step, even if a swap happens meanwhile
+        k = max(self.cfg.negatives + 1, self.cfg.eval_k)
+        rows, _ = snap.search(q.detach().float().cpu().numpy(), k)
+        gold = batch["gold_row"].cpu().numpy()
+        recall = float(np.mean([g in r[: self.cfg.eval_k] for g, r in zip(gold, rows)]))
+        cand = candidates(rows, gold, self.cfg.negatives)
+        docs = self.tokens.batch(cand.reshape(-1))
+        d = self.retriever.encode_docs({k_: v.to(self.device) for k_, v in docs.items()})
+        scores = self.retriever.score(q, d.view(len(gold), cand.shape[1], -1))
+        loss = F.cross_entropy(scores, torch.zeros(len(gold), dtype=torch.long, device=self.device))
+        self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.cfg.eval_k}": recall},
+                      on_step=True, on_epoch=False, prog_bar=True, batch_size=len(gold))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warm = max(1, self.cfg.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,141 @@
+"""The Ray actor pool: encodes like a direct loop, retries dead actors, counts failures, shuts down clean."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from openbook.data import tokenize_corpus
+from openbook.index import SnapshotStore
+from openbook.models.retriever import build_retriever
+from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
+from openbook.refresher.encode import build_doc_tower, encode_rows, numpy_state
+from openbook.trainer.pipeline import prepare_data
+from tests.helpers import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("refresher")
+    cfg = tiny_recipe(tmp, data={"world": {"num_passages": 1500, "seed": 2}})
+    data = prepare_data(cfg.data)
+    model, tok = build_retriever(cfg.retriever)
+    tokens = tokenize_corpus(data.corpus, tok, cfg.retriever.doc_max_length, tmp / "cache")
+    return cfg, data, model, tok, tokens
+
+
+def _coordinator(setup, root, **refresh):
+    cfg, data, model, tok, tokens = setup
+    rcfg = type(cfg.refresh)(**{**vars(cfg.refresh), **refresh})
+    target = IndexTarget(root, cfg.index, 3, {"test": True})
+    return RefreshCoordinator(rcfg, cfg.retriever, len(tok), tokens, data.corpus.ids, target).start()
+
+
+def _direct(setup, state):
+    cfg, _, _, tok, tokens = setup
+    tower = build_doc_tower(cfg.retriever, len(tok))
+    tower.load_state_dict({k: __import__("torch").from_numpy(v) for k, v in state.items()})
+    return encode_rows(tower, tokens, 0, len(tokens), 64)
+
+
+def _perturbed_state(model, seed):
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0, 0.02, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+            for k, v in numpy_state(model.doc_encoder).items()}
+
+
+def test_pool_encodes_like_a_direct_loop(setup, tmp_path):
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2)
+    try:
+        state = _perturbed_state(setup[2], 1)
+        assert coord.submit(state, encoder_step=7)
+        res = coord.wait(timeout=120)
+        assert res is not None, coord.last_error
+        snap = SnapshotStore(tmp_path / "snaps").load(res.version)
+        assert snap.encoder_step == 7 and snap.count == len(setup[4])
+        np.testing.assert_array_equal(snap.doc_ids, setup[1].corpus.ids)
+        direct = _direct(setup, state)
+        np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32), direct.astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
+    finally:
+        coord.shutdown()
+
+
+def test_trigger_while_busy_is_skipped_not_queued(setup, tmp_path):
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=1, shard_size=50, batch_size=16)
+    try:
+        state = numpy_state(setup[2].doc_encoder)
+        assert coord.submit(state, 1)
+        assert not coord.submit(state, 2)
+        assert not coord.submit(state, 3)
+        res = coord.wait(timeout=120)
+        assert coord.skipped == 2 and res.encoder_step == 1
+        assert SnapshotStore(tmp_path / "snaps").versions() == [res.version]
+    finally:
+        coord.shutdown()
+
+
+def test_actor_killed_mid_refresh_is_replaced_and_its_shard_retried(setup, tmp_path):
+    import ray
+
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shard_size=25, batch_size=8)
+    try:
+        state = _perturbed_state(setup[2], 3)
+        pids = ray.get([a.pid.remote() for a in coord.actors])
+        assert coord.submit(state, 5)
+        while coord.shards_done < 2 and coord.busy:  # kill mid-refresh, once shards are flowing
+            time.sleep(0.005)
+        assert coord.busy, "refresh finished before the kill: make it longer"
+        os.kill(pids[0], signal.SIGKILL)
+        res = coord.wait(timeout=180)
+        assert res is not None, coord.last_error
+        assert res.retried_shards >= 1 and coord.failures == 0
+        snap = SnapshotStore(tmp_path / "snaps").load(res.version)
+        np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32),
+                                   _direct(setup, state).astype(np.float32), rtol=2e-3, atol=2e-3)
+    finally:
+        coord.shutdown()
+
+
+def test_failed_refresh_is_counted_and_the_last_good_snapshot_stays(setup, tmp_path):
+    coord = _coordinator(setup, tmp_path / "snaps")
+    try:
+        good = coord.submit(numpy_state(setup[2].doc_encoder), 1) and coord.wait(timeout=120)
+        assert good
+        broken = {k: v[..., :1] for k, v in numpy_state(setup[2].doc_encoder).items()}  # wrong shapes
+        assert coord.submit(broken, 2)
+        assert coord.wait(timeout=120) is None
+        assert coord.failures == 1 and "size mismatch" in coord.last_error
+        store = SnapshotStore(tmp_path / "snaps")
+        assert store.versions() == [good.version] and store.latest().encoder_step == 1
+    finally:
+        coord.shutdown()
+
+
+def test_shutdown_cancels_in_flight_work_and_leaves_no_orphans(setup, tmp_path):
+    import ray
+
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shard_size=10, batch_size=4)
+    pids = ray.get([a.pid.remote() for a in coord.actors])
+    assert coord.submit(numpy_state(setup[2].doc_encoder), 1)
+    while coord.shards_done < 2 and coord.busy:
+        time.sleep(0.005)
+    assert coord.busy
+    t0 = time.time()
+    coord.shutdown()
+    assert time.time() - t0 < 30 and not coord.busy
+    deadline = time.time() + 20
+    alive = set(pids)
+    while alive and time.time() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.2)
+    assert not alive, f"actor processes still alive: {alive}"
+    assert SnapshotStore(tmp_path / "snaps").versions() == []
