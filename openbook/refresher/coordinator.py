@@ -188,25 +188,29 @@ class RefreshCoordinator:
         todo = deque((lo, min(lo + size, n)) for lo in range(0, n, size))
         attempts: dict[tuple[int, int], int] = {}
         done: dict[int, ray.ObjectRef] = {}
-        inflight: dict[ray.ObjectRef, tuple[int, tuple[int, int]]] = {}
-        idle = list(range(len(self.actors)))
+        inflight: dict[ray.ObjectRef, tuple[int, tuple[int, int], object]] = {}
+        # Two slots per actor: the next shard is already queued when one finishes, so an actor
+        # never idles for a round trip to this thread.
+        idle = [a for a in range(len(self.actors)) for _ in range(2)]
         retried = self.shards_done = 0
         while todo or inflight:
             self._check(deadline, inflight)
             while todo and idle:
                 a, shard = idle.pop(), todo.popleft()
-                inflight[self.actors[a].encode.remote(tag, weights, *shard)] = (a, shard)
+                actor = self.actors[a]
+                inflight[actor.encode.remote(tag, weights, *shard)] = (a, shard, actor)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
             for ref in ready:
-                a, shard = inflight.pop(ref)
+                a, shard, actor = inflight.pop(ref)
                 try:
                     ray.get(ref)  # zero-copy view; raises if the actor died
                 except RayActorError:
                     attempts[shard] = attempts.get(shard, 0) + 1
                     if attempts[shard] > self.cfg.max_shard_retries:
                         raise RefreshFailed(f"shard {shard} failed {attempts[shard]} times") from None
-                    log.warning("encoder actor died on shard %s; replacing it and retrying", shard)
-                    self.actors[a] = self._new_actor()
+                    log.warning("encoder actor died on shard %s; retrying it on a live actor", shard)
+                    if self.actors[a] is actor:  # its other queued shard fails too: replace once
+                        self.actors[a] = self._new_actor()
                     todo.appendleft(shard)
                     retried += 1
                     self.retried_shards += 1

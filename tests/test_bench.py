@@ -1,0 +1,23 @@
+"""The benchmark code runs (on toy sizes) and its report writer keeps other sections intact."""
+
+from __future__ import annotations
+
+from bench.common import write_section
+from bench.refresh import bench_throughput
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path):
+    md = tmp_path / "B.md"
+    write_section("a", "first A", md)
+    write_section("b", "only B", md)
+    write_section("a", "second A", md)
+    text = md.read_text()
+    assert "second A" in text and "first A" not in text and "only B" in text
+    assert text.index("second A") < text.index("only B")
+
+
+def test_throughput_bench_runs_on_a_toy_corpus(tmp_path, ray_session):
+    row = bench_throughput(tmp_path, 300, "tiny", repeats=1)
+    assert row["passages"] == 300
+    assert row["plain loop docs/s"] > 0 and row["pool (1 actor) docs/s"] > 0
+    assert abs(row["ratio pool/plain"] - row["pool (1 actor) docs/s"] / row["plain loop docs/s"]) < 1e-9
