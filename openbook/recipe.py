@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from openbook.config import load_config, opt
 from openbook.data.world import WorldConfig
 from openbook.index.faiss_index import IndexConfig
+from openbook.models.generator import GeneratorConfig
+from openbook.models.rag import RagConfig
 from openbook.models.retriever import RetrieverConfig
 from openbook.refresher.config import RefreshConfig
 from openbook.trainer.config import TrainConfig
@@ -45,9 +48,12 @@ class EncodeConfig:
 @dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
+    model: Literal["dense_retriever", "rag"] = opt("dense_retriever", "what `openbook train` trains")
     run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
     data: DataConfig = opt(DataConfig(), "corpus and QA data")
     retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
+    generator: GeneratorConfig = opt(GeneratorConfig(), "seq2seq generator (model: rag)")
+    rag: RagConfig = opt(RagConfig(), "RAG marginalisation and decoding (model: rag)")
     index: IndexConfig = opt(IndexConfig(), "FAISS index")
     snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
     encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder
+from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
 
 
@@ -55,8 +56,4 @@ class DenseRetrievalModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        warm = max(1, self.cfg.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return configure_adamw(self, self.cfg)

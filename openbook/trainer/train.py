@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 
 from openbook.data import tokenize_corpus
 from openbook.data.tokcache import TokenizedCorpus
-from openbook.errors import OpenbookError
 from openbook.index import IndexHolder, SnapshotStore
 from openbook.models.retriever import BiEncoder, build_retriever
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import encode_rows
+from openbook.trainer.batches import QACollator, make_loader, with_gold_rows
 from openbook.trainer.pipeline import DataBundle, encode_queries, prepare_data, recall_at_k
 from openbook.trainer.refresh_callback import IndexRefreshCallback, Published
 from openbook.trainer.retrieval_module import DenseRetrievalModule
@@ -41,21 +41,22 @@ class TrainParts:
     callback: IndexRefreshCallback
 
 
+def collator(cfg: RecipeConfig, tokenizer) -> QACollator:
+    return QACollator(tokenizer, cfg.retriever.query_max_length, cfg.rag.max_answer_length)
+
+
 def question_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
-    rows = [data.corpus.row_of(e.gold_ids[0]) for e in data.train if e.gold_ids]
-    if not rows:
-        raise OpenbookError("no training questions with gold_ids (data.qa_train)")
-    items = [(e.question, r) for e, r in zip((e for e in data.train if e.gold_ids), rows)]
+    """Training questions; the dense retriever needs each one's gold passage, RAG does not."""
+    need_gold = cfg.model == "dense_retriever" or cfg.rag.reader_warmup_steps > 0
+    items = with_gold_rows(data.train, data.corpus, require=need_gold)
+    return make_loader(items, cfg.train.batch_size, collator(cfg, tokenizer), shuffle=True, seed=cfg.train.seed)
 
-    def collate(batch):
-        qs, gold = zip(*batch)
-        enc = tokenizer(list(qs), truncation=True, max_length=cfg.retriever.query_max_length,
-                        padding=True, return_tensors="pt")
-        return {"query": dict(enc), "gold_row": torch.tensor(gold, dtype=torch.long)}
 
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    return DataLoader(items, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
-                      generator=gen, drop_last=True)
+def dev_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader | None:
+    if not data.dev:
+        return None
+    items = with_gold_rows(data.dev[: cfg.train.val_questions], data.corpus, require=False)
+    return make_loader(items, cfg.train.val_batch_size, collator(cfg, tokenizer), shuffle=False, seed=0)
 
 
 def make_coordinator_factory(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus,
@@ -91,10 +92,24 @@ def build_parts(cfg: RecipeConfig) -> TrainParts:
     model, tokenizer = build_retriever(cfg.retriever)
     tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
     holder = IndexHolder()
-    module = DenseRetrievalModule(model, tokens, holder, cfg.train)
-    callback = IndexRefreshCallback(cfg.refresh, holder, make_coordinator_factory(cfg, model, tokenizer, tokens, data),
+    module = make_module(cfg, model, tokenizer, tokens, holder)
+    refresh = cfg.refresh
+    if cfg.train.freeze_doc_encoder and refresh.enabled:
+        log.warning("train.freeze_doc_encoder: every refresh would rebuild the same index; consider "
+                    "refresh.enabled=false (kept on as configured)")
+    callback = IndexRefreshCallback(refresh, holder, make_coordinator_factory(cfg, model, tokenizer, tokens, data),
                                     build_initial=make_initial_builder(cfg, tokens, data))
     return TrainParts(cfg, data, model, tokenizer, tokens, holder, module, callback)
+
+
+def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus, holder: IndexHolder):
+    if cfg.model == "dense_retriever":
+        return DenseRetrievalModule(model, tokens, holder, cfg.train)
+    from openbook.models.generator import build_generator, special_ids
+    from openbook.trainer.rag_module import RagModule
+
+    generator = build_generator(cfg.generator, tokenizer)
+    return RagModule(model, generator, tokens, holder, cfg.rag, cfg.train, special_ids(tokenizer), tokenizer)
 
 
 def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -> pl.Trainer:
@@ -102,7 +117,8 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
     if logger is None:
         from pytorch_lightning.loggers import TensorBoardLogger
         logger = TensorBoardLogger(cfg.run_dir, name="tb", version="")
-    kwargs = dict(max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+    val = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
+    kwargs = dict(**val, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                   strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
                   callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_model_summary=False,
                   num_sanity_val_steps=0, deterministic=False)
@@ -147,9 +163,10 @@ def save_final(parts: TrainParts) -> Path:
     run = Path(parts.cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(parts.cfg), sort_keys=False))
-    tmp = run / ".retriever.pt.tmp"
-    torch.save(parts.model.state_dict(), tmp)
-    tmp.replace(run / RETRIEVER_WEIGHTS)  # atomic: a crash never leaves half a file under the real name
+    for name, state in ((RETRIEVER_WEIGHTS, parts.model.state_dict()), ("model.pt", parts.module.state_dict())):
+        tmp = run / f".{name}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(run / name)  # atomic: a crash never leaves half a file under the real name
     return run / RETRIEVER_WEIGHTS
 
 
@@ -158,13 +175,16 @@ def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress)
     k = cfg.train.eval_k
     start = dev_recall(parts)
+    dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model == "rag" else None
     t0 = time.time()
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer),
+                val_dataloaders=dev if cfg.train.val_every_n_steps else None)
+    seconds = time.time() - t0
     stats = parts.callback.stats
     stalls = np.array(stats.stalls) if stats.stalls else np.zeros(1)
     save_final(parts)
-    return {
-        "steps": trainer.global_step, "seconds": round(time.time() - t0, 2),
+    summary = {
+        "steps": trainer.global_step, "seconds": round(seconds, 2),
         "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
         "index_version": parts.holder.version, "index_encoder_step": parts.holder.get().encoder_step,
         "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
@@ -175,3 +195,7 @@ def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
         f"dev_recall@{k}_fresh_encode": dev_recall(parts),
         "tensorboard": str(Path(cfg.run_dir) / "tb"),
     }
+    if dev is not None:  # answer quality with the final weights and the snapshot in use
+        metrics = trainer.validate(parts.module, dev, verbose=False)[0]
+        summary.update({f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()})
+    return summary

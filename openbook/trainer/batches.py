@@ -1,0 +1,62 @@
+"""Question batches for every recipe: tokenised questions, gold rows, answer labels."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from openbook.data import Corpus, QAExample
+from openbook.errors import OpenbookError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QACollator:
+    """Questions longer than ``query_max_length`` are truncated, with one warning per collator."""
+
+    tokenizer: object
+    query_max_length: int
+    answer_max_length: int
+    warned: bool = field(default=False)
+
+    def __call__(self, batch: list[tuple[QAExample, int]]) -> dict:
+        questions = [e.question for e, _ in batch]
+        self._warn_if_truncated(questions)
+        query = self.tokenizer(questions, truncation=True, max_length=self.query_max_length, padding=True,
+                               return_tensors="pt")
+        answers = [e.answers[0] if e.answers else "" for e, _ in batch]
+        labels = self.tokenizer(answers, truncation=True, max_length=self.answer_max_length, padding=True,
+                                return_tensors="pt")["input_ids"]
+        return {"query": dict(query), "gold_row": torch.tensor([r for _, r in batch], dtype=torch.long),
+                "labels": labels, "answers": [e.answers for e, _ in batch]}
+
+    def _warn_if_truncated(self, questions: list[str]) -> None:
+        if self.warned:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(questions)["input_ids"]]
+        if max(lengths) > self.query_max_length:
+            self.warned = True
+            log.warning("questions longer than retriever.query_max_length=%d tokens are truncated (e.g. one of "
+                        "%d tokens); this warning is shown once", self.query_max_length, max(lengths))
+
+
+def with_gold_rows(examples: list[QAExample], corpus: Corpus, require: bool) -> list[tuple[QAExample, int]]:
+    """Pair each example with its gold passage's corpus row (-1 if it has none)."""
+    out = []
+    for e in examples:
+        row = corpus.row_of(e.gold_ids[0]) if e.gold_ids else -1
+        if row >= 0 or not require:
+            out.append((e, row))
+    if not out:
+        raise OpenbookError("no usable questions" + (" with gold_ids" if require else ""))
+    return out
+
+
+def make_loader(items: list, batch_size: int, collate: QACollator, shuffle: bool, seed: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen,
+                      drop_last=shuffle)

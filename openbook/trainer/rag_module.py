@@ -1,0 +1,102 @@
+"""RAG end to end: retrieve from the snapshot in use, score with the live encoders, marginalise.
+
+With a trainable doc encoder (RAG end-to-end) the retrieved docs are re-encoded with the current
+weights, so gradients reach both towers and the async refresh keeps the index near them. With a
+frozen doc encoder (original RAG) the snapshot's own embeddings give the scores and refresh is off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from openbook.data.qa import exact_match, f1
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.index import IndexHolder
+from openbook.models.decoding import rag_sequence_generate, rag_token_generate
+from openbook.models.generator import SpecialIds
+from openbook.models.rag import RagConfig, join_context, rag_loss, seq2seq_logits
+from openbook.models.retriever import BiEncoder
+from openbook.trainer.common import check_dim, configure_adamw, gold_recall, retrieve, snapshot_doc_scores
+from openbook.trainer.config import TrainConfig
+
+
+class RagModule(pl.LightningModule):
+    def __init__(self, retriever: BiEncoder, generator: torch.nn.Module, tokens: TokenizedCorpus,
+                 holder: IndexHolder, rag: RagConfig, train: TrainConfig, ids: SpecialIds, tokenizer):
+        super().__init__()
+        self.retriever, self.generator = retriever, generator
+        self.tokens, self.holder, self.rag, self.cfg, self.ids, self.tokenizer = (
+            tokens, holder, rag, train, ids, tokenizer)
+        if train.freeze_doc_encoder:
+            self.retriever.doc_encoder.requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        if self.holder.get() is not None:  # the refresh callback installed the first snapshot
+            check_dim(self.holder.get(), self.retriever.dim)
+
+    def _forward(self, batch: dict):
+        """(doc_scores [B,K], retrieved rows [B,K], context ids and mask [B*K, L])."""
+        q = self.retriever.encode_queries(batch["query"])
+        snap = self.holder.get()  # one reference for the whole step, even if a swap happens meanwhile
+        rows = retrieve(snap, q, self.rag.n_docs)
+        docs = self.tokens.batch(rows.reshape(-1))
+        if self.cfg.freeze_doc_encoder:
+            scores = snapshot_doc_scores(snap, q, rows)
+        else:
+            d = self.retriever.encode_docs({k: v.to(self.device) for k, v in docs.items()})
+            scores = self.retriever.score(q, d.view(*rows.shape, -1))
+        ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
+                                 docs["input_ids"], docs["attention_mask"], self.rag.n_docs,
+                                 self.rag.max_context_length, self.ids.pad)
+        return scores, rows, ctx.to(self.device), mask.to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.global_step < self.rag.reader_warmup_steps:
+            return self._reader_warmup_step(batch)
+        scores, rows, ctx, mask = self._forward(batch)
+        logits, target = seq2seq_logits(self.generator, ctx, mask, batch["labels"], self.rag.n_docs)
+        loss = rag_loss(self.rag, logits, scores, target, self.ids.pad).mean()
+        recall = gold_recall(rows, batch["gold_row"].cpu().numpy(), self.rag.n_docs)
+        self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.rag.n_docs}": recall},
+                      on_step=True, on_epoch=False, prog_bar=True, batch_size=len(rows))
+        return loss
+
+    def _reader_warmup_step(self, batch: dict) -> torch.Tensor:
+        """Oracle retrieval: the gold passage as the only doc; the retriever gets no gradient."""
+        gold = batch["gold_row"].cpu().numpy()
+        if (gold < 0).any():
+            raise ValueError("rag.reader_warmup_steps needs gold_ids for every training question")
+        docs = self.tokens.batch(gold)
+        ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
+                                 docs["input_ids"], docs["attention_mask"], 1, self.rag.max_context_length,
+                                 self.ids.pad)
+        logits, target = seq2seq_logits(self.generator, ctx.to(self.device), mask.to(self.device),
+                                        batch["labels"], 1)
+        scores = torch.zeros(len(gold), 1, device=self.device)
+        loss = rag_loss(self.rag, logits, scores, target, self.ids.pad).mean()
+        self.log("train/reader_warmup_loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(gold))
+        return loss
+
+    def generate(self, batch: dict) -> tuple[list[str], np.ndarray]:
+        scores, rows, ctx, mask = self._forward(batch)
+        ids, r = self.ids, self.rag
+        if r.variant == "token":
+            beams = r.num_beams if r.decoding == "beam" else 1
+            out = rag_token_generate(self.generator, ctx, mask, scores, ids.bos, ids.eos, r.max_answer_length, beams)
+        else:
+            out = rag_sequence_generate(self.generator, ctx, mask, scores, ids.bos, ids.eos, ids.pad,
+                                        r.max_answer_length, r.num_beams, thorough=r.sequence_decoding == "thorough")
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True), rows
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        preds, rows = self.generate(batch)
+        em = float(np.mean([exact_match(p, a) for p, a in zip(preds, batch["answers"])]))
+        f = float(np.mean([f1(p, a) for p, a in zip(preds, batch["answers"])]))
+        recall = gold_recall(rows, batch["gold_row"].cpu().numpy(), self.rag.n_docs)
+        self.log_dict({"val/em": em, "val/f1": f, f"val/recall@{self.rag.n_docs}": recall},
+                      on_step=False, on_epoch=True, batch_size=len(preds))
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg)
