@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from openbook.config import from_dict
@@ -25,3 +27,16 @@ def tiny_recipe(tmp: Path, cache: Path | None = None, **sections) -> RecipeConfi
         else:
             data[name] = value
     return from_dict(RecipeConfig, data)
+
+
+def wait_gone(pids, timeout: float = 20.0) -> set[int]:
+    """Poll until the processes have exited; returns those still alive after ``timeout``."""
+    deadline, alive = time.time() + timeout, set(pids)
+    while alive and time.time() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.2)
+    return alive

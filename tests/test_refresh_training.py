@@ -10,7 +10,7 @@ import torch
 from openbook.index import SnapshotStore
 from openbook.refresher.encode import build_doc_tower, encode_rows, numpy_state
 from openbook.trainer.train import build_parts, make_trainer, question_loader
-from tests.helpers import tiny_recipe
+from tests.helpers import tiny_recipe, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,6 @@ class Crash(pl.Callback):
 
 
 def test_a_crashing_fit_cancels_the_refresh_and_kills_the_actors(tmp_path, ray_session):
-    import os
-    import time
 
     cfg = tiny_recipe(tmp_path, train={"max_steps": 30}, refresh={"schedule": "100", "shard_size": 10,
                                                                   "batch_size": 4})
@@ -102,13 +100,6 @@ def test_a_crashing_fit_cancels_the_refresh_and_kills_the_actors(tmp_path, ray_s
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
     assert parts.callback.coordinator is None and crash.pids
-    deadline, alive = time.time() + 20, set(crash.pids)
-    while alive and time.time() < deadline:
-        for pid in list(alive):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                alive.discard(pid)
-        time.sleep(0.2)
+    alive = wait_gone(crash.pids)
     assert not alive, f"orphaned actor processes: {alive}"
     assert SnapshotStore(cfg.snapshot_dir).versions() == [1]  # the cancelled refresh published nothing

@@ -15,7 +15,7 @@ from openbook.models.retriever import build_retriever
 from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
 from openbook.refresher.encode import build_doc_tower, encode_rows, numpy_state
 from openbook.trainer.pipeline import prepare_data
-from tests.helpers import tiny_recipe
+from tests.helpers import tiny_recipe, wait_gone
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +128,6 @@ def test_shutdown_cancels_in_flight_work_and_leaves_no_orphans(setup, tmp_path):
     t0 = time.time()
     coord.shutdown()
     assert time.time() - t0 < 30 and not coord.busy
-    deadline = time.time() + 20
-    alive = set(pids)
-    while alive and time.time() < deadline:
-        for pid in list(alive):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                alive.discard(pid)
-        time.sleep(0.2)
+    alive = wait_gone(pids)
     assert not alive, f"actor processes still alive: {alive}"
     assert SnapshotStore(tmp_path / "snaps").versions() == []

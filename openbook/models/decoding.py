@@ -59,23 +59,22 @@ def _decoder_step(generator, enc: torch.Tensor, mask: torch.Tensor, doc_lp: torc
     return step
 
 
-def _encode(generator, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return generator.get_encoder()(input_ids=ctx, attention_mask=mask).last_hidden_state
+def _per_question(generator, ctx: torch.Tensor, mask: torch.Tensor, doc_scores: torch.Tensor):
+    """Encode every (question, doc) once; yield (encoder states [K,L,H], mask [K,L], doc log-prior [K])."""
+    b, k = doc_scores.shape
+    enc = generator.get_encoder()(input_ids=ctx, attention_mask=mask).last_hidden_state
+    doc_lp = F.log_softmax(doc_scores.float(), 1)
+    for i in range(b):
+        sl = slice(i * k, (i + 1) * k)
+        yield enc[sl], mask[sl], doc_lp[i]
 
 
 @torch.no_grad()
 def rag_token_generate(generator, ctx: torch.Tensor, mask: torch.Tensor, doc_scores: torch.Tensor, bos: int,
                        eos: int, max_len: int, num_beams: int = 1) -> list[list[int]]:
     """One answer per question; ``num_beams=1`` is greedy."""
-    b, k = doc_scores.shape
-    enc = _encode(generator, ctx, mask)
-    doc_lp = F.log_softmax(doc_scores.float(), 1)
-    out = []
-    for i in range(b):
-        sl = slice(i * k, (i + 1) * k)
-        step = _decoder_step(generator, enc[sl], mask[sl], doc_lp[i])
-        out.append(beam_search(step, bos, eos, num_beams, max_len)[0][0])
-    return out
+    return [beam_search(_decoder_step(generator, enc, m, lp), bos, eos, num_beams, max_len)[0][0]
+            for enc, m, lp in _per_question(generator, ctx, mask, doc_scores)]
 
 
 @torch.no_grad()
@@ -100,19 +99,15 @@ def rag_sequence_generate(generator, ctx: torch.Tensor, mask: torch.Tensor, doc_
                           thorough: bool = False) -> list[list[int]]:
     """Beam search under each doc, then rank hypotheses by sum_z p(z|x) p(y|x,z). "Fast" counts
     p(y|x,z) only for docs whose beam produced y (others as 0); "thorough" scores y under every doc."""
-    b, k = doc_scores.shape
-    enc = _encode(generator, ctx, mask)
-    doc_lp = F.log_softmax(doc_scores.float(), 1)
     out = []
-    for i in range(b):
-        sl = slice(i * k, (i + 1) * k)
+    for enc, m, lp in _per_question(generator, ctx, mask, doc_scores):
         found: dict[tuple[int, ...], set[int]] = {}
-        for z in range(k):
-            step = _decoder_step(generator, enc[sl][z: z + 1], mask[sl][z: z + 1], None)
+        for z in range(enc.shape[0]):
+            step = _decoder_step(generator, enc[z: z + 1], m[z: z + 1], None)
             for hyp, _ in beam_search(step, bos, eos, num_beams, max_len, n_return=num_beams):
                 found.setdefault(tuple(hyp), set()).add(z)
         hyps = [list(h) for h in found]
-        scores = sequence_scores(generator, enc[sl], mask[sl], hyps, bos, eos, pad) + doc_lp[i][None, :]
+        scores = sequence_scores(generator, enc, m, hyps, bos, eos, pad) + lp[None, :]
         if not thorough:
             keep = torch.zeros_like(scores, dtype=torch.bool)
             for j, h in enumerate(found):
