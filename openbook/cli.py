@@ -32,7 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.config, args.overrides)
     summary = run_train(cfg, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if summary:  # empty on ranks other than 0
+        print(json.dumps(summary, indent=2))
     return 0
 
 

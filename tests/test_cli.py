@@ -94,3 +94,22 @@ def test_config_help_lists_every_section():
     assert proc.returncode == 0
     for key in ("data.corpus", "retriever.pooling", "index.factory", "snapshots.keep", "refresh.schedule"):
         assert key in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_swap_the_same_versions_at_the_same_steps(tmp_path):
+    """2-process DDP on CPU (gloo) with refresh on: rank 0 drives Ray, both ranks use the same
+    snapshot version at every step."""
+    wd = _workdir(tmp_path)
+    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "train.max_steps=30",
+            "refresh.schedule=8", "data.world.num_passages=600"]
+    proc = run(["train", "--config", "configs/default.yaml", "--quiet", *[a for s in sets for a in ("--set", s)]],
+               wd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = wd / "runs" / "default"
+    h0, h1 = (json.loads((run_dir / f"refresh_history_rank{r}.json").read_text()) for r in (0, 1))
+    assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 30
+    versions = [v for _, v in h0["versions"]]
+    assert versions[-1] > versions[0], versions  # refreshed snapshots were swapped in during the run
+    assert h0["events"] and not h1["events"]  # only rank 0 drives the refresher
+    assert proc.stdout.count('"steps": 30') == 1  # one summary, from rank 0

@@ -170,6 +170,19 @@ def save_final(parts: TrainParts) -> Path:
     return run / RETRIEVER_WEIGHTS
 
 
+def save_history(parts: TrainParts, rank: int) -> Path:
+    """Per rank: the index version in use after every step and each refresh's timeline (JSON)."""
+    import dataclasses
+    import json
+
+    stats = parts.callback.stats
+    path = Path(parts.cfg.run_dir) / f"refresh_history_rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"versions": stats.versions, "events": [dataclasses.asdict(e) for e in stats.events],
+                                "skipped": stats.skipped, "failures": stats.failures}))
+    return path
+
+
 def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
     parts = build_parts(cfg)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress)
@@ -182,6 +195,9 @@ def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
     seconds = time.time() - t0
     stats = parts.callback.stats
     stalls = np.array(stats.stalls) if stats.stalls else np.zeros(1)
+    save_history(parts, trainer.global_rank)
+    if not trainer.is_global_zero:  # rank 0 saves and reports for the run
+        return {}
     save_final(parts)
     summary = {
         "steps": trainer.global_step, "seconds": round(seconds, 2),
