@@ -54,3 +54,9 @@ def test_every_field_has_help():
     lines = describe(RecipeConfig)
     assert len(lines) > 20
     assert all(not line.endswith("# ") for line in lines), [line for line in lines if line.endswith("# ")]
+
+
+def test_exponent_floats_without_a_dot_are_accepted():
+    assert from_dict(RecipeConfig, {"train": {"lr": "3e-3"}}).train.lr == 0.003
+    with pytest.raises(ConfigError, match="train.lr: expected float"):
+        from_dict(RecipeConfig, {"train": {"lr": "fast"}})
