@@ -1,0 +1,150 @@
+"""REALM (Guu et al. 2020) and ORQA-style open-QA pieces: salient span masking, the retrieval-marginal
+MLM loss, retrieval utility, trivial-retrieval exclusion, and the span reader's marginal loss.
+
+Pure torch/regex: the Lightning module (trainer/) wires them to the retriever and the index.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+IGNORE = -100  # label of unmasked positions
+
+
+# ------------------------------------------------------------------------------ salient span masking
+
+class SpanFinder(Protocol):
+    def __call__(self, text: str) -> list[tuple[int, int]]:
+        """Character spans [start, end) of salient spans in ``text``."""
+
+
+_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+_DATE = rf"(?:\d{{1,2}} )?(?:{_MONTHS})(?: \d{{1,2}}(?!\d),?)?(?: \d{{3,4}})?|\b1\d{{3}}\b|\b20\d{{2}}\b"
+_NUMBER = r"\b\d+(?:[.,]\d+)*\b"
+_CAPS = r"\b[A-Z][a-zA-Z'-]+(?: (?:of |the |de |van )?[A-Z][a-zA-Z'-]+)*"
+_SENTENCE_START = re.compile(r"(?:^|[.!?]\s+)$")
+
+
+@dataclass
+class RegexSpanFinder:
+    """Default salient spans: dates ("12 March 1813", "March 1813", years 1000-2099), numbers, and
+    runs of capitalised words ("Brasgres Guild", "Bank of Ondor"). A single capitalised word at the
+    start of a sentence is skipped (it is capitalised for grammar, not salience). Replace with any
+    callable ``text -> [(start, end)]``, e.g. a NER model's entity offsets."""
+
+    dates: bool = True
+    numbers: bool = True
+    capitalised: bool = True
+
+    def __call__(self, text: str) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        for on, pattern in ((self.dates, _DATE), (self.numbers, _NUMBER), (self.capitalised, _CAPS)):
+            if not on:
+                continue
+            for m in re.finditer(pattern, text):
+                if pattern is _CAPS and " " not in m.group() and _SENTENCE_START.search(text[: m.start()]):
+                    continue
+                if not any(s < m.end() and m.start() < e for s, e in spans):  # earlier kinds win overlaps
+                    spans.append((m.start(), m.end()))
+        return sorted(spans)
+
+
+def mask_salient_span(tokenizer, text: str, finder: SpanFinder, rng: random.Random, max_length: int,
+                      ) -> tuple[list[int], list[int]] | None:
+    """Tokenise ``text`` and replace the tokens of one salient span (chosen at random) by [MASK].
+    Returns (input_ids, labels) with labels = original ids on masked positions, IGNORE elsewhere;
+    None if the text has no salient span inside ``max_length`` tokens."""
+    enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    candidates = []
+    for s, e in finder(text):
+        toks = [i for i, (a, b) in enumerate(offsets) if b > a and a >= s and b <= e]
+        if toks:
+            candidates.append(toks)
+    if not candidates:
+        return None
+    chosen = rng.choice(candidates)
+    labels = [IGNORE] * len(ids)
+    masked = list(ids)
+    for i in chosen:
+        labels[i], masked[i] = ids[i], tokenizer.mask_token_id
+    return masked, labels
+
+
+# ------------------------------------------------------------------------------ retrieval helpers
+
+def exclude_source(rows: np.ndarray, source: np.ndarray, k: int) -> np.ndarray:
+    """Top-``k`` rows per query without the query's own source passage (REALM's trivial retrieval:
+    a masked sentence would otherwise retrieve its own document). ``rows`` needs >= k+1 columns."""
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for i, (row, src) in enumerate(zip(rows, source)):
+        kept = [r for r in row if r != src and r >= 0][:k]
+        if len(kept) < k:
+            raise ValueError(f"only {len(kept)} candidates left for query {i} after excluding its source")
+        out[i] = kept
+    return out
+
+
+# ------------------------------------------------------------------------------ REALM MLM marginal
+
+def realm_token_loglik(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per masked token marginal log-likelihood: log sum_z p(z|x) p(y_j|z,x).
+
+    mlm_logits [B, K, L, V] (the reader on each (query, doc) pair, query positions aligned),
+    doc_scores [B, K], labels [B, L] with IGNORE on unmasked positions. Returns [B, L] (0 where
+    IGNORE)."""
+    mask = labels.ne(IGNORE)
+    target = labels.clamp(min=0)[:, None, :, None].expand(-1, mlm_logits.shape[1], -1, 1)
+    tok = torch.log_softmax(mlm_logits.float(), -1).gather(-1, target).squeeze(-1)  # [B,K,L]
+    prior = torch.log_softmax(doc_scores.float(), 1)[:, :, None]
+    return torch.logsumexp(tok + prior, dim=1) * mask
+
+
+def realm_mlm_loss(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over all masked tokens of -log sum_z p(z|x) p(y_j|z,x)."""
+    mask = labels.ne(IGNORE)
+    return -realm_token_loglik(mlm_logits, doc_scores, labels).sum() / mask.sum().clamp(min=1)
+
+
+def retrieval_utility(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor,
+                      null_index: int = 0) -> torch.Tensor:
+    """Per query: log p(y|x) (marginal over the retrieved docs) - log p(y|null doc, x), summed over
+    the masked tokens. Positive when retrieval helps the reader more than no evidence does."""
+    mask = labels.ne(IGNORE)
+    marginal = realm_token_loglik(mlm_logits, doc_scores, labels).sum(1)
+    target = labels.clamp(min=0)[:, :, None]
+    null = torch.log_softmax(mlm_logits[:, null_index].float(), -1).gather(-1, target).squeeze(-1)
+    return marginal - (null * mask).sum(1)
+
+
+# ------------------------------------------------------------------------------ open-QA span reader
+
+def span_scores(start: torch.Tensor, end: torch.Tensor, evidence: torch.Tensor, max_width: int) -> torch.Tensor:
+    """Scores of every span (i, j), i <= j < i + max_width, inside the evidence tokens:
+    start/end [..., L], evidence bool [..., L] -> [..., L, L] with -inf for invalid spans."""
+    length = start.shape[-1]
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    ok = (j >= i) & (j - i < max_width)
+    ok = ok & evidence[..., :, None] & evidence[..., None, :]
+    scores = start[..., :, None] + end[..., None, :]
+    return scores.float().masked_fill(~ok, float("-inf"))
+
+
+def span_marginal_nll(start: torch.Tensor, end: torch.Tensor, doc_scores: torch.Tensor, evidence: torch.Tensor,
+                      answer_spans: torch.Tensor, max_width: int = 10) -> torch.Tensor:
+    """ORQA/REALM open-QA loss [B]: one softmax over all (doc, span) pairs of score
+    relevance(z) + start(i) + end(j); the likelihood is the mass of spans matching the answer.
+
+    start/end [B, K, L], doc_scores [B, K], evidence [B, K, L] bool, answer_spans [B, K, L, L] bool.
+    Questions whose retrieved docs contain no answer span get +inf (callers drop or mask them)."""
+    joint = span_scores(start, end, evidence, max_width) + doc_scores.float()[:, :, None, None]
+    flat = joint.flatten(1)
+    gold = joint.masked_fill(~answer_spans, float("-inf")).flatten(1)
+    return torch.logsumexp(flat, 1) - torch.logsumexp(gold, 1)

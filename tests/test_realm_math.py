@@ -1,0 +1,123 @@
+"""REALM pieces against float64 references written independently here (loops, no shared code)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from openbook.models.realm import (
+    IGNORE,
+    RegexSpanFinder,
+    exclude_source,
+    mask_salient_span,
+    realm_mlm_loss,
+    retrieval_utility,
+    span_marginal_nll,
+)
+from openbook.models.retriever import EncoderConfig, load_tokenizer
+
+B, K, L, V = 2, 3, 6, 11
+
+
+@pytest.fixture(scope="module")
+def mlm():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, K, L, V, generator=g) * 2
+    scores = torch.randn(B, K, generator=g) * 2
+    labels = torch.full((B, L), IGNORE)
+    labels[0, 1], labels[0, 2], labels[1, 4] = 3, 7, 10
+    return logits, scores, labels
+
+
+def _p(logits_row):  # float64 softmax of a list
+    m = max(logits_row)
+    e = [math.exp(x - m) for x in logits_row]
+    return [x / sum(e) for x in e]
+
+
+def test_realm_loss_is_the_per_token_marginal(mlm):
+    logits, scores, labels = mlm
+    terms = []
+    for b in range(B):
+        prior = _p(scores[b].double().tolist())
+        for j in range(L):
+            y = int(labels[b, j])
+            if y == IGNORE:
+                continue
+            terms.append(-math.log(sum(prior[z] * _p(logits[b, z, j].double().tolist())[y] for z in range(K))))
+    assert abs(float(realm_mlm_loss(logits, scores, labels)) - sum(terms) / len(terms)) < 1e-5
+
+
+def test_retrieval_utility_is_gain_over_the_null_doc(mlm):
+    logits, scores, labels = mlm
+    got = retrieval_utility(logits, scores, labels, null_index=0)
+    for b in range(B):
+        prior = _p(scores[b].double().tolist())
+        gain = 0.0
+        for j in range(L):
+            y = int(labels[b, j])
+            if y == IGNORE:
+                continue
+            marginal = sum(prior[z] * _p(logits[b, z, j].double().tolist())[y] for z in range(K))
+            gain += math.log(marginal) - math.log(_p(logits[b, 0, j].double().tolist())[y])
+        assert abs(float(got[b]) - gain) < 1e-5
+
+
+def test_utility_is_zero_when_every_doc_is_the_null_doc(mlm):
+    logits, scores, labels = mlm
+    same = logits[:, :1].expand(-1, K, -1, -1)
+    torch.testing.assert_close(retrieval_utility(same, scores, labels), torch.zeros(B), atol=1e-5, rtol=0)
+
+
+def test_span_marginal_against_brute_force():
+    g = torch.Generator().manual_seed(1)
+    start, end = torch.randn(B, K, L, generator=g), torch.randn(B, K, L, generator=g)
+    rel = torch.randn(B, K, generator=g)
+    evidence = torch.ones(B, K, L, dtype=torch.bool)
+    evidence[:, :, 0] = False  # e.g. the question tokens
+    answer = torch.zeros(B, K, L, L, dtype=torch.bool)
+    answer[0, 1, 2, 3] = answer[0, 2, 4, 4] = answer[1, 0, 1, 2] = True
+    width = 3
+    got = span_marginal_nll(start, end, rel, evidence, answer, max_width=width)
+    for b in range(B):
+        total, gold = [], []
+        for z in range(K):
+            for i in range(1, L):
+                for j in range(i, min(L, i + width)):
+                    s = float(rel[b, z] + start[b, z, i] + end[b, z, j])
+                    total.append(s)
+                    if answer[b, z, i, j]:
+                        gold.append(s)
+        lse = lambda xs: max(xs) + math.log(sum(math.exp(x - max(xs)) for x in xs))  # noqa: E731
+        assert abs(float(got[b]) - (lse(total) - lse(gold))) < 1e-5
+
+
+def test_exclude_source_drops_the_query_document():
+    rows = np.array([[5, 1, 2, 3], [0, 9, 8, 7]])
+    np.testing.assert_array_equal(exclude_source(rows, np.array([1, 7]), 3), [[5, 2, 3], [0, 9, 8]])
+    np.testing.assert_array_equal(exclude_source(rows, np.array([42, 0]), 3), [[5, 1, 2], [9, 8, 7]])
+    with pytest.raises(ValueError, match="after excluding"):
+        exclude_source(np.array([[1, 2]]), np.array([1]), 2)
+
+
+def test_regex_span_finder_finds_dates_numbers_and_names():
+    text = "In 1813, Brurbrei Thirzendis moved to Gousby. On 12 March 1840 the Bank of Ondor paid 35 crowns."
+    found = {text[s:e] for s, e in RegexSpanFinder()(text)}
+    assert {"1813", "Brurbrei Thirzendis", "Gousby", "12 March 1840", "Bank of Ondor", "35"} <= found
+    assert "In" not in found and "On" not in found  # sentence-initial single words are not salient
+
+
+def test_mask_salient_span_masks_exactly_one_span():
+    tok = load_tokenizer(EncoderConfig())
+    text = "Brurbrei Thirzendis was born in Gousby."
+    masked, labels = mask_salient_span(tok, text, RegexSpanFinder(), random.Random(0), 32)
+    positions = [i for i, y in enumerate(labels) if y != IGNORE]
+    assert positions and all(masked[i] == tok.mask_token_id for i in positions)
+    assert positions == list(range(positions[0], positions[-1] + 1))  # one contiguous span
+    span = tok.decode([labels[i] for i in positions])
+    assert span.lower() in {"brurbrei thirzendis", "gousby"}
+    assert mask_salient_span(tok, "nothing salient here.", RegexSpanFinder(), random.Random(0), 32) is None
