@@ -15,6 +15,7 @@ from openbook.data.world import WorldConfig
 from openbook.index.faiss_index import IndexConfig
 from openbook.models.generator import GeneratorConfig
 from openbook.models.rag import RagConfig
+from openbook.models.realm import RealmConfig
 from openbook.models.retriever import RetrieverConfig
 from openbook.refresher.config import RefreshConfig
 from openbook.trainer.config import TrainConfig
@@ -48,12 +49,13 @@ class EncodeConfig:
 @dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
-    model: Literal["dense_retriever", "rag"] = opt("dense_retriever", "what `openbook train` trains")
+    model: Literal["dense_retriever", "rag", "realm_pretrain"] = opt("dense_retriever", "what `openbook train` trains")
     run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
     data: DataConfig = opt(DataConfig(), "corpus and QA data")
     retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
     generator: GeneratorConfig = opt(GeneratorConfig(), "seq2seq generator (model: rag)")
     rag: RagConfig = opt(RagConfig(), "RAG marginalisation and decoding (model: rag)")
+    realm: RealmConfig = opt(RealmConfig(), "REALM pretraining (model: realm_pretrain)")
     index: IndexConfig = opt(IndexConfig(), "FAISS index")
     snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
     encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")

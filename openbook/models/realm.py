@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from openbook.config import opt
+
 IGNORE = -100  # label of unmasked positions
 
 
@@ -148,3 +150,33 @@ def span_marginal_nll(start: torch.Tensor, end: torch.Tensor, doc_scores: torch.
     flat = joint.flatten(1)
     gold = joint.masked_fill(~answer_spans, float("-inf")).flatten(1)
     return torch.logsumexp(flat, 1) - torch.logsumexp(gold, 1)
+
+
+# ------------------------------------------------------------------------------ config and reader
+
+@dataclass(kw_only=True)
+class RealmConfig:
+    n_docs: int = opt(5, "retrieved documents per query (the null document comes on top)")
+    null_doc: bool = opt(True, "prepend an empty document, scored by the embedder like any other")
+    max_query_length: int = opt(32, "tokens of the masked sentence")
+    max_length: int = opt(96, "reader input: [CLS] masked query [SEP] doc [SEP]")
+    reader_hidden: int = opt(128, "tiny MLM reader: hidden size")
+    reader_layers: int = opt(2, "tiny MLM reader: layers")
+    reader_heads: int = opt(4, "tiny MLM reader: attention heads")
+    reader_ffn: int = opt(256, "tiny MLM reader: feed-forward size")
+    reader_seed: int = opt(0, "seed of the reader's random init")
+
+    def __post_init__(self) -> None:
+        if self.n_docs < 1 or self.reader_hidden % self.reader_heads:
+            raise ValueError("realm.n_docs must be >= 1 and reader_hidden divisible by reader_heads")
+
+
+def build_mlm_reader(cfg: RealmConfig, vocab_size: int) -> torch.nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf = BertConfig(vocab_size=vocab_size, hidden_size=cfg.reader_hidden, num_hidden_layers=cfg.reader_layers,
+                    num_attention_heads=cfg.reader_heads, intermediate_size=cfg.reader_ffn,
+                    max_position_embeddings=max(128, cfg.max_length))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.reader_seed)
+        return BertForMaskedLM(hf)

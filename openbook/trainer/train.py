@@ -46,10 +46,25 @@ def collator(cfg: RecipeConfig, tokenizer) -> QACollator:
 
 
 def question_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
-    """Training questions; the dense retriever needs each one's gold passage, RAG does not."""
+    """Training batches: questions (the dense retriever needs each one's gold passage, RAG does not),
+    or, for REALM pretraining, corpus sentences with a salient span masked."""
+    if cfg.model == "realm_pretrain":
+        return realm_loader(cfg, data, tokenizer)
     need_gold = cfg.model == "dense_retriever" or cfg.rag.reader_warmup_steps > 0
     items = with_gold_rows(data.train, data.corpus, require=need_gold)
     return make_loader(items, cfg.train.batch_size, collator(cfg, tokenizer), shuffle=True, seed=cfg.train.seed)
+
+
+def realm_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
+    from functools import partial
+
+    from openbook.models.realm import RegexSpanFinder
+    from openbook.trainer.realm_module import MaskedSentences, collate_masked
+
+    ds = MaskedSentences(data.corpus, tokenizer, RegexSpanFinder(), cfg.realm.max_query_length, cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
+                      collate_fn=partial(collate_masked, pad_id=tokenizer.pad_token_id))
 
 
 def dev_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader | None:
@@ -105,6 +120,13 @@ def build_parts(cfg: RecipeConfig) -> TrainParts:
 def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus, holder: IndexHolder):
     if cfg.model == "dense_retriever":
         return DenseRetrievalModule(model, tokens, holder, cfg.train)
+    if cfg.model == "realm_pretrain":
+        from openbook.models.realm import build_mlm_reader
+        from openbook.trainer.realm_module import RealmPretrainModule
+
+        reader = build_mlm_reader(cfg.realm, len(tokenizer))
+        return RealmPretrainModule(model, reader, tokens, holder, cfg.realm, cfg.train, tokenizer.cls_token_id,
+                                   tokenizer.sep_token_id, tokenizer.pad_token_id)
     from openbook.models.generator import build_generator, special_ids
     from openbook.trainer.rag_module import RagModule
 

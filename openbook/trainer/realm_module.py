@@ -1,0 +1,111 @@
+"""REALM pretraining: salient-span-masked sentences, retrieval from the stale snapshot (the query's
+own passage excluded), a null document, live re-scoring, and the per-token retrieval marginal."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset
+
+from openbook.data import Corpus
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.index import IndexHolder
+from openbook.models.rag import join_context
+from openbook.models.realm import (
+    IGNORE,
+    RealmConfig,
+    SpanFinder,
+    exclude_source,
+    mask_salient_span,
+    realm_mlm_loss,
+    retrieval_utility,
+)
+from openbook.models.retriever import BiEncoder
+from openbook.trainer.common import configure_adamw, retrieve
+from openbook.trainer.config import TrainConfig
+
+
+class MaskedSentences(Dataset):
+    """One example per passage that has a salient span: its text with one span masked (a fresh span
+    choice per access, seeded by index and access count so runs are reproducible)."""
+
+    def __init__(self, corpus: Corpus, tokenizer, finder: SpanFinder, max_length: int, seed: int):
+        self.corpus, self.tokenizer, self.finder, self.max_length, self.seed = corpus, tokenizer, finder, max_length, seed
+        self.rows = [i for i in range(len(corpus)) if finder(corpus[i]["text"])]
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        self.calls += 1
+        row = self.rows[i]
+        rng = random.Random(self.seed * 1_000_003 + row * 7919 + self.calls)
+        out = mask_salient_span(self.tokenizer, self.corpus[row]["text"], self.finder, rng, self.max_length)
+        assert out is not None  # rows were filtered to those with salient spans
+        return {"ids": out[0], "labels": out[1], "source_row": row}
+
+
+def collate_masked(batch: list[dict], pad_id: int) -> dict:
+    width = max(len(b["ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), IGNORE)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["ids"]), torch.tensor(b["labels"]), 1
+    return {"query": {"input_ids": ids, "attention_mask": mask}, "labels": labels,
+            "source_row": torch.tensor([b["source_row"] for b in batch])}
+
+
+class RealmPretrainModule(pl.LightningModule):
+    def __init__(self, retriever: BiEncoder, reader: torch.nn.Module, tokens: TokenizedCorpus, holder: IndexHolder,
+                 cfg: RealmConfig, train: TrainConfig, cls_id: int, sep_id: int, pad_id: int):
+        super().__init__()
+        self.retriever, self.reader, self.tokens, self.holder = retriever, reader, tokens, holder
+        self.realm, self.cfg, self.pad_id = cfg, train, pad_id
+        self.null = {"input_ids": torch.tensor([[cls_id, sep_id]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+
+    def _docs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Token batch of the retrieved docs, with the null doc ([CLS] [SEP]) first per query."""
+        docs = self.tokens.batch(rows.reshape(-1))
+        if not self.realm.null_doc:
+            return docs
+        b, k = rows.shape
+        width = max(docs["input_ids"].shape[1], 2)
+        out = {}
+        for key in ("input_ids", "attention_mask"):
+            d = torch.nn.functional.pad(docs[key], (0, width - docs[key].shape[1]), value=0).view(b, k, width)
+            n = torch.nn.functional.pad(self.null[key], (0, width - 2), value=0)[None].expand(b, 1, width)
+            out[key] = torch.cat([n, d], 1).reshape(b * (k + 1), width)
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        q = self.retriever.encode_queries(batch["query"])
+        snap = self.holder.get()
+        k = self.realm.n_docs
+        rows = exclude_source(retrieve(snap, q, k + 1), batch["source_row"].cpu().numpy(), k)
+        self.last_retrieval = (rows, batch["source_row"].cpu().numpy())  # for inspection and tests
+        docs = self._docs(rows)
+        n_docs = k + int(self.realm.null_doc)
+        d = self.retriever.encode_docs({key: v.to(self.device) for key, v in docs.items()})
+        scores = self.retriever.score(q, d.view(len(rows), n_docs, -1))
+        ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
+                                 docs["input_ids"], docs["attention_mask"], n_docs, self.realm.max_length,
+                                 self.pad_id)
+        width = batch["labels"].shape[1]  # query tokens sit at the same positions in every pair
+        logits = self.reader(input_ids=ctx.to(self.device), attention_mask=mask.to(self.device)).logits
+        logits = logits[:, :width].reshape(len(rows), n_docs, width, -1)
+        loss = realm_mlm_loss(logits, scores, batch["labels"])
+        metrics = {"train/loss": loss.detach()}
+        if self.realm.null_doc:
+            metrics["train/retrieval_utility"] = retrieval_utility(logits.detach(), scores.detach(),
+                                                                   batch["labels"]).mean()
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(rows))
+        return loss
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg)
