@@ -63,6 +63,9 @@ class RecipeConfig:
     refresh: RefreshConfig = opt(RefreshConfig(), "asynchronous index refresh (Ray actor pool)")
 
     def __post_init__(self) -> None:
+        if self.refresh.enabled and self.snapshots.keep < 2:
+            raise ValueError("snapshots.keep must be >= 2 with refresh on: a publish would otherwise prune "
+                             "the snapshot the trainer is still loading")
         if self.train.freeze_doc_encoder and self.retriever.shared:
             raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
 

@@ -60,3 +60,9 @@ def test_exponent_floats_without_a_dot_are_accepted():
     assert from_dict(RecipeConfig, {"train": {"lr": "3e-3"}}).train.lr == 0.003
     with pytest.raises(ConfigError, match="train.lr: expected float"):
         from_dict(RecipeConfig, {"train": {"lr": "fast"}})
+
+
+def test_keep_one_snapshot_with_refresh_is_refused():
+    with pytest.raises(ConfigError, match="snapshots.keep must be >= 2 with refresh on"):
+        from_dict(RecipeConfig, {"snapshots": {"keep": 1}})
+    assert from_dict(RecipeConfig, {"snapshots": {"keep": 1}, "refresh": {"enabled": False}}).snapshots.keep == 1
