@@ -53,7 +53,8 @@ def _fit(cfg, keep_weights=True):
 
 
 def test_index_refreshes_under_a_running_trainer(tmp_path, ray_session):
-    cfg = tiny_recipe(tmp_path, train={"max_steps": 40}, refresh={"schedule": "5"})
+    # Small shards make each refresh span several steps, so overlap with training is observable.
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 40}, refresh={"schedule": "5", "shard_size": 20, "batch_size": 8})
     parts, rec, trainer = _fit(cfg)
     stats = parts.callback.stats
     versions = [v for _, v in stats.versions]

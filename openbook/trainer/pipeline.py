@@ -15,6 +15,7 @@ from openbook.data import Corpus, QAExample, generate_world, load_corpus, load_q
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.models.retriever import BiEncoder, encode_batches
 from openbook.recipe import DataConfig, RecipeConfig
+from openbook.refresher.encode import encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,18 @@ def prepare_data(cfg: DataConfig) -> DataBundle:
                       dev=load_qa(dev_path) if dev_path else [])
 
 
-def doc_batches(tokens: TokenizedCorpus, batch_size: int, start: int = 0, end: int | None = None):
-    end = len(tokens) if end is None else end
-    for lo in range(start, end, batch_size):
-        yield tokens.batch(slice(lo, min(lo + batch_size, end)))
-
-
-def encode_corpus(model: BiEncoder, tokens: TokenizedCorpus, batch_size: int, progress: bool = True) -> np.ndarray:
-    """All doc embeddings [N, d] float32 with the current doc encoder, with a progress bar."""
+def encode_corpus(encoder, tokens: TokenizedCorpus, batch_size: int, progress: bool = True) -> np.ndarray:
+    """All doc embeddings [N, d] (float16, the snapshot dtype) with ``encoder``, with a progress bar.
+    Uses the refresher's own loop, so in-process and Ray-built snapshots hold the same numbers."""
     n = len(tokens)
+    chunk = batch_size * 16
     bar = tqdm(total=n, desc="encode", unit="doc", disable=not progress, mininterval=1.0)
-    chunks = []
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
-        chunks.append(encode_batches(model.doc_encoder, [tokens.batch(slice(lo, hi))]))
-        bar.update(hi - lo)
+    parts = []
+    for lo in range(0, n, chunk):
+        parts.append(encode_rows(encoder, tokens, lo, min(lo + chunk, n), batch_size))
+        bar.update(parts[-1].shape[0])
     bar.close()
-    return np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float16)
 
 
 def encode_queries(model: BiEncoder, tokenizer, questions: list[str], max_length: int,
@@ -85,22 +81,31 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def build_and_publish(cfg: RecipeConfig, model: BiEncoder, tokenizer, data: DataBundle,
-                      encoder_step: int = 0, progress: bool = True):
-    """Encode the corpus with ``model``'s doc encoder and publish a snapshot; returns (snapshot, stats)."""
+def snapshot_meta(cfg: RecipeConfig, corpus: Corpus) -> dict:
+    return {"corpus": corpus.fingerprint, "encoder": cfg.retriever.encoder.source, "recipe": cfg.name}
+
+
+def encode_and_publish(cfg: RecipeConfig, encoder, tokens: TokenizedCorpus, corpus: Corpus, encoder_step: int,
+                       progress: bool = False):
+    """Encode every passage in-process and publish a snapshot; returns (snapshot, stats)."""
     from openbook.index import SnapshotStore
 
-    set_threads(cfg.encode.threads)
-    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
     weights_time = time.time()
     t0 = time.perf_counter()
-    emb = encode_corpus(model, tokens, cfg.encode.batch_size, progress)
+    emb = encode_corpus(encoder, tokens, cfg.encode.batch_size, progress)
     encode_s = time.perf_counter() - t0
-    store = SnapshotStore(cfg.snapshot_dir, keep=cfg.snapshots.keep)
     t1 = time.perf_counter()
-    snap = store.publish(emb, data.corpus.ids, encoder_step=encoder_step, index_cfg=cfg.index,
-                         weights_time=weights_time,
-                         meta={"corpus": data.corpus.fingerprint, "encoder": cfg.retriever.encoder.source})
+    snap = SnapshotStore(cfg.snapshot_dir, keep=cfg.snapshots.keep).publish(
+        emb, corpus.ids, encoder_step=encoder_step, index_cfg=cfg.index, weights_time=weights_time,
+        meta=snapshot_meta(cfg, corpus))
     stats = {"docs": len(tokens), "encode_seconds": encode_s, "docs_per_second": len(tokens) / max(encode_s, 1e-9),
              "publish_seconds": time.perf_counter() - t1}
     return snap, stats
+
+
+def build_and_publish(cfg: RecipeConfig, model: BiEncoder, tokenizer, data: DataBundle,
+                      encoder_step: int = 0, progress: bool = True):
+    """Tokenise (cached), encode the corpus with ``model``'s doc encoder and publish a snapshot."""
+    set_threads(cfg.encode.threads)
+    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
+    return encode_and_publish(cfg, model.doc_encoder, tokens, data.corpus, encoder_step, progress)

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder
-from openbook.trainer.common import configure_adamw
+from openbook.trainer.common import configure_adamw, gold_recall, retrieve
 from openbook.trainer.config import TrainConfig
 
 
@@ -42,10 +42,9 @@ class DenseRetrievalModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.retriever.encode_queries(batch["query"])
         snap = self.holder.get()  # one reference for the whole step, even if a swap happens meanwhile
-        k = max(self.cfg.negatives + 1, self.cfg.eval_k)
-        rows, _ = snap.search(q.detach().float().cpu().numpy(), k)
+        rows = retrieve(snap, q, max(self.cfg.negatives + 1, self.cfg.eval_k))
         gold = batch["gold_row"].cpu().numpy()
-        recall = float(np.mean([g in r[: self.cfg.eval_k] for g, r in zip(gold, rows)]))
+        recall = gold_recall(rows, gold, self.cfg.eval_k)
         cand = candidates(rows, gold, self.cfg.negatives)
         docs = self.tokens.batch(cand.reshape(-1))
         d = self.retriever.encode_docs({k_: v.to(self.device) for k_, v in docs.items()})

@@ -14,12 +14,19 @@ from torch.utils.data import DataLoader
 
 from openbook.data import tokenize_corpus
 from openbook.data.tokcache import TokenizedCorpus
-from openbook.index import IndexHolder, SnapshotStore
+from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder, build_retriever
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import encode_rows
 from openbook.trainer.batches import QACollator, make_loader, with_gold_rows
-from openbook.trainer.pipeline import DataBundle, encode_queries, prepare_data, recall_at_k
+from openbook.trainer.pipeline import (
+    DataBundle,
+    encode_and_publish,
+    encode_queries,
+    prepare_data,
+    recall_at_k,
+    snapshot_meta,
+)
 from openbook.trainer.refresh_callback import IndexRefreshCallback, Published
 from openbook.trainer.retrieval_module import DenseRetrievalModule
 
@@ -37,7 +44,7 @@ class TrainParts:
     tokenizer: object
     tokens: TokenizedCorpus
     holder: IndexHolder
-    module: DenseRetrievalModule
+    module: pl.LightningModule
     callback: IndexRefreshCallback
 
 
@@ -79,23 +86,16 @@ def make_coordinator_factory(cfg: RecipeConfig, model: BiEncoder, tokenizer, tok
     def make():
         from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
 
-        target = IndexTarget(cfg.snapshot_dir, cfg.index, cfg.snapshots.keep, _meta(cfg, data))
+        target = IndexTarget(cfg.snapshot_dir, cfg.index, cfg.snapshots.keep, snapshot_meta(cfg, data.corpus))
         return RefreshCoordinator(cfg.refresh, cfg.retriever, len(tokenizer), tokens, data.corpus.ids, target)
     return make
-
-
-def _meta(cfg: RecipeConfig, data: DataBundle) -> dict:
-    return {"corpus": data.corpus.fingerprint, "encoder": cfg.retriever.encoder.source, "recipe": cfg.name}
 
 
 def make_initial_builder(cfg: RecipeConfig, tokens: TokenizedCorpus, data: DataBundle):
     """In-process index build for runs without the Ray refresher (frozen doc encoder)."""
     def build(pl_module, step: int) -> Published:
-        t = time.time()
-        emb = encode_rows(pl_module.retriever.doc_encoder, tokens, 0, len(tokens), cfg.encode.batch_size)
-        snap = SnapshotStore(cfg.snapshot_dir, keep=cfg.snapshots.keep).publish(
-            emb, data.corpus.ids, encoder_step=step, index_cfg=cfg.index, weights_time=t, meta=_meta(cfg, data))
-        return Published(snap.version, str(snap.path), step, t)
+        snap, _ = encode_and_publish(cfg, pl_module.retriever.doc_encoder, tokens, data.corpus, step)
+        return Published(snap.version, str(snap.path), step, snap.manifest.weights_time)
     return build
 
 
