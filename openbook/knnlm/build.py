@@ -1,0 +1,110 @@
+"""Build the datastore from a token stream: shards of windows encoded by a pool of Ray actors (or in
+this process, shard by shard, the same way), written into a memory-mapped :class:`DatastoreWriter`.
+
+Datastore row i is the prediction made at stream position i: key = the LM's pre-FFN state after
+tokens[..i], value = tokens[i + 1]. Shards are ranges of windows, so rows never depend on sharding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from openbook.knnlm.config import DatastoreConfig, LMConfig
+from openbook.knnlm.datastore import Datastore, DatastoreWriter
+from openbook.knnlm.model import build_lm, encode, windows
+from openbook.refresher.config import RefreshConfig
+from openbook.refresher.coordinator import ensure_ray
+from openbook.refresher.encode import load_numpy_state, numpy_state
+
+log = logging.getLogger(__name__)
+
+
+def encode_shard(model: nn.Module, tokens: np.ndarray, wins: np.ndarray, batch_size: int) -> tuple:
+    """(first row, keys [P, d], values int32 [P]) for a contiguous range of windows."""
+    keys, _ = encode(model, tokens, wins, batch_size)
+    lo, hi = int(wins[0, 1]), int(wins[-1, 2])
+    return lo, keys, np.asarray(tokens[lo + 1:hi + 1], dtype=np.int32)
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class DatastoreWorker:
+    """Holds one copy of the LM; loads the weights it is handed once, then encodes shards of windows."""
+
+    def __init__(self, lm_cfg: LMConfig, vocab_size: int, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.model = build_lm(lm_cfg, vocab_size).eval()
+        self.loaded = False
+
+    def encode(self, state: dict, tokens: np.ndarray, wins: np.ndarray, batch_size: int) -> tuple:
+        if not self.loaded:  # ``state`` and ``tokens`` arrive zero-copy from the object store
+            load_numpy_state(self.model, state)
+            self.loaded = True
+        return encode_shard(self.model, tokens, wins, batch_size)
+
+
+def _shards(wins: np.ndarray, size: int) -> list[np.ndarray]:
+    return [wins[a:a + size] for a in range(0, len(wins), size)]
+
+
+def _writer(path: Path, model: nn.Module, tokens: np.ndarray, cfg: DatastoreConfig) -> DatastoreWriter:
+    return DatastoreWriter(path, len(tokens) - 1, model.config.n_embd, cfg.keys_dtype)
+
+
+def _commit(writer: DatastoreWriter, cfg: DatastoreConfig, meta: dict, t0: float) -> Datastore:
+    meta = {**meta, "encode_seconds": time.perf_counter() - t0}
+    store = writer.commit(cfg.factory, cfg.train_size, meta, cfg.nprobe)
+    log.info("datastore %s: %d keys in %.1fs", store.path, len(store), time.perf_counter() - t0)
+    return store
+
+
+def build_local(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: LMConfig,
+                cfg: DatastoreConfig, meta: dict | None = None) -> Datastore:
+    """The single-process build: the same shards, encoded one after another here."""
+    t0 = time.perf_counter()
+    writer = _writer(Path(path), model, tokens, cfg)
+    try:
+        for shard in _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows):
+            writer.write(*encode_shard(model, tokens, shard, cfg.batch_size))
+        return _commit(writer, cfg, {**(meta or {}), "workers": 0}, t0)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def build_sharded(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: LMConfig,
+                  cfg: DatastoreConfig, meta: dict | None = None) -> Datastore:
+    """Encode shards on ``cfg.num_workers`` Ray actors (two shards queued per actor), write them as
+    they come back, then index and commit. Starts a local Ray (or joins ``cfg.address``) if needed."""
+    t0 = time.perf_counter()
+    started = ensure_ray(RefreshConfig(address=cfg.address))
+    actors = [DatastoreWorker.options(num_cpus=cfg.threads_per_worker).remote(
+        lm_cfg, int(model.config.vocab_size), cfg.threads_per_worker) for _ in range(cfg.num_workers)]
+    writer = _writer(Path(path), model, tokens, cfg)
+    try:
+        state, toks = ray.put(numpy_state(model)), ray.put(np.asarray(tokens, dtype=np.int64))
+        todo = _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows)[::-1]
+        inflight: dict = {}
+        slots = [a for a in actors for _ in range(2)]
+        while todo or inflight:
+            while todo and slots:
+                actor = slots.pop()
+                inflight[actor.encode.remote(state, toks, todo.pop(), cfg.batch_size)] = actor
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            slots.append(inflight.pop(ready[0]))
+            writer.write(*ray.get(ready[0]))
+        return _commit(writer, cfg, {**(meta or {}), "workers": cfg.num_workers}, t0)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if started:
+            ray.shutdown()
