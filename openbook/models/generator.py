@@ -11,6 +11,7 @@ from torch import nn
 
 from openbook.config import opt
 from openbook.errors import ConfigError
+from openbook.models.vocab import VocabMap
 
 
 @dataclass(kw_only=True)
@@ -22,9 +23,15 @@ class GeneratorConfig:
     ffn: int = opt(128, "tiny only: feed-forward size")
     max_positions: int = opt(256, "tiny only: max positions (BART)")
     dropout: float = opt(0.1, "tiny only: dropout")
+    vocab: str = opt("full", "tiny only: 'full' (the tokenizer's vocabulary) or 'corpus' (only WordPieces in the "
+                             "corpus and training questions: a far smaller output softmax)")
     seed: int = opt(0, "tiny only: seed of the random init")
 
     def __post_init__(self) -> None:
+        if self.vocab not in ("full", "corpus"):
+            raise ValueError(f"vocab must be 'full' or 'corpus', got {self.vocab!r}")
+        if self.vocab == "corpus" and not self.source.startswith("tiny"):
+            raise ValueError("vocab 'corpus' needs a tiny generator (a pretrained one keeps its vocabulary)")
         if self.source.startswith("tiny") and self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
 
@@ -36,19 +43,22 @@ class SpecialIds:
     eos: int
 
 
-def special_ids(tokenizer) -> SpecialIds:
-    """BERT-style tokenizers: [CLS] starts the answer, [SEP] ends it, [PAD] pads."""
+def special_ids(tokenizer, vocab: VocabMap | None = None) -> SpecialIds:
+    """BERT-style tokenizers: [CLS] starts the answer, [SEP] ends it, [PAD] pads (compact ids with ``vocab``)."""
     bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     if None in (tokenizer.pad_token_id, bos, eos):
         raise ConfigError("generator tokenizer needs pad, cls/bos and sep/eos tokens")
-    return SpecialIds(tokenizer.pad_token_id, bos, eos)
+    if vocab is None:
+        return SpecialIds(tokenizer.pad_token_id, bos, eos)
+    return SpecialIds(*vocab.encode(torch.tensor([tokenizer.pad_token_id, bos, eos])).tolist())
 
 
-def build_generator(cfg: GeneratorConfig, tokenizer) -> nn.Module:
-    ids = special_ids(tokenizer)
-    common = {"vocab_size": len(tokenizer), "pad_token_id": ids.pad, "eos_token_id": ids.eos,
-              "decoder_start_token_id": ids.bos}
+def build_generator(cfg: GeneratorConfig, tokenizer, vocab: VocabMap | None = None) -> nn.Module:
+    """``vocab`` (tiny generators only): a compact vocabulary; the model then reads and writes its ids."""
+    ids = special_ids(tokenizer, vocab)
+    size = len(vocab) if vocab is not None else len(tokenizer)
+    common = {"vocab_size": size, "pad_token_id": ids.pad, "eos_token_id": ids.eos, "decoder_start_token_id": ids.bos}
     if cfg.source == "tiny-bart":
         from transformers import BartConfig, BartForConditionalGeneration
 

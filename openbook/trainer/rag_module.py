@@ -16,19 +16,24 @@ from openbook.data.tokcache import TokenizedCorpus
 from openbook.index import IndexHolder
 from openbook.models.decoding import rag_sequence_generate, rag_token_generate
 from openbook.models.generator import SpecialIds
-from openbook.models.rag import RagConfig, join_context, rag_loss, seq2seq_logits
+from openbook.models.rag import RagConfig, join_context, rag_loss, rag_token_nll, seq2seq_logits
 from openbook.models.retriever import BiEncoder
+from openbook.models.vocab import VocabMap
 from openbook.trainer.common import check_dim, configure_adamw, gold_recall, retrieve, snapshot_doc_scores
 from openbook.trainer.config import TrainConfig
 
 
 class RagModule(pl.LightningModule):
     def __init__(self, retriever: BiEncoder, generator: torch.nn.Module, tokens: TokenizedCorpus,
-                 holder: IndexHolder, rag: RagConfig, train: TrainConfig, ids: SpecialIds, tokenizer):
+                 holder: IndexHolder, rag: RagConfig, train: TrainConfig, ids: SpecialIds, tokenizer,
+                 vocab: VocabMap | None = None):
+        """``ids`` are in the generator's id space: compact ids when ``vocab`` is given."""
         super().__init__()
         self.retriever, self.generator = retriever, generator
-        self.tokens, self.holder, self.rag, self.cfg, self.ids, self.tokenizer = (
-            tokens, holder, rag, train, ids, tokenizer)
+        self.tokens, self.holder, self.rag, self.cfg, self.ids, self.tokenizer, self.vocab = (
+            tokens, holder, rag, train, ids, tokenizer, vocab)
+        if vocab is not None:  # saved with the weights, so a checkpoint knows its generator's vocabulary
+            self.register_buffer("generator_vocab", vocab.to_orig.clone())
         if train.freeze_doc_encoder:
             self.retriever.doc_encoder.requires_grad_(False)
 
@@ -47,16 +52,29 @@ class RagModule(pl.LightningModule):
         else:
             d = self.retriever.encode_docs({k: v.to(self.device) for k, v in docs.items()})
             scores = self.retriever.score(q, d.view(*rows.shape, -1))
+        return (scores, rows, *self._context(batch, rows, docs))
+
+    def _context(self, batch: dict, rows: np.ndarray, docs: dict | None = None):
+        """Generator inputs for every (question, retrieved doc): ids and mask [B*K, L] on the device."""
+        docs = docs if docs is not None else self.tokens.batch(rows.reshape(-1))
         ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
-                                 docs["input_ids"], docs["attention_mask"], self.rag.n_docs,
-                                 self.rag.max_context_length, self.ids.pad)
-        return scores, rows, ctx.to(self.device), mask.to(self.device)
+                                 docs["input_ids"], docs["attention_mask"], rows.shape[1],
+                                 self.rag.max_context_length, self.tokenizer.pad_token_id)
+        return self._gen_ids(ctx).to(self.device), mask.to(self.device)
+
+    def _gen_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids -> the generator's ids (identity without a compact vocabulary)."""
+        return ids if self.vocab is None else self.vocab.encode(ids)
+
+    def _decode(self, seqs: list[list[int]]) -> list[str]:
+        seqs = seqs if self.vocab is None else self.vocab.decode(seqs)
+        return self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.global_step < self.rag.reader_warmup_steps:
             return self._reader_warmup_step(batch)
         scores, rows, ctx, mask = self._forward(batch)
-        logits, target = seq2seq_logits(self.generator, ctx, mask, batch["labels"], self.rag.n_docs)
+        logits, target = seq2seq_logits(self.generator, ctx, mask, self._gen_ids(batch["labels"]), self.rag.n_docs)
         loss = rag_loss(self.rag, logits, scores, target, self.ids.pad).mean()
         recall = gold_recall(rows, batch["gold_row"].cpu().numpy(), self.rag.n_docs)
         self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.rag.n_docs}": recall},
@@ -68,14 +86,12 @@ class RagModule(pl.LightningModule):
         gold = batch["gold_row"].cpu().numpy()
         if (gold < 0).any():
             raise ValueError("rag.reader_warmup_steps needs gold_ids for every training question")
-        docs = self.tokens.batch(gold)
-        ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
-                                 docs["input_ids"], docs["attention_mask"], 1, self.rag.max_context_length,
-                                 self.ids.pad)
-        logits, target = seq2seq_logits(self.generator, ctx.to(self.device), mask.to(self.device),
-                                        batch["labels"], 1)
+        ctx, mask = self._context(batch, gold[:, None])
+        logits, target = seq2seq_logits(self.generator, ctx, mask, self._gen_ids(batch["labels"]), 1)
+        # With one doc the RAG-Token and RAG-Sequence losses (and FiD's) are the same sequence NLL.
         scores = torch.zeros(len(gold), 1, device=self.device)
-        loss = rag_loss(self.rag, logits, scores, target, self.ids.pad).mean()
+        loss = rag_token_nll(logits, scores, target, self.ids.pad,
+                             epsilon=getattr(self.rag, "label_smoothing", 0.0)).mean()
         self.log("train/reader_warmup_loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(gold))
         return loss
 
@@ -88,7 +104,7 @@ class RagModule(pl.LightningModule):
         else:
             out = rag_sequence_generate(self.generator, ctx, mask, scores, ids.bos, ids.eos, ids.pad,
                                         r.max_answer_length, r.num_beams, thorough=r.sequence_decoding == "thorough")
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True), rows
+        return self._decode(out), rows
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         preds, rows = self.generate(batch)
