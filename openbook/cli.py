@@ -45,6 +45,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_knnlm(args: argparse.Namespace) -> int:
+    from openbook.knnlm.config import load_knnlm_config
+    from openbook.knnlm.pipeline import run_knnlm
+
+    print(json.dumps(run_knnlm(load_knnlm_config(args.config, args.overrides)), indent=2))
+    return 0
+
+
 def _cmd_world(args: argparse.Namespace) -> int:
     from openbook.data.world import WorldConfig, generate_world
 
@@ -88,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", help="question text")
     p.add_argument("-k", type=int, default=5, help="passages to show")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("knnlm", help="kNN-LM demo: train a small LM, build its datastore with Ray, "
+                                     "compare held-out perplexity")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_knnlm)
 
     p = sub.add_parser("world", help="generate the embedded demo world (corpus + QA) into a directory")
     p.add_argument("--num-passages", type=int, default=2000)

@@ -8,6 +8,7 @@ import pytest
 
 from openbook.config import describe, from_dict
 from openbook.errors import ConfigError
+from openbook.knnlm.config import KnnLMConfig, load_knnlm_config
 from openbook.recipe import RecipeConfig, load_recipe
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -19,8 +20,12 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
-    cfg = load_recipe(path)
-    assert isinstance(cfg, RecipeConfig)
+    if path.name.startswith("knnlm_"):  # kNN-LM recipes have their own schema (`openbook knnlm`)
+        cfg = load_knnlm_config(path)
+        assert isinstance(cfg, KnnLMConfig)
+    else:
+        cfg = load_recipe(path)
+        assert isinstance(cfg, RecipeConfig)
     assert cfg.name == path.stem
 
 

@@ -16,6 +16,7 @@ from openbook.errors import ConfigError, SnapshotError
 from openbook.knnlm.build import build_local, build_sharded
 from openbook.knnlm.config import DatastoreConfig, KnnLMConfig, LMConfig, TextConfig, load_knnlm_config
 from openbook.knnlm.datastore import KEYS, MANIFEST, VALUES, Datastore, DatastoreWriter
+from openbook.knnlm.l2index import exact_sq_l2
 from openbook.knnlm.model import build_lm, encode, windows
 from openbook.knnlm.pipeline import score_stream
 from openbook.knnlm.scoring import knn_distribution, knn_log_prob, neighbours, perplexity
@@ -194,6 +195,7 @@ def test_pq_index_distances_are_approximate_unless_recomputed(text, model, tmp_p
     exact, _ = neighbours(pq, q, 4, recompute=True)
     direct = ((np.asarray(pq.keys, np.float64)[ids] - q[:, None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_allclose(np.sort(direct, 1), exact, rtol=1e-9)
+    np.testing.assert_array_equal(exact_sq_l2(q, pq.keys, ids, budget=64), direct)  # chunked gather
     assert np.abs(approx - direct).max() > 1e-3  # PQ codes are lossy
 
 

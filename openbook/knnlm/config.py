@@ -75,7 +75,7 @@ class KnnConfig:
     temperature: float = opt(1.0, "p_kNN = softmax(-d / temperature) over the neighbours, d = squared L2")
     recompute_distances: bool = opt(True, "exact squared L2 from the stored keys (else the index's, "
                                           "approximate for PQ)")
-    batch_size: int = opt(4096, "queries per faiss search")
+    batch_size: int = opt(1024, "queries per faiss search")
 
     def __post_init__(self) -> None:
         if self.k < 1:

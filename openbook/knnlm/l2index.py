@@ -44,8 +44,14 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         pass
 
 
-def exact_sq_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Squared L2 from each query [Q, d] to its neighbours' stored keys (ids [Q, k]), float64 [Q, k]."""
-    neigh = np.asarray(keys[np.where(ids >= 0, ids, 0).ravel()], dtype=np.float64).reshape(*ids.shape, -1)
-    d = ((neigh - np.asarray(queries, dtype=np.float64)[:, None, :]) ** 2).sum(-1)
-    return np.where(ids >= 0, d, np.inf)
+def exact_sq_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
+    """Squared L2 from each query [Q, d] to its neighbours' stored keys (ids [Q, k]), float64 [Q, k].
+    Gathered in chunks of <= ``budget`` values (32 MB), whatever k and Q are."""
+    out = np.empty(ids.shape, dtype=np.float64)
+    step = max(1, budget // max(1, ids.shape[1] * keys.shape[1]))
+    for lo in range(0, len(ids), step):
+        rows = ids[lo:lo + step]
+        neigh = np.asarray(keys[np.where(rows >= 0, rows, 0).ravel()], dtype=np.float64).reshape(*rows.shape, -1)
+        q = np.asarray(queries[lo:lo + step], dtype=np.float64)[:, None, :]
+        out[lo:lo + step] = np.where(rows >= 0, ((neigh - q) ** 2).sum(-1), np.inf)
+    return out
