@@ -37,7 +37,8 @@ VARIANTS = ("token", "sequence")
 
 
 def recipe(tmp: Path, variant: str, passages: int, batch_size: int, n_docs: int) -> RecipeConfig:
-    """configs/rag_token_tiny.yaml's model sizes, with a frozen doc encoder and CLS pooling (DPR's)."""
+    """The tiny recipes' retriever sizes and a tiny BART with the tokenizer's full vocabulary (what HF RAG
+    runs), a frozen doc encoder and CLS pooling (DPR's)."""
     data = {
         "name": f"bench-rag-{variant}", "run_dir": str(tmp / variant), "model": "rag",
         "data": {"world": {"num_passages": passages, "seed": 0}, "cache_dir": str(tmp / "cache")},

@@ -64,3 +64,27 @@ def test_compact_vocab_round_trips_the_corpus(tmp_path):
     assert vocab.decode([[int(vocab.encode(torch.tensor([unseen])))]]) == [[tok.unk_token_id]]
     with pytest.raises(ValueError, match="include \\[UNK\\]"):
         VocabMap([5, 6], len(tok), tok.unk_token_id)
+
+
+def test_a_saved_generator_loads_as_generator_source(tmp_path):
+    from openbook.errors import ConfigError
+    from openbook.models.generator import GeneratorConfig, build_generator
+    from openbook.trainer.train import save_generator
+
+    tok = load_tokenizer(EncoderConfig())
+    gen = build_generator(GeneratorConfig(source="tiny-t5", d_model=32, ffn=64, seed=7), tok)
+    save_generator(gen, tmp_path / "generator")
+    save_generator(gen, tmp_path / "generator")  # replacing an existing one is fine too
+    loaded = build_generator(GeneratorConfig(source=str(tmp_path / "generator")), tok)
+    for (name, a), (_, b) in zip(gen.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generator"]  # no temp dirs left behind
+    vocab = VocabMap([*range(1000, 3997, 3), tok.unk_token_id], len(tok), tok.unk_token_id)
+    compact = build_generator(GeneratorConfig(source="tiny-t5", vocab="corpus", d_model=32, ffn=64), tok, vocab)
+    save_generator(compact, tmp_path / "compact", vocab)
+    again = VocabMap.load(tmp_path / "compact" / "vocab.json")
+    assert torch.equal(again.to_orig, vocab.to_orig) and torch.equal(again.to_compact, vocab.to_compact)
+    with pytest.raises(ConfigError, match="has 1000 output tokens"):  # loaded without its vocabulary
+        build_generator(GeneratorConfig(source=str(tmp_path / "compact")), tok)
+    with pytest.raises(ConfigError, match="reader pretraining run writes one"):
+        build_generator(GeneratorConfig(source=str(tmp_path / "missing")), tok)

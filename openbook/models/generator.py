@@ -77,8 +77,13 @@ def build_generator(cfg: GeneratorConfig, tokenizer, vocab: VocabMap | None = No
         from transformers import AutoModelForSeq2SeqLM
 
         if not Path(cfg.source).is_dir():
-            raise ConfigError(f"generator.source: {cfg.source} is not 'tiny-bart', 'tiny-t5' or a local directory")
-        return AutoModelForSeq2SeqLM.from_pretrained(cfg.source)
+            raise ConfigError(f"generator.source: {cfg.source} is not 'tiny-bart', 'tiny-t5' or a local "
+                              "directory (a reader pretraining run writes one to <run_dir>/generator)")
+        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.source)
+        if model.config.vocab_size != size:
+            raise ConfigError(f"generator.source: {cfg.source} has {model.config.vocab_size} output tokens, but the "
+                              f"tokenizer/vocabulary here has {size} (a compact generator needs its vocab.json)")
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return cls(hf)

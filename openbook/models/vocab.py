@@ -9,7 +9,9 @@ working in the tokenizer's ids and only the generator sees compact ones.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +24,18 @@ class VocabMap:
         orig = np.unique(np.fromiter(kept, dtype=np.int64))
         if orig.min() < 0 or orig.max() >= full_size or unk_id not in orig:
             raise ValueError("kept ids must lie in the tokenizer's vocabulary and include [UNK]")
-        self.to_orig = torch.from_numpy(orig)
+        self.to_orig, self.unk_id = torch.from_numpy(orig), int(unk_id)
         self.to_compact = torch.full((full_size,), int(np.searchsorted(orig, unk_id)), dtype=torch.long)
         self.to_compact[self.to_orig] = torch.arange(len(orig))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"full_size": len(self.to_compact), "unk": self.unk_id,
+                                    "kept": self.to_orig.tolist()}))
+
+    @classmethod
+    def load(cls, path: Path) -> VocabMap:
+        d = json.loads(Path(path).read_text())
+        return cls(d["kept"], d["full_size"], d["unk"])
 
     def __len__(self) -> int:
         return len(self.to_orig)

@@ -110,9 +110,15 @@ class RagModule(pl.LightningModule):
         preds, rows = self.generate(batch)
         em = float(np.mean([exact_match(p, a) for p, a in zip(preds, batch["answers"])]))
         f = float(np.mean([f1(p, a) for p, a in zip(preds, batch["answers"])]))
-        recall = gold_recall(rows, batch["gold_row"].cpu().numpy(), self.rag.n_docs)
-        self.log_dict({"val/em": em, "val/f1": f, f"val/recall@{self.rag.n_docs}": recall},
-                      on_step=False, on_epoch=True, batch_size=len(preds))
+        gold = batch["gold_row"].cpu().numpy()
+        logs = {"val/em": em, "val/f1": f, f"val/recall@{self.rag.n_docs}": gold_recall(rows, gold, self.rag.n_docs)}
+        if (gold >= 0).all():  # the reader alone, given the gold passage: tells reader and retriever apart
+            ctx, mask = self._context(batch, gold[:, None])
+            out = rag_token_generate(self.generator, ctx, mask, torch.zeros(len(gold), 1, device=self.device),
+                                     self.ids.bos, self.ids.eos, self.rag.max_answer_length)
+            logs["val/reader_em_gold"] = float(np.mean([exact_match(p, a) for p, a in
+                                                        zip(self._decode(out), batch["answers"])]))
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=len(preds))
 
     def configure_optimizers(self):
         return configure_adamw(self, self.cfg)
