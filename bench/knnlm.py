@@ -89,8 +89,9 @@ A GPT-2 style LM (random init, {lm.n_layer} layers, {lm.n_embd} wide, context {l
 {cfg.train.steps} steps on the training paragraphs of `pydoc_data.topics` (MiniLM WordPiece, compacted
 to the pieces seen in training). Its datastore holds the last block's pre-FFN states over the same
 text ({ds.num_workers} Ray actors, {ds.keys_dtype} keys, `{ds.factory}`). Perplexity is per WordPiece token
-on held-out paragraphs that do not also occur verbatim in training. Every window has at least
-{lm.block_size - ds.stride} tokens of context. λ, k and T are chosen on valid; test is reported.
+on held-out paragraphs that do not also occur verbatim in training. Each prediction has at least
+{lm.block_size - ds.stride} tokens of context (except in a stream's first window). λ, k and T are chosen
+on valid only; test is reported. The two held-out sets are small and differ in difficulty.
 
 {table([res["sizes"]])}
 

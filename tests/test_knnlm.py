@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,10 +203,26 @@ def test_pq_index_distances_are_approximate_unless_recomputed(text, model, tmp_p
 
 def test_config_file_loads_and_bad_values_are_refused(tmp_path):
     cfg = load_knnlm_config(ROOT / "configs" / "knnlm_pydoc.yaml")
-    assert cfg.name == "knnlm_pydoc" and cfg.knn.lmbda == 0.25 and cfg.datastore.factory == "Flat"
+    assert cfg.name == "knnlm_pydoc" and cfg.knn.k == 1024 and cfg.datastore.factory == "Flat"
     with pytest.raises(ConfigError, match=r"knn: knn.lmbda must be in \[0, 1\)"):
         load_knnlm_config(ROOT / "configs" / "knnlm_pydoc.yaml", ["knn.lmbda=1.0"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({"knn": {"kk": 3}}))
     with pytest.raises(ConfigError, match=r"bad.yaml.knn: unknown key 'kk'"):
         load_knnlm_config(bad)
+
+
+@pytest.mark.slow
+def test_cli_demo_knnlm_beats_the_lm_on_held_out_text(tmp_path):
+    """`openbook knnlm` end to end (its own Ray, 2 actors) on a reduced config."""
+    sets = [f"run_dir={tmp_path / 'run'}", "text.max_paragraphs=600", "train.steps=120", "lm.n_embd=64",
+            "lm.block_size=64", "datastore.stride=32"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "openbook"), "knnlm", "--config",
+                           str(ROOT / "configs" / "knnlm_pydoc.yaml"), *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["datastore_size"] == summary["train_tokens"] - 1
+    assert summary["test_ppl_knnlm"] < summary["test_ppl_lm"], summary
+    assert json.loads((tmp_path / "run" / "knnlm_summary.json").read_text()) == summary
+    assert len(Datastore.load(tmp_path / "run" / "datastore")) == summary["datastore_size"]
