@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -57,6 +57,27 @@ class RegexSpanFinder:
         return sorted(spans)
 
 
+@dataclass
+class TitleWordFinder:
+    """Occurrences of the passage title's words (3+ letters) in its text. For corpora whose titles
+    name an entity with several passages (the generated world: one person, five facts), a masked
+    name is what the entity's *other* passages can restore, so retrieval has something to learn."""
+
+    title: str
+
+    def __call__(self, text: str) -> list[tuple[int, int]]:
+        words = sorted({w for w in re.findall(r"[^\W_]{3,}", self.title)}, key=len, reverse=True)
+        if not words:
+            return []
+        pattern = r"\b(?:" + "|".join(map(re.escape, words)) + r")\b"
+        return [(m.start(), m.end()) for m in re.finditer(pattern, text)]
+
+
+def make_span_finder(kind: str, title: str) -> SpanFinder:
+    """The finder named by ``realm.salient_spans`` for a passage with this title."""
+    return TitleWordFinder(title) if kind == "title_words" else RegexSpanFinder()
+
+
 def mask_salient_span(tokenizer, text: str, finder: SpanFinder, rng: random.Random, max_length: int,
                       ) -> tuple[list[int], list[int]] | None:
     """Tokenise ``text`` and replace the tokens of one salient span (chosen at random) by [MASK].
@@ -90,6 +111,18 @@ def exclude_source(rows: np.ndarray, source: np.ndarray, k: int) -> np.ndarray:
         if len(kept) < k:
             raise ValueError(f"only {len(kept)} candidates left for query {i} after excluding its source")
         out[i] = kept
+    return out
+
+
+def span_in_docs(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, K] bool: does doc k of query b contain the query's masked tokens, contiguous and in order?
+    (labels [B, L] with IGNORE elsewhere, doc_ids [B, K, Ld].) Whether retrieval found the evidence."""
+    out = torch.zeros(doc_ids.shape[:2], dtype=torch.bool)
+    for b in range(labels.shape[0]):
+        span = labels[b][labels[b].ne(IGNORE)].tolist()
+        for k in range(doc_ids.shape[1]):
+            doc = doc_ids[b, k].tolist()
+            out[b, k] = any(doc[i: i + len(span)] == span for i in range(len(doc) - len(span) + 1))
     return out
 
 
@@ -165,18 +198,32 @@ class RealmConfig:
     reader_heads: int = opt(4, "tiny MLM reader: attention heads")
     reader_ffn: int = opt(256, "tiny MLM reader: feed-forward size")
     reader_seed: int = opt(0, "seed of the reader's random init")
+    salient_spans: Literal["regex", "title_words"] = opt("regex", "pretraining masks: dates, numbers and "
+                                                         "capitalised runs (regex) or the passage title's words")
+    max_span_width: int = opt(10, "open QA (model: realm_qa): longest answer span, in tokens")
+    init_from: str | None = opt(None, "open QA: a realm_pretrain run_dir whose model.pt gives the retriever and "
+                                "the reader's encoder (null: random init)")
 
     def __post_init__(self) -> None:
         if self.n_docs < 1 or self.reader_hidden % self.reader_heads:
             raise ValueError("realm.n_docs must be >= 1 and reader_hidden divisible by reader_heads")
+        if self.max_span_width < 1:
+            raise ValueError(f"realm.max_span_width must be >= 1, got {self.max_span_width}")
+
+
+def reader_config(cfg: RealmConfig, vocab_size: int):
+    """The tiny BERT behind both readers (MLM for pretraining, span heads for QA): same shapes, so
+    a QA reader can start from a pretraining run's encoder."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.reader_hidden, num_hidden_layers=cfg.reader_layers,
+                      num_attention_heads=cfg.reader_heads, intermediate_size=cfg.reader_ffn,
+                      max_position_embeddings=max(128, cfg.max_length))
 
 
 def build_mlm_reader(cfg: RealmConfig, vocab_size: int) -> torch.nn.Module:
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
-    hf = BertConfig(vocab_size=vocab_size, hidden_size=cfg.reader_hidden, num_hidden_layers=cfg.reader_layers,
-                    num_attention_heads=cfg.reader_heads, intermediate_size=cfg.reader_ffn,
-                    max_position_embeddings=max(128, cfg.max_length))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
-        return BertForMaskedLM(hf)
+        return BertForMaskedLM(reader_config(cfg, vocab_size))

@@ -65,10 +65,11 @@ def question_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoade
 def realm_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
     from functools import partial
 
-    from openbook.models.realm import RegexSpanFinder
+    from openbook.models.realm import make_span_finder
     from openbook.trainer.realm_module import MaskedSentences, collate_masked
 
-    ds = MaskedSentences(data.corpus, tokenizer, RegexSpanFinder(), cfg.realm.max_query_length, cfg.train.seed)
+    finder_for = partial(make_span_finder, cfg.realm.salient_spans)
+    ds = MaskedSentences(data.corpus, tokenizer, finder_for, cfg.realm.max_query_length, cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
                       collate_fn=partial(collate_masked, pad_id=tokenizer.pad_token_id))
