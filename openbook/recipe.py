@@ -23,11 +23,18 @@ from openbook.trainer.config import TrainConfig
 
 @dataclass(kw_only=True)
 class DataConfig:
-    corpus: str | None = opt(None, "corpus file (JSONL/Parquet) or datasets Arrow dir; null = generate the world")
+    corpus: str | None = opt(None, "corpus file (JSONL/Parquet) or datasets Arrow dir; null = the built-in `source`")
+    source: Literal["world", "pydoc"] = opt("world", "built-in corpus when corpus is null: the generated world "
+                                            "(with QA) or Python's help topics (real text, no QA)")
+    pydoc_words: int = opt(64, "source pydoc: longest passage, in words (longer paragraphs are cut)")
     qa_train: str | None = opt(None, "train QA JSONL (question, answers, gold_ids); defaults to the world's train split")
     qa_dev: str | None = opt(None, "dev QA JSONL for evaluation (defaults to the world's dev split)")
     world: WorldConfig = opt(WorldConfig(), "the generated demo world (used when corpus is null)")
     cache_dir: str = opt(".openbook_cache", "Arrow copies of corpora, token caches, generated worlds")
+
+    def __post_init__(self) -> None:
+        if self.pydoc_words < 8:
+            raise ValueError(f"data.pydoc_words must be >= 8, got {self.pydoc_words}")
 
 
 @dataclass(kw_only=True)

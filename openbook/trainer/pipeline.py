@@ -31,7 +31,11 @@ def prepare_data(cfg: DataConfig) -> DataBundle:
     """Load the configured corpus, or generate (once, cached) the embedded world."""
     cache = Path(cfg.cache_dir)
     train_path, dev_path = cfg.qa_train, cfg.qa_dev
-    if cfg.corpus is None:
+    if cfg.corpus is None and cfg.source == "pydoc":
+        from openbook.data.pydoc_corpus import build_pydoc_corpus
+
+        corpus_path = build_pydoc_corpus(cache, cfg.pydoc_words)
+    elif cfg.corpus is None:
         w = cfg.world
         files = generate_world(w, cache / f"world-n{w.num_passages}-s{w.seed}")
         corpus_path, train_path, dev_path = files.corpus, train_path or files.train, dev_path or files.dev
