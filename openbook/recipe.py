@@ -56,13 +56,14 @@ class EncodeConfig:
 @dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
-    model: Literal["dense_retriever", "rag", "realm_pretrain"] = opt("dense_retriever", "what `openbook train` trains")
+    model: Literal["dense_retriever", "rag", "realm_pretrain", "realm_qa"] = opt("dense_retriever",
+                                                                                "what `openbook train` trains")
     run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
     data: DataConfig = opt(DataConfig(), "corpus and QA data")
     retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
     generator: GeneratorConfig = opt(GeneratorConfig(), "seq2seq generator (model: rag)")
     rag: RagConfig = opt(RagConfig(), "RAG marginalisation and decoding (model: rag)")
-    realm: RealmConfig = opt(RealmConfig(), "REALM pretraining (model: realm_pretrain)")
+    realm: RealmConfig = opt(RealmConfig(), "REALM pretraining and open-QA fine-tuning (model: realm_*)")
     index: IndexConfig = opt(IndexConfig(), "FAISS index")
     snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
     encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")

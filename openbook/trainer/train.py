@@ -128,11 +128,23 @@ def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: Tokenize
         reader = build_mlm_reader(cfg.realm, len(tokenizer))
         return RealmPretrainModule(model, reader, tokens, holder, cfg.realm, cfg.train, tokenizer.cls_token_id,
                                    tokenizer.sep_token_id, tokenizer.pad_token_id)
+    if cfg.model == "realm_qa":
+        return make_realm_qa(cfg, model, tokenizer, tokens, holder)
     from openbook.models.generator import build_generator, special_ids
     from openbook.trainer.rag_module import RagModule
 
     generator = build_generator(cfg.generator, tokenizer)
     return RagModule(model, generator, tokens, holder, cfg.rag, cfg.train, special_ids(tokenizer), tokenizer)
+
+
+def make_realm_qa(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus, holder: IndexHolder):
+    from openbook.models.realm_reader import build_span_reader
+    from openbook.trainer.realm_qa_module import RealmQAModule, load_pretrained
+
+    reader = build_span_reader(cfg.realm, len(tokenizer))
+    if cfg.realm.init_from:  # before the initial index is built, so it is built with these weights
+        load_pretrained(cfg.realm.init_from, model, reader)
+    return RealmQAModule(model, reader, tokens, holder, cfg.realm, cfg.train, tokenizer)
 
 
 def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -> pl.Trainer:
@@ -211,7 +223,7 @@ def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress)
     k = cfg.train.eval_k
     start = dev_recall(parts)
-    dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model == "rag" else None
+    dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model in ("rag", "realm_qa") else None
     t0 = time.time()
     trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer),
                 val_dataloaders=dev if cfg.train.val_every_n_steps else None)
