@@ -13,12 +13,13 @@ from typing import Literal
 from openbook.config import load_config, opt
 from openbook.data.world import WorldConfig
 from openbook.index.faiss_index import IndexConfig
+from openbook.models.fid import FidConfig
 from openbook.models.generator import GeneratorConfig
 from openbook.models.rag import RagConfig
 from openbook.models.realm import RealmConfig
 from openbook.models.retriever import RetrieverConfig
 from openbook.refresher.config import RefreshConfig
-from openbook.trainer.config import TrainConfig
+from openbook.trainer.config import MonitorConfig, TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -56,19 +57,21 @@ class EncodeConfig:
 @dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
-    model: Literal["dense_retriever", "rag", "realm_pretrain", "realm_qa"] = opt("dense_retriever",
+    model: Literal["dense_retriever", "rag", "realm_pretrain", "realm_qa", "fid"] = opt("dense_retriever",
                                                                                 "what `openbook train` trains")
     run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
     data: DataConfig = opt(DataConfig(), "corpus and QA data")
     retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
     generator: GeneratorConfig = opt(GeneratorConfig(), "seq2seq generator (model: rag)")
     rag: RagConfig = opt(RagConfig(), "RAG marginalisation and decoding (model: rag)")
+    fid: FidConfig = opt(FidConfig(), "Fusion-in-Decoder reader and FiD-KD (model: fid)")
     realm: RealmConfig = opt(RealmConfig(), "REALM pretraining and open-QA fine-tuning (model: realm_*)")
     index: IndexConfig = opt(IndexConfig(), "FAISS index")
     snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
     encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")
     train: TrainConfig = opt(TrainConfig(), "optimisation and Lightning Trainer settings")
     refresh: RefreshConfig = opt(RefreshConfig(), "asynchronous index refresh (Ray actor pool)")
+    monitor: MonitorConfig = opt(MonitorConfig(), "Prometheus endpoint on rank 0 (off by default)")
 
     def __post_init__(self) -> None:
         if self.refresh.enabled and self.snapshots.keep < 2:

@@ -77,3 +77,18 @@ def test_long_questions_are_truncated_with_one_warning(caplog):
         collate([(long, -1)])
     assert b1["query"]["input_ids"].shape[1] == 8
     assert sum("truncated" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_generator_lr_scale(tmp_path, scale):
+    cfg = tiny_recipe(tmp_path, model="rag", generator={"d_model": 32, "ffn": 64},
+                      rag={"n_docs": 2, "generator_lr_scale": scale}, train={"lr": 2e-3})
+    module = build_parts(cfg).module
+    opt = module.configure_optimizers()["optimizer"]
+    in_opt = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in module.named_parameters():
+        if name.startswith("generator."):
+            assert p.requires_grad == (scale > 0)
+            assert in_opt.get(id(p)) == (pytest.approx(2e-3 * scale) if scale else None)
+        else:
+            assert in_opt[id(p)] == pytest.approx(2e-3)

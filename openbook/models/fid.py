@@ -25,6 +25,7 @@ class FidConfig:
     max_answer_length: int = opt(10, "answer tokens (labels and decoding)")
     num_beams: int = opt(1, "beam size at evaluation (1 = greedy)")
     reader_warmup_steps: int = opt(0, "first steps train the reader on the gold passage alone (as rag.*)")
+    generator_lr_scale: float = opt(1.0, "reader learning rate = train.lr x this; 0 freezes the reader")
     distill: bool = opt(False, "FiD-KD: distil the reader's cross-attention over passages into the retriever")
     distill_weight: float = opt(1.0, "weight of the KL distillation loss")
     distill_temperature: float = opt(1.0, "temperature of the retriever's softmax in the KL loss")

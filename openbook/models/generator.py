@@ -79,7 +79,7 @@ def build_generator(cfg: GeneratorConfig, tokenizer, vocab: VocabMap | None = No
         if not Path(cfg.source).is_dir():
             raise ConfigError(f"generator.source: {cfg.source} is not 'tiny-bart', 'tiny-t5' or a local "
                               "directory (a reader pretraining run writes one to <run_dir>/generator)")
-        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.source)
+        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.source).train()  # HF loads in eval mode
         if model.config.vocab_size != size:
             raise ConfigError(f"generator.source: {cfg.source} has {model.config.vocab_size} output tokens, but the "
                               f"tokenizer/vocabulary here has {size} (a compact generator needs its vocab.json)")

@@ -87,6 +87,8 @@ class RagConfig:
     variant: Literal["token", "sequence"] = opt("token", "RAG-Token (marginal per token) or RAG-Sequence")
     n_docs: int = opt(5, "documents retrieved per question (k)")
     label_smoothing: float = opt(0.0, "epsilon of label smoothing (Hugging Face's formula)")
+    generator_lr_scale: float = opt(1.0, "generator learning rate = train.lr x this; 0 freezes the generator (a "
+                                          "pretrained reader kept fixed: only retrieval can lower the loss)")
     reader_warmup_steps: int = opt(0, "first train the generator alone on each question's gold passage "
                                    "(needs gold_ids) so it can read before it steers the retriever")
     max_context_length: int = opt(96, "tokens of [CLS] question [SEP] title [SEP] passage [SEP]")
@@ -101,6 +103,8 @@ class RagConfig:
             raise ValueError("n_docs and num_beams must be >= 1, max_answer_length >= 2")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.generator_lr_scale < 0:
+            raise ValueError(f"generator_lr_scale must be >= 0, got {self.generator_lr_scale}")
 
 
 def join_context(q_ids: torch.Tensor, q_mask: torch.Tensor, doc_ids: torch.Tensor, doc_mask: torch.Tensor,

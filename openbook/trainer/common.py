@@ -37,9 +37,15 @@ def gold_recall(rows: np.ndarray, gold: np.ndarray, k: int) -> float:
     return float(np.mean([g in r[:k] for g, r in zip(gold[known], rows[known])]))
 
 
-def configure_adamw(module: torch.nn.Module, cfg: TrainConfig):
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def configure_adamw(module: torch.nn.Module, cfg: TrainConfig, lr_scale: dict[str, float] | None = None):
+    """AdamW with linear warm-up; ``lr_scale`` maps a parameter-name prefix to a learning-rate multiplier."""
+    groups: dict[float, list] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in (lr_scale or {}).items() if name.startswith(k)), 1.0)
+            groups.setdefault(scale, []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * s} for s, ps in groups.items()], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     warm = max(1, cfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -32,3 +32,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.negatives < 1:
             raise ValueError("max_steps, batch_size and negatives must be >= 1")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    prometheus_port: int = opt(0, "rank 0 serves Prometheus gauges (openbook_*) on this port; 0 = off")
+    bind_address: str = opt("0.0.0.0", "address the Prometheus endpoint listens on (0.0.0.0: all interfaces)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ValueError(f"monitor.prometheus_port must be in 0..65535, got {self.prometheus_port}")

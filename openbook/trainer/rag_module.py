@@ -36,6 +36,8 @@ class RagModule(pl.LightningModule):
             self.register_buffer("generator_vocab", vocab.to_orig.clone())
         if train.freeze_doc_encoder:
             self.retriever.doc_encoder.requires_grad_(False)
+        if rag.generator_lr_scale == 0:
+            self.generator.requires_grad_(False)
 
     def on_fit_start(self) -> None:
         if self.holder.get() is not None:  # the refresh callback installed the first snapshot
@@ -121,4 +123,4 @@ class RagModule(pl.LightningModule):
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=len(preds))
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.cfg)
+        return configure_adamw(self, self.cfg, lr_scale={"generator.": self.rag.generator_lr_scale})

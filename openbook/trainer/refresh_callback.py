@@ -121,9 +121,13 @@ class IndexRefreshCallback(pl.Callback):
         return trainer.strategy.broadcast(pub, src=0)
 
     def _install(self, trainer: pl.Trainer, pub: Published) -> None:
+        self.preinstall(pub)
+        log.info("index v%d in use from step %d", pub.version, trainer.global_step)
+
+    def preinstall(self, pub: Published) -> None:
+        """Use ``pub`` as the snapshot in use; fit then starts from it instead of building one."""
         self.holder.swap(IndexSnapshot.load(pub.path))
         self._in_use = pub
-        log.info("index v%d in use from step %d", pub.version, trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shutdown()

@@ -57,7 +57,8 @@ def question_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoade
     or, for REALM pretraining, corpus sentences with a salient span masked."""
     if cfg.model == "realm_pretrain":
         return realm_loader(cfg, data, tokenizer)
-    need_gold = cfg.model == "dense_retriever" or cfg.rag.reader_warmup_steps > 0
+    warmup = cfg.fid.reader_warmup_steps if cfg.model == "fid" else cfg.rag.reader_warmup_steps
+    need_gold = cfg.model == "dense_retriever" or warmup > 0
     items = with_gold_rows(data.train, data.corpus, require=need_gold)
     return make_loader(items, cfg.train.batch_size, collator(cfg, tokenizer), shuffle=True, seed=cfg.train.seed)
 
@@ -108,7 +109,7 @@ def build_parts(cfg: RecipeConfig) -> TrainParts:
     model, tokenizer = build_retriever(cfg.retriever)
     tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
     holder = IndexHolder()
-    module = make_module(cfg, model, tokenizer, tokens, holder)
+    module = make_module(cfg, model, tokenizer, tokens, holder, data)
     refresh = cfg.refresh
     if cfg.train.freeze_doc_encoder and refresh.enabled:
         log.warning("train.freeze_doc_encoder: every refresh would rebuild the same index; consider "
@@ -118,7 +119,8 @@ def build_parts(cfg: RecipeConfig) -> TrainParts:
     return TrainParts(cfg, data, model, tokenizer, tokens, holder, module, callback)
 
 
-def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus, holder: IndexHolder):
+def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus, holder: IndexHolder,
+                data: DataBundle | None = None):
     if cfg.model == "dense_retriever":
         return DenseRetrievalModule(model, tokens, holder, cfg.train)
     if cfg.model == "realm_pretrain":
@@ -130,11 +132,28 @@ def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: Tokenize
                                    tokenizer.sep_token_id, tokenizer.pad_token_id)
     if cfg.model == "realm_qa":
         return make_realm_qa(cfg, model, tokenizer, tokens, holder)
+    return make_generator_module(cfg, model, tokenizer, tokens, holder, data)
+
+
+def make_generator_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus,
+                          holder: IndexHolder, data: DataBundle | None = None):
+    """RAG or FiD: a seq2seq generator, with a compact vocabulary if ``generator.vocab: corpus``."""
     from openbook.models.generator import build_generator, special_ids
+    from openbook.models.vocab import VocabMap, corpus_vocab
+    from openbook.trainer.fid_module import FidModule
     from openbook.trainer.rag_module import RagModule
 
-    generator = build_generator(cfg.generator, tokenizer)
-    return RagModule(model, generator, tokens, holder, cfg.rag, cfg.train, special_ids(tokenizer), tokenizer)
+    vocab = None
+    if (Path(cfg.generator.source) / VOCAB_FILE).is_file():  # a saved generator with a compact vocabulary
+        vocab = VocabMap.load(Path(cfg.generator.source) / VOCAB_FILE)
+    elif cfg.generator.vocab == "corpus":
+        data = data if data is not None else prepare_data(cfg.data)
+        vocab = corpus_vocab(tokens, tokenizer, [e.question for e in data.train] + [a for e in data.train
+                                                                                     for a in e.answers])
+    generator = build_generator(cfg.generator, tokenizer, vocab)
+    cls, reader_cfg = (FidModule, cfg.fid) if cfg.model == "fid" else (RagModule, cfg.rag)
+    return cls(model, generator, tokens, holder, reader_cfg, cfg.train, special_ids(tokenizer, vocab), tokenizer,
+               vocab)
 
 
 def make_realm_qa(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: TokenizedCorpus, holder: IndexHolder):
@@ -152,6 +171,9 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
     if logger is None:
         from pytorch_lightning.loggers import TensorBoardLogger
         logger = TensorBoardLogger(cfg.run_dir, name="tb", version="")
+    if cfg.monitor.prometheus_port:  # after the refresh callback: the exporter reads what it logged
+        from openbook.trainer.metrics_exporter import monitor_callbacks
+        callbacks = [*callbacks, *monitor_callbacks(cfg.monitor)]
     val = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
     kwargs = dict(**val, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                   strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
@@ -202,7 +224,29 @@ def save_final(parts: TrainParts) -> Path:
         tmp = run / f".{name}.tmp"
         torch.save(state, tmp)
         tmp.replace(run / name)  # atomic: a crash never leaves half a file under the real name
+    generator = getattr(parts.module, "generator", None)
+    if generator is not None:
+        save_generator(generator, run / "generator", getattr(parts.module, "vocab", None))
     return run / RETRIEVER_WEIGHTS
+
+
+VOCAB_FILE = "vocab.json"
+
+
+def save_generator(generator, path: Path, vocab=None) -> None:
+    """A Hugging Face directory another recipe can load (``generator.source: <path>``), with the compact
+    vocabulary (``vocab.json``) when the generator has one; swapped in whole."""
+    import shutil
+
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generator.save_pretrained(tmp)
+    if vocab is not None:
+        vocab.save(tmp / VOCAB_FILE)
+    if path.exists():
+        path.replace(old)
+    tmp.replace(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_history(parts: TrainParts, rank: int) -> Path:
@@ -218,12 +262,21 @@ def save_history(parts: TrainParts, rank: int) -> Path:
     return path
 
 
-def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
+def validate_at_start(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader) -> dict:
+    """Dev metrics of the untrained models on the first snapshot, which fit then starts from (one process)."""
+    parts.callback.preinstall(parts.callback.build_initial(parts.module, 0))
+    metrics = trainer.validate(parts.module, dev, verbose=False)[0]
+    return {f"dev_{key.split('/')[-1]}_at_start": round(v, 4) for key, v in metrics.items()}
+
+
+def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> dict:
+    """``trainer_overrides`` go to ``pl.Trainer`` (launch/ray_train.py passes Ray's strategy and plugin)."""
     parts = build_parts(cfg)
-    trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress)
+    trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     k = cfg.train.eval_k
     start = dev_recall(parts)
-    dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model in ("rag", "realm_qa") else None
+    dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model in ("rag", "fid", "realm_qa") else None
+    at_start = validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 else {}
     t0 = time.time()
     trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer),
                 val_dataloaders=dev if cfg.train.val_every_n_steps else None)
@@ -248,5 +301,5 @@ def run_train(cfg: RecipeConfig, progress: bool = True) -> dict:
     }
     if dev is not None:  # answer quality with the final weights and the snapshot in use
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
-        summary.update({f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()})
+        summary.update({**at_start, **{f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()}})
     return summary
