@@ -1,0 +1,108 @@
+"""``PrometheusExporter``: rank 0 serves the per-step training and refresh metrics as Prometheus gauges.
+
+The values are the ones already logged to TensorBoard (``trainer.callback_metrics``), so both views
+agree. The exporter must come after ``IndexRefreshCallback`` in the callback list: it reads what that
+callback logged in the same ``on_train_batch_end``. Its registry is private (not prometheus_client's
+global one), so several trainers in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytorch_lightning as pl
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from openbook.errors import OpenbookError
+from openbook.trainer.config import MonitorConfig
+
+log = logging.getLogger(__name__)
+
+# Prometheus name -> (logged metric it mirrors, help). Gauges hold the last value logged.
+GAUGES: dict[str, tuple[str, str]] = {
+    "openbook_index_version": ("index/version", "version of the index snapshot in use"),
+    "openbook_index_lag_steps": ("index/lag_steps", "global step minus the encoder step of the index in use"),
+    "openbook_index_lag_seconds": ("index/lag_seconds", "seconds since the index's weights were taken"),
+    "openbook_refresh_duration_seconds": ("refresh/duration", "wall time of the last published refresh"),
+    "openbook_refresh_docs_per_second": ("refresh/docs_per_second", "passages/s of the last refresh"),
+    "openbook_swap_stall_seconds": ("refresh/swap_stall_seconds", "time the loop waited at the last step"),
+    "openbook_refresh_in_flight": ("refresh/in_flight", "1 while a refresh is running"),
+    "openbook_train_loss": ("train/loss", "training loss at the last step"),
+}
+# Counters mirror running totals; prometheus_client exposes them with a ``_total`` suffix.
+COUNTERS: dict[str, tuple[str, str]] = {
+    "openbook_refresh_failures": ("refresh/failures", "refreshes (or snapshot loads) that failed"),
+    "openbook_refresh_skipped": ("refresh/skipped", "refresh triggers skipped because one was in flight"),
+}
+STEP = "openbook_train_step"
+
+
+def exported_names() -> set[str]:
+    """Every sample name a scrape returns (what dashboards may query)."""
+    return set(GAUGES) | {f"{name}_total" for name in COUNTERS} | {STEP}
+
+
+class PrometheusExporter(pl.Callback):
+    def __init__(self, cfg: MonitorConfig):
+        self.cfg = cfg
+        self.registry = CollectorRegistry()
+        self.gauges = {name: Gauge(name, doc, registry=self.registry) for name, (_, doc) in GAUGES.items()}
+        self.counters = {name: Counter(name, doc, registry=self.registry)
+                         for name, (_, doc) in COUNTERS.items()}
+        self.step = Gauge(STEP, "optimizer steps taken", registry=self.registry)
+        for gauge in self.gauges.values():
+            gauge.set(math.nan)  # nothing known yet (NaN, not a misleading 0)
+        self._totals = dict.fromkeys(COUNTERS, 0.0)
+        self._server = self._thread = None
+        self.port: int | None = None  # the bound port while serving
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._server is None:
+            self._serve()
+
+    def _serve(self) -> None:
+        where = f"{self.cfg.bind_address}:{self.cfg.prometheus_port}"
+        try:
+            self._server, self._thread = start_http_server(self.cfg.prometheus_port, self.cfg.bind_address,
+                                                           registry=self.registry)
+        except OSError as e:
+            raise OpenbookError(f"monitor: cannot serve Prometheus on {where}: {e.strerror or e}") from None
+        self.port = self._server.server_port
+        log.info("Prometheus metrics on http://%s/metrics", where)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._server is None:
+            return
+        logged = trainer.callback_metrics
+        for name, (key, _) in GAUGES.items():
+            if key in logged:
+                self.gauges[name].set(float(logged[key]))
+        for name, (key, _) in COUNTERS.items():
+            total = float(logged.get(key, self._totals[name]))
+            if total > self._totals[name]:  # counters only go up: add what is new since the last step
+                self.counters[name].inc(total - self._totals[name])
+                self._totals[name] = total
+        self.step.set(trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exc: BaseException) -> None:
+        self.close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving (idempotent): the port is free again afterwards."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = self._thread = None
+
+
+def monitor_callbacks(cfg: MonitorConfig) -> list[pl.Callback]:
+    return [PrometheusExporter(cfg)] if cfg.prometheus_port else []
