@@ -53,6 +53,25 @@ def _cmd_knnlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from openbook.trainer.report import write_report
+
+    print(json.dumps(write_report(args.run_dir, args.out), indent=2))
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from openbook.launch_plan import LaunchRequest, plan, run_plan
+
+    req = LaunchRequest(config=args.config, target=args.target, nodes=args.nodes,
+                        gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+                        overrides=tuple(args.overrides), partition=args.partition, time=args.time,
+                        master_addr=args.master_addr)
+    resolved = plan(req)
+    print(resolved.render(), end="")
+    return 0 if args.dry_run else run_plan(resolved)
+
+
 def _cmd_world(args: argparse.Namespace) -> int:
     from openbook.data.world import WorldConfig, generate_world
 
@@ -101,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "compare held-out perplexity")
     _add_config_args(p)
     p.set_defaults(func=_cmd_knnlm)
+
+    p = sub.add_parser("report", help="plot a run's loss, recall and refresh lag to RUN_DIR/report.png")
+    p.add_argument("run_dir", help="an `openbook train` run directory (run_dir of the recipe)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/report.png)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("launch", help="train on a cluster (SLURM, Ray, torchrun); --dry-run prints the plan")
+    _add_config_args(p)
+    p.add_argument("--target", required=True, choices=["slurm", "ray", "torchrun"])
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU processes")
+    p.add_argument("--procs-per-node", type=int, default=None, help="default: one per GPU, or 1")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    p.add_argument("--master-addr", default=None, help="torchrun: the first node's address")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and start nothing")
+    p.set_defaults(func=_cmd_launch)
 
     p = sub.add_parser("world", help="generate the embedded demo world (corpus + QA) into a directory")
     p.add_argument("--num-passages", type=int, default=2000)

@@ -13,5 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff_is_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert ruff, "ruff is a dev dependency: pip install -e '.[dev]'"
-    proc = subprocess.run([ruff, "check", "openbook", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
+    paths = ["openbook", "tests", "bench", "launch"]
+    proc = subprocess.run([ruff, "check", *paths], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -1,0 +1,166 @@
+"""``openbook launch``: resolve a recipe and a cluster shape into the commands that train it there.
+
+The launch material itself lives in ``launch/`` (sbatch template, Ray cluster YAML, Ray Train entry
+point, torchrun script); this module fills in the values and says what to run where. It needs a
+checkout of the repository (``pip install -e``), which is where ``launch/`` is.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openbook.errors import OpenbookError
+
+LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
+TARGETS = ("slurm", "ray", "torchrun")
+RAY_PORT = 6379
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchRequest:
+    config: str
+    target: str
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU processes
+    procs_per_node: int | None = None  # processes per node; one per GPU when there are GPUs
+    overrides: tuple[str, ...] = ()
+    partition: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 8
+    master_addr: str | None = None
+    master_port: int = 29500
+
+    @property
+    def procs(self) -> int:
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise OpenbookError(f"launch: unknown target {self.target!r} (one of {', '.join(TARGETS)})")
+        if self.nodes < 1 or self.gpus_per_node < 0 or self.procs < 1:
+            raise OpenbookError("launch: --nodes and processes per node must be >= 1, --gpus-per-node >= 0")
+        if self.gpus_per_node and self.procs != self.gpus_per_node:
+            raise OpenbookError(f"launch: one process per GPU: --procs-per-node {self.procs} "
+                                f"!= --gpus-per-node {self.gpus_per_node}")
+        clash = [o for o in self.overrides if o.split("=")[0] in ("train.devices", "train.num_nodes")]
+        if clash:
+            raise OpenbookError(f"launch: {clash[0]!r}: set devices and nodes with --gpus-per-node / --nodes")
+
+
+@dataclass
+class LaunchPlan:
+    target: str
+    steps: list[tuple[str, str]]  # (where, shell command): "here" runs from this machine, in order
+    files: dict[str, str] = field(default_factory=dict)  # rendered files, written before the steps run
+
+    def render(self) -> str:
+        out = [f"# openbook launch plan: {self.target}"]
+        for path, text in self.files.items():
+            out += [f"# --- {path} ---", text.rstrip(), "# --- end ---"]
+        out += [f"[{where}] {cmd}" for where, cmd in self.steps]
+        return "\n".join(out) + "\n"
+
+
+def train_overrides(req: LaunchRequest) -> list[str]:
+    """The Lightning settings that must match the launcher (one process per device), then the user's."""
+    world = req.nodes * req.procs
+    sets = [f"train.devices={req.procs}", f"train.num_nodes={req.nodes}",
+            f"train.accelerator={'gpu' if req.gpus_per_node else 'cpu'}"]
+    return sets + (["train.strategy=ddp"] if world > 1 else []) + list(req.overrides)
+
+
+def set_args(overrides: list[str]) -> str:
+    return " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+
+
+def render_template(name: str, values: dict[str, object]) -> str:
+    text = (LAUNCH_DIR / name).read_text()
+    missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
+    if missing:
+        raise OpenbookError(f"{LAUNCH_DIR / name}: no value for placeholder {{{{{missing[0]}}}}}")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
+
+
+def plan(req: LaunchRequest) -> LaunchPlan:
+    from openbook.recipe import load_recipe
+
+    if not LAUNCH_DIR.is_dir():
+        raise OpenbookError(f"{LAUNCH_DIR}: launch templates not found (use a checkout: pip install -e .)")
+    cfg = load_recipe(req.config, train_overrides(req))  # a bad recipe fails here, not on the cluster
+    return {"slurm": _slurm, "ray": _ray, "torchrun": _torchrun}[req.target](req, cfg)
+
+
+def _slurm(req: LaunchRequest, cfg) -> LaunchPlan:
+    extra = [f"#SBATCH --gpus-per-node={req.gpus_per_node}"] if req.gpus_per_node else []
+    extra += [f"#SBATCH --partition={req.partition}"] if req.partition else []
+    bin_dir = Path(sys.executable).parent
+    script = render_template("slurm.sbatch", {
+        "job_name": f"openbook-{cfg.name}", "nodes": req.nodes, "tasks_per_node": req.procs,
+        "cpus_per_task": req.cpus_per_task, "time": req.time, "sbatch_extra": "\n".join(extra),
+        "log_dir": shlex.quote(str(Path(cfg.run_dir).resolve() / "slurm")),
+        "workdir": shlex.quote(str(Path.cwd())),
+        "openbook": shlex.quote(str(bin_dir / "openbook")), "ray": shlex.quote(str(bin_dir / "ray")),
+        "ray_port": RAY_PORT, "config": shlex.quote(req.config), "train_args": set_args(train_overrides(req)),
+    })
+    path = str(Path(cfg.run_dir) / "launch" / "slurm.sbatch")
+    steps = [("here", f"mkdir -p {shlex.quote(str(Path(cfg.run_dir) / 'slurm'))}"),
+             ("here", f"sbatch {shlex.quote(path)}")]
+    return LaunchPlan("slurm", steps, {path: script})
+
+
+def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
+    overrides = train_overrides(req)
+    steps: list[tuple[str, str]] = []
+    addr = req.master_addr or ("localhost" if req.nodes == 1 else "$MASTER_ADDR")
+    if req.nodes > 1:  # one Ray cluster for the refresher: head beside rank 0, joined with address=auto
+        steps.append(("node 0", f"ray start --head --port={RAY_PORT}"))
+        steps += [(f"node {i}", f"ray start --address={addr}:{RAY_PORT}") for i in range(1, req.nodes)]
+        overrides.append("refresh.address=auto")
+    script = shlex.quote(str(LAUNCH_DIR / "torchrun.sh"))
+    # torchrun.sh sets devices and num_nodes from its own arguments
+    rest = [o for o in overrides if not o.startswith(("train.devices=", "train.num_nodes="))]
+    for rank in range(req.nodes):
+        cmd = (f"PYTHON={shlex.quote(sys.executable)} bash {script} --nnodes {req.nodes} "
+               f"--nproc_per_node {req.procs} --node_rank {rank} --master_addr {addr} "
+               f"--master_port {req.master_port} --config {shlex.quote(req.config)} {set_args(rest)}")
+        steps.append(("here" if req.nodes == 1 else f"node {rank}", cmd))
+    return LaunchPlan("torchrun", steps)
+
+
+def _ray(req: LaunchRequest, cfg) -> LaunchPlan:
+    yaml_path, name = shlex.quote(str(LAUNCH_DIR / "ray_cluster.yaml")), f"openbook-{cfg.name}"
+    workers = req.nodes - 1
+    args = " ".join(filter(None, [f"--config {shlex.quote(req.config)} --num-workers {req.nodes * req.procs}",
+                                  "--use-gpu" if req.gpus_per_node else "", set_args(list(req.overrides))]))
+    run = f"cd ~/openbook && .venv/bin/python launch/ray_train.py {args}"
+    return LaunchPlan("ray", [
+        ("here", f"ray up -y {yaml_path} --cluster-name {name} --min-workers {workers} "
+                 f"--max-workers {workers}"),
+        ("here", f"ray exec {yaml_path} --cluster-name {name} {shlex.quote(run)}"),
+    ])
+
+
+def run_plan(p: LaunchPlan) -> int:
+    """Write the plan's files, then run its "here" steps in order (the others are printed instructions)."""
+    import shutil
+    import subprocess
+
+    here = [cmd for where, cmd in p.steps if where == "here"]
+    for cmd in here:  # every tool first: nothing is written or started if one is missing
+        tool = next(w for w in shlex.split(cmd) if "=" not in w)  # skip VAR=value prefixes
+        if shutil.which(tool) is None:
+            raise OpenbookError(f"launch: {tool!r} not found on PATH (run where the {p.target} tools are)")
+    for path, text in p.files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    if not here:
+        print("openbook launch: nothing runs from here; run each [node i] line on that node")
+    for cmd in here:
+        rc = subprocess.run(cmd, shell=True).returncode
+        if rc != 0:
+            return rc
+    return 0
