@@ -38,7 +38,7 @@ def run(n_docs: int, steps: int, reader: Path, tmp: Path) -> dict:
                             f"run_dir={tmp / f'fid{n_docs}'}", f"train.val_every_n_steps={steps}"])
     s = run_train(cfg, progress=False)
     return {"passages": n_docs, "steps": s["steps"], "dev EM": s["dev_em"],
-            f"dev recall@n (n = passages)": s[f"dev_recall@{n_docs}"],
+            "dev recall@n (n = passages)": s[f"dev_recall@{n_docs}"],
             "reader EM on gold passage": s["dev_reader_em_gold"], "seconds": s["seconds"]}
 
 
