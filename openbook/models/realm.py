@@ -189,10 +189,11 @@ def span_marginal_nll(start: torch.Tensor, end: torch.Tensor, doc_scores: torch.
 
 @dataclass(kw_only=True)
 class RealmConfig:
-    n_docs: int = opt(5, "retrieved documents per query (the null document comes on top)")
-    null_doc: bool = opt(True, "prepend an empty document, scored by the embedder like any other")
-    max_query_length: int = opt(32, "tokens of the masked sentence")
-    max_length: int = opt(96, "reader input: [CLS] masked query [SEP] doc [SEP]")
+    n_docs: int = opt(5, "retrieved documents per query (pretraining puts the null document on top)")
+    null_doc: bool = opt(True, "pretraining: prepend an empty document, scored by the embedder like any other")
+    max_query_length: int = opt(32, "pretraining: tokens of the masked sentence")
+    max_length: int = opt(96, "reader input: [CLS] masked query [SEP] doc [SEP] (pretraining) or "
+                          "[CLS] question [SEP] title [SEP] passage [SEP] (QA)")
     reader_hidden: int = opt(128, "tiny MLM reader: hidden size")
     reader_layers: int = opt(2, "tiny MLM reader: layers")
     reader_heads: int = opt(4, "tiny MLM reader: attention heads")
