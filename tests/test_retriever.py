@@ -80,3 +80,27 @@ def test_minilm_matches_sentence_transformers():
     ref = st.SentenceTransformer(str(minilm_path()), device="cpu").encode(SENTENCES, convert_to_numpy=True)
     assert ours.shape == (3, 384)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_init_from_loads_a_runs_weights_and_refuses_a_mismatch(tmp_path):
+    import pytest
+    import torch
+
+    from openbook.config import from_dict
+    from openbook.errors import ConfigError
+    from openbook.models.retriever import RetrieverConfig, build_retriever
+
+    sizes = {"source": "tiny", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+    trained, _ = build_retriever(from_dict(RetrieverConfig, {"encoder": {**sizes, "seed": 3}}))
+    (tmp_path / "run").mkdir()
+    torch.save(trained.state_dict(), tmp_path / "run" / "retriever.pt")
+    loaded, _ = build_retriever(from_dict(RetrieverConfig, {"encoder": sizes, "init_from": str(tmp_path / "run")}))
+    fresh, _ = build_retriever(from_dict(RetrieverConfig, {"encoder": sizes}))
+    for (k, a), b, c in zip(trained.state_dict().items(), loaded.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert any(not torch.equal(a, c) for a, c in zip(trained.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ConfigError, match="does not fit this retriever config"):
+        build_retriever(from_dict(RetrieverConfig, {"encoder": {**sizes, "hidden_size": 64},
+                                                    "init_from": str(tmp_path / "run")}))
+    with pytest.raises(ConfigError, match="not found"):
+        build_retriever(from_dict(RetrieverConfig, {"encoder": sizes, "init_from": str(tmp_path / "nope")}))

@@ -55,6 +55,8 @@ class RetrieverConfig:
     normalize: bool = opt(False, "L2-normalise embeddings (inner product becomes cosine)")
     query_max_length: int = opt(32, "query tokens (longer questions are truncated)")
     doc_max_length: int = opt(64, "title + passage tokens")
+    init_from: str | None = opt(None, "start from a run's trained weights: a retriever.pt file or the run_dir "
+                                      "holding one (same sizes); null = the encoder's own init")
 
     def __post_init__(self) -> None:
         if self.projection_dim is not None and self.projection_dim < 1:
@@ -161,7 +163,22 @@ def _inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_retriever(cfg: RetrieverConfig):
     """(BiEncoder, tokenizer) for a retriever config."""
     tokenizer = load_tokenizer(cfg.encoder)
-    return BiEncoder(cfg, vocab_size=len(tokenizer)), tokenizer
+    model = BiEncoder(cfg, vocab_size=len(tokenizer))
+    if cfg.init_from:
+        load_weights(model, Path(cfg.init_from))
+    return model, tokenizer
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """``retriever.init_from``: a retriever.pt written by ``openbook train`` (or its run_dir)."""
+    path = path / "retriever.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"retriever.init_from: {path} not found (train a retriever first; runs write retriever.pt)")
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except RuntimeError as e:
+        raise ConfigError(f"retriever.init_from: {path} does not fit this retriever config: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 @torch.inference_mode()
