@@ -30,7 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from openbook.recipe import load_recipe
     from openbook.trainer.train import run_train
 
-    cfg = load_recipe(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"train.resume_from={args.resume}"] if args.resume else [])]
+    cfg = load_recipe(args.config, overrides)
     summary = run_train(cfg, progress=not args.quiet)
     if summary:  # empty on ranks other than 0
         print(json.dumps(summary, indent=2))
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe with asynchronous index refresh")
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="resume from a checkpoint dir (run_dir/checkpoints/step-N) or 'last'")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("search", help="query the newest snapshot of a recipe")

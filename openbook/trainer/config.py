@@ -28,10 +28,15 @@ class TrainConfig:
     precision: str = opt("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
     log_every_n_steps: int = opt(1, "logger flush interval in steps")
     num_threads: int = opt(0, "torch intra-op threads in the trainer; 0 = torch's default")
+    checkpoint_every_n_steps: int = opt(0, "save run_dir/checkpoints/step-NNNNNNNN/ every N steps; 0 = off")
+    keep_checkpoints: int = opt(3, "keep the newest K step checkpoints")
+    resume_from: str | None = opt(None, "resume: a checkpoint dir (or .ckpt file), or 'last' (newest in run_dir)")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.negatives < 1:
             raise ValueError("max_steps, batch_size and negatives must be >= 1")
+        if self.checkpoint_every_n_steps < 0 or self.keep_checkpoints < 1:
+            raise ValueError("train.checkpoint_every_n_steps must be >= 0 and train.keep_checkpoints >= 1")
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
 import torch
@@ -95,19 +95,26 @@ class IndexRefreshCallback(pl.Callback):
         self._prefetch: _Prefetch | None = None
         self._in_use: Published | None = None
         self._sync_wait = 0.0  # sync mode: time the last trigger blocked (counted as stall)
+        self._step = 0  # global step after the last finished batch (checkpoints record it)
+        self._last_refresh_step = -1  # the schedule's position: step of the last trigger
+        self._base = {"skipped": 0, "failures": 0, "published": 0}  # counts from before a resume
+        self._resume: dict | None = None  # state_dict of a checkpoint, applied at fit start
 
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         use_ray = self.cfg.enabled and self.make_coordinator is not None
         if trainer.is_global_zero and use_ray:
             self.coordinator = self.make_coordinator().start()
-        if self.holder.get() is None:
+        if self._resume is not None:
+            self._restore(trainer, pl_module)
+        elif self.holder.get() is None:
             self._install(trainer, self._initial_snapshot(trainer, pl_module))
 
-    def _initial_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Published:
+    def _initial_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                          step: int | None = None) -> Published:
         pub = None
         if trainer.is_global_zero:
-            step = trainer.global_step
+            step = trainer.global_step if step is None else step
             if self.coordinator is not None:
                 self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step)
                 res = self.coordinator.wait()
@@ -129,6 +136,61 @@ class IndexRefreshCallback(pl.Callback):
         self.holder.swap(IndexSnapshot.load(pub.path))
         self._in_use = pub
 
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The refresher's position, saved in every Lightning checkpoint."""
+        pending = self._pending
+        if pending is not None and self._in_use is not None and pending.version <= self._in_use.version:
+            pending = None
+        self.metrics_counts()
+        return {"step": self._step, "in_use": asdict(self._in_use) if self._in_use else None,
+                "pending": asdict(pending) if pending else None, "last_refresh_step": self._last_refresh_step,
+                "skipped": self.stats.skipped, "failures": self.stats.failures,
+                "published": self._base["published"] + len(self.stats.events), "schedule": self.schedule.spec,
+                "in_flight": bool(self.coordinator is not None and self.coordinator.busy)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called by Lightning (with the weights already restored) before ``on_fit_start``."""
+        self._resume = dict(state)
+        self._step, self._last_refresh_step = int(state["step"]), int(state["last_refresh_step"])
+        self._base = {k: int(state[k]) for k in ("skipped", "failures", "published")}
+        self.stats.skipped, self.stats.failures = self._base["skipped"], self._base["failures"]
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resume: the checkpoint's snapshot if it still loads and verifies (no re-encode), else a rebuild
+        with the restored weights; then the schedule goes on from the saved step."""
+        state, self._resume = self._resume, None
+        step = self._step  # trainer.global_step is restored only after on_fit_start
+        pub = Published(**state["in_use"]) if state.get("in_use") else None
+        snap, why = None, "the checkpoint records none"
+        if pub is not None:
+            try:
+                snap = IndexSnapshot.load(pub.path)
+            except Exception as e:  # noqa: BLE001 - any unusable snapshot is rebuilt
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        ok = snap is not None
+        if trainer.world_size > 1:  # every rank must have it, or all rebuild together
+            flag = torch.tensor([1.0 if ok else 0.0], device=trainer.strategy.root_device)
+            ok = bool(trainer.strategy.all_gather(flag).min().item() > 0)
+        if ok:
+            self.holder.swap(snap, force=True)
+            self._in_use = pub
+            log.info("resume: index v%d (encoder_step %d) from %s, not re-encoded", pub.version,
+                     pub.encoder_step, pub.path)
+        else:
+            log.warning("resume: snapshot %s unusable (%s); rebuilding the index with the restored weights "
+                        "at step %d before training", pub.path if pub else "-", why, step)
+            new = self._initial_snapshot(trainer, pl_module, step)
+            self.holder.swap(IndexSnapshot.load(new.path), force=True)
+            self._in_use = new
+        if state.get("pending"):
+            self._pending = Published(**state["pending"])  # published but not yet swapped: swap at step 1
+        # A refresh due at the saved step but not triggered (it was the last step then), or one that was in
+        # flight when the checkpoint was written (lost with the old process), is submitted now.
+        missed = self.schedule.due(step) and self._last_refresh_step < step
+        if self.coordinator is not None and (missed or state.get("in_flight")):
+            self._trigger(trainer, pl_module, step)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shutdown()
 
@@ -140,7 +202,7 @@ class IndexRefreshCallback(pl.Callback):
 
     def _shutdown(self) -> None:
         if self.coordinator is not None:
-            self.stats.skipped, self.stats.failures = self.coordinator.skipped, self.coordinator.failures
+            self.metrics_counts()
             self.coordinator.shutdown()
             self.coordinator = None
 
@@ -194,13 +256,14 @@ class IndexRefreshCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        step = trainer.global_step  # optimizer steps taken so far
+        step = self._step = trainer.global_step  # optimizer steps taken so far
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= step  # no later step would use it
         if self.coordinator is not None and self.schedule.due(step) and not last:
             self._trigger(trainer, pl_module, step)
         self._log(trainer, pl_module)
 
     def _trigger(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._last_refresh_step = step
         protect = (self._in_use.version,) if self._in_use else ()
         submitted = self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step, protect)
         if submitted and self.cfg.mode == "sync":
@@ -210,10 +273,14 @@ class IndexRefreshCallback(pl.Callback):
             self._sync_wait += time.perf_counter() - t0
 
     # -- metrics -----------------------------------------------------------------------------
-    def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+    def metrics_counts(self) -> None:
+        """Refresh the skipped/failures counters from the coordinator (plus those from before a resume)."""
         if self.coordinator is not None:
-            self.stats.skipped = self.coordinator.skipped
-            self.stats.failures = max(self.stats.failures, self.coordinator.failures)
+            self.stats.skipped = self._base["skipped"] + self.coordinator.skipped
+            self.stats.failures = max(self.stats.failures, self._base["failures"] + self.coordinator.failures)
+
+    def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        self.metrics_counts()
         pub = self._in_use
         return {
             "index/version": float(pub.version if pub else -1),

@@ -174,10 +174,15 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
     if cfg.monitor.prometheus_port:  # after the refresh callback: the exporter reads what it logged
         from openbook.trainer.metrics_exporter import monitor_callbacks
         callbacks = [*callbacks, *monitor_callbacks(cfg.monitor)]
+    if t.checkpoint_every_n_steps:  # Lightning runs checkpoint callbacks last, after the refresh callback
+        from openbook.trainer.checkpoints import StepCheckpoint
+        callbacks = [*callbacks, StepCheckpoint(cfg.run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints,
+                                                config_yaml(cfg))]
     val = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
     kwargs = dict(**val, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                   strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
-                  callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                  callbacks=callbacks, logger=logger, enable_checkpointing=bool(t.checkpoint_every_n_steps),
+                  enable_model_summary=False,
                   num_sanity_val_steps=0, deterministic=False)
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
@@ -211,15 +216,25 @@ class _FreshIndex:
         return self.index.search(q, k)
 
 
-def save_final(parts: TrainParts) -> Path:
-    """Final retriever weights and the resolved recipe in run_dir (``openbook search`` loads them)."""
+def config_yaml(cfg: RecipeConfig) -> str:
     import yaml
 
     from openbook.config import to_dict
 
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def fit(trainer: pl.Trainer, parts: TrainParts, loader: DataLoader, ckpt_path=None, **kwargs) -> None:
+    """``trainer.fit``, resuming from ``ckpt_path`` (our own checkpoint, so not weights-only) when given."""
+    extra = {"ckpt_path": str(ckpt_path), "weights_only": False} if ckpt_path else {}
+    trainer.fit(parts.module, loader, **extra, **kwargs)
+
+
+def save_final(parts: TrainParts) -> Path:
+    """Final retriever weights and the resolved recipe in run_dir (``openbook search`` loads them)."""
     run = Path(parts.cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(parts.cfg), sort_keys=False))
+    (run / "config.yaml").write_text(config_yaml(parts.cfg))
     for name, state in ((RETRIEVER_WEIGHTS, parts.model.state_dict()), ("model.pt", parts.module.state_dict())):
         tmp = run / f".{name}.tmp"
         torch.save(state, tmp)
@@ -271,15 +286,21 @@ def validate_at_start(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader) -
 
 def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> dict:
     """``trainer_overrides`` go to ``pl.Trainer`` (launch/ray_train.py passes Ray's strategy and plugin)."""
+    ckpt = None
+    if cfg.train.resume_from:  # before building anything: a wrong path fails fast, in one line
+        from openbook.trainer.checkpoints import resolve_checkpoint
+        ckpt = resolve_checkpoint(cfg.train.resume_from, cfg.run_dir)
+        log.info("resuming from %s", ckpt)
     parts = build_parts(cfg)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     k = cfg.train.eval_k
     start = dev_recall(parts)
     dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model in ("rag", "fid", "realm_qa") else None
-    at_start = validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 else {}
+    at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
+                else {})
     t0 = time.time()
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer),
-                val_dataloaders=dev if cfg.train.val_every_n_steps else None)
+    fit(trainer, parts, question_loader(cfg, parts.data, parts.tokenizer), ckpt,
+        val_dataloaders=dev if cfg.train.val_every_n_steps else None)
     seconds = time.time() - t0
     stats = parts.callback.stats
     stalls = np.array(stats.stalls) if stats.stalls else np.zeros(1)

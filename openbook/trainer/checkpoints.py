@@ -1,0 +1,112 @@
+"""Step checkpoints (``run_dir/checkpoints/step-NNNNNNNN/``) and finding the one to resume from.
+
+Each checkpoint directory holds ``model.ckpt`` (Lightning: weights, optimizer, loops, the training
+loader's position, every callback's state, including :class:`IndexRefreshCallback`'s snapshot in use and
+schedule position) and ``config.yaml``, the resolved recipe. A directory appears complete or not at all
+(written under a temporary name, then renamed); only the newest ``train.keep_checkpoints`` are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Checkpoint
+
+from openbook.errors import OpenbookError
+
+log = logging.getLogger(__name__)
+CKPT_FILE = "model.ckpt"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / CKPT_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
+    """``resume``: ``last`` (newest under run_dir/checkpoints), a checkpoint directory or a ``.ckpt`` file.
+    Returns the ``.ckpt`` path; a missing one is an :class:`OpenbookError` with a one-line message."""
+    if resume == "last":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise OpenbookError(f"--resume last: no checkpoint under {checkpoint_root(run_dir)}")
+        return found[-1] / CKPT_FILE
+    path = Path(resume)
+    ckpt = path / CKPT_FILE if path.is_dir() else path
+    if not ckpt.is_file():
+        raise OpenbookError(f"--resume {resume}: checkpoint not found ({ckpt} does not exist)")
+    return ckpt
+
+
+class StepCheckpoint(Checkpoint):
+    """Every ``every`` optimizer steps, ``trainer.save_checkpoint`` into ``step-{n:08d}/model.ckpt`` plus
+    ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch RNG states (Lightning
+    does not), so a resumed run draws the same dropout masks and negatives."""
+
+    def __init__(self, run_dir: str | Path, every: int, keep: int, config_yaml: str):
+        self.root, self.every, self.keep, self.config_yaml = checkpoint_root(run_dir), every, keep, config_yaml
+        self.saved: list[Path] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0:
+            self.save(trainer, step)
+
+    def save(self, trainer: pl.Trainer, step: int) -> Path:
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(tmp / CKPT_FILE)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            (tmp / CONFIG_FILE).write_text(self.config_yaml)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+            self.saved.append(final)
+            self._prune()
+            log.info("checkpoint %s", final)
+        trainer.strategy.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.root.parent)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def state_dict(self) -> dict:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"rng": {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+                        "torch": torch.get_rng_state()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        rng = state.get("rng")
+        if rng:
+            random.setstate(rng["python"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+            torch.set_rng_state(rng["torch"])

@@ -1,0 +1,137 @@
+"""Checkpoints carry the refresher state; a resumed run continues exactly where it stopped."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+
+from openbook.cli import main
+from openbook.index import SnapshotStore
+from openbook.trainer.checkpoints import CKPT_FILE, CONFIG_FILE, list_checkpoints, resolve_checkpoint
+from openbook.trainer.train import build_parts, config_yaml, fit, make_trainer, question_loader
+from tests.helpers import tiny_recipe
+
+
+class Steps(pl.Callback):
+    """Every step's loss, by global step."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class Kill(pl.Callback):
+    """Simulates a killed job: raises as step ``after + 1`` begins (the step-``after`` checkpoint is written)."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.after:
+            raise RuntimeError("killed")
+
+
+def _run(cfg, resume: str | None = None):
+    parts = build_parts(cfg)
+    rec = Steps()
+    trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
+    ckpt = resolve_checkpoint(resume, cfg.run_dir) if resume else None
+    fit(trainer, parts, question_loader(cfg, parts.data, parts.tokenizer), ckpt)
+    return parts, rec, trainer
+
+
+def _recipe(tmp: Path, cache: Path, max_steps: int, refresh: dict, **train):
+    return tiny_recipe(tmp, cache=cache, train={"max_steps": max_steps, "checkpoint_every_n_steps": 8,
+                                                "seed": 3, **train}, refresh=refresh)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["max_steps", "kill"])
+def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_session, stop):
+    # Doc encoder trained, refresh every 4 steps in sync mode: each refresh is deterministic, so the losses
+    # and the index version in use at every step are a function of the weights alone.
+    refresh = {"schedule": "4", "mode": "sync"}
+    cache = tmp_path / "cache"
+    full, full_rec, _ = _run(_recipe(tmp_path / "full", cache, 16, refresh))
+    if stop == "max_steps":  # the refresh due at step 8 is not triggered (last step): resume triggers it
+        first, first_rec, _ = _run(_recipe(tmp_path / "cut", cache, 8, refresh))
+    else:  # killed after the step-8 refresh was published, before it was swapped in: resume swaps it
+        cfg = _recipe(tmp_path / "cut", cache, 16, refresh)
+        first, first_rec = build_parts(cfg), Steps()
+        trainer = make_trainer(cfg, [first.callback, first_rec, Kill(8)], logger=False, enable_progress_bar=False)
+        with pytest.raises(RuntimeError, match="killed"):
+            fit(trainer, first, question_loader(cfg, first.data, first.tokenizer))
+    ckpt_dir = tmp_path / "cut" / "run" / "checkpoints" / "step-00000008"
+    assert (ckpt_dir / CKPT_FILE).is_file() and (ckpt_dir / CONFIG_FILE).is_file()
+    assert yaml.safe_load((ckpt_dir / CONFIG_FILE).read_text())["train"]["max_steps"] == (8 if stop == "max_steps"
+                                                                                         else 16)
+    state = torch.load(ckpt_dir / CKPT_FILE, weights_only=False)["callbacks"]["IndexRefreshCallback"]
+    assert state["step"] == 8 and state["in_use"]["version"] == 2 and state["in_use"]["encoder_step"] == 4
+    if stop == "max_steps":
+        assert state["last_refresh_step"] == 4 and state["published"] == 1 and state["pending"] is None
+    else:
+        assert state["last_refresh_step"] == 8 and state["published"] == 2
+        assert (state["pending"]["version"], state["pending"]["encoder_step"]) == (3, 8)
+    second, second_rec, trainer = _run(_recipe(tmp_path / "cut", cache, 16, refresh), resume="last")
+    assert trainer.global_step == 16
+    assert sorted(second_rec.losses) == list(range(9, 17))
+    resumed = {**first_rec.losses, **second_rec.losses}
+    assert sorted(resumed) == sorted(full_rec.losses) == list(range(1, 17))
+    for step, loss in full_rec.losses.items():
+        assert loss == pytest.approx(resumed[step], abs=1e-4), (step, full_rec.losses, resumed)
+    versions = first.callback.stats.versions + second.callback.stats.versions
+    assert versions == full.callback.stats.versions, (versions, full.callback.stats.versions)
+    assert [v for _, v in versions] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    # The checkpoint's snapshot was reused (no re-encode at resume): v3 is the step-8 refresh, v4 step 12.
+    assert [SnapshotStore(tmp_path / "cut" / "run" / "snapshots").load(v).encoder_step for v in (3, 4)] == [8, 12]
+
+
+def _no_refresh(tmp: Path, max_steps: int):
+    return tiny_recipe(tmp, train={"max_steps": max_steps, "checkpoint_every_n_steps": 2, "keep_checkpoints": 2},
+                       refresh={"enabled": False})
+
+
+@pytest.mark.parametrize("damage", ["none", "missing", "corrupt"])
+def test_resume_reuses_the_snapshot_or_rebuilds_it(tmp_path, damage, caplog):
+    _run(_no_refresh(tmp_path, 4))
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]  # keep 2
+    store = SnapshotStore(run / "snapshots")
+    assert store.versions() == [1]
+    if damage == "missing":
+        shutil.rmtree(store.path(1))
+    elif damage == "corrupt":
+        emb = store.path(1) / "embeddings.npy"
+        emb.write_bytes(emb.read_bytes()[:-16] + b"\0" * 16)
+    with caplog.at_level(logging.INFO, logger="openbook.trainer.refresh_callback"):
+        parts, rec, trainer = _run(_no_refresh(tmp_path, 6), resume=str(run / "checkpoints" / "step-00000004"))
+    assert trainer.global_step == 6 and sorted(rec.losses) == [5, 6]
+    snap = parts.holder.get()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume:")]
+    assert len(lines) == 1, lines
+    if damage == "none":
+        assert (snap.version, snap.encoder_step) == (1, 0) and "not re-encoded" in lines[0]
+        assert SnapshotStore(run / "snapshots").versions() == [1]
+    else:
+        assert snap.encoder_step == 4  # rebuilt with the restored step-4 weights, published as the newest
+        assert snap.version == SnapshotStore(run / "snapshots").versions()[-1] == (1 if damage == "missing" else 2)
+        assert "rebuilding the index" in lines[0] and "\n" not in lines[0]
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000006"]
+
+
+def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    cfg = tiny_recipe(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(config_yaml(cfg))
+    for resume, expect in ((str(tmp_path / "nope"), "checkpoint not found"), ("last", "no checkpoint under")):
+        assert main(["train", "--config", str(path), "--resume", resume, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("openbook: error: --resume") and expect in err and "\n" not in err, err
