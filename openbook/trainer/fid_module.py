@@ -14,7 +14,7 @@ import torch
 
 from openbook.models.decoding import _decoder_step, beam_search
 from openbook.models.fid import FidConfig, distill_loss, fid_encode, fid_forward, fid_nll, passage_attention
-from openbook.trainer.common import gold_recall, retrieve, snapshot_doc_scores
+from openbook.trainer.common import gold_recall
 from openbook.trainer.rag_module import RagModule
 
 
@@ -29,15 +29,8 @@ class FidModule(RagModule):
         elif hasattr(generator, "set_attn_implementation"):
             generator.set_attn_implementation("eager")  # fused kernels do not return attention weights
 
-    def _forward(self, batch: dict):
-        if self.rag.distill:
-            return super()._forward(batch)
-        with torch.no_grad():
-            q = self.retriever.encode_queries(batch["query"])
-            snap = self.holder.get()
-            rows = retrieve(snap, q, self.rag.n_docs)
-            scores = snapshot_doc_scores(snap, q, rows)
-        return (scores, rows, *self._context(batch, rows))
+    def _scores_from_snapshot(self) -> bool:
+        return super()._scores_from_snapshot() or not self.rag.distill  # without KD the retriever is fixed
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.global_step < self.rag.reader_warmup_steps:

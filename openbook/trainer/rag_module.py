@@ -49,12 +49,16 @@ class RagModule(pl.LightningModule):
         snap = self.holder.get()  # one reference for the whole step, even if a swap happens meanwhile
         rows = retrieve(snap, q, self.rag.n_docs)
         docs = self.tokens.batch(rows.reshape(-1))
-        if self.cfg.freeze_doc_encoder:
+        if self._scores_from_snapshot():
             scores = snapshot_doc_scores(snap, q, rows)
         else:
             d = self.retriever.encode_docs({k: v.to(self.device) for k, v in docs.items()})
             scores = self.retriever.score(q, d.view(*rows.shape, -1))
         return (scores, rows, *self._context(batch, rows, docs))
+
+    def _scores_from_snapshot(self) -> bool:
+        """Doc scores from the snapshot's stored embeddings (no live re-encoding) when the doc tower is fixed."""
+        return self.cfg.freeze_doc_encoder
 
     def _context(self, batch: dict, rows: np.ndarray, docs: dict | None = None):
         """Generator inputs for every (question, retrieved doc): ids and mask [B*K, L] on the device."""
