@@ -79,6 +79,9 @@ class RecipeConfig:
                              "the snapshot the trainer is still loading")
         if self.train.freeze_doc_encoder and self.retriever.shared:
             raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
+        if self.train.closed_book and self.model not in ("rag", "fid"):
+            raise ValueError(f"train.closed_book needs a generator (model: rag or fid), not {self.model}: "
+                             "a span reader or a retriever cannot answer without passages")
 
     @property
     def snapshot_dir(self) -> Path:

@@ -16,6 +16,8 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warm-up steps")
     negatives: int = opt(8, "hard negatives per question, from the (stale) index's top-k")
     freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); refresh is then pointless")
+    closed_book: bool = opt(False, "rag/fid: the reader sees the question alone, no passage (the no-retrieval "
+                            "baseline); retrieval still runs but nothing of it reaches the reader")
     eval_k: int = opt(5, "k of the logged retrieval recall@k")
     val_every_n_steps: int = opt(0, "evaluate on dev questions every N steps (0: only after training)")
     val_questions: int = opt(200, "dev questions per evaluation")

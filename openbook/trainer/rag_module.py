@@ -63,6 +63,8 @@ class RagModule(pl.LightningModule):
     def _context(self, batch: dict, rows: np.ndarray, docs: dict | None = None):
         """Generator inputs for every (question, retrieved doc): ids and mask [B*K, L] on the device."""
         docs = docs if docs is not None else self.tokens.batch(rows.reshape(-1))
+        if self.cfg.closed_book:  # keep only each doc's leading [CLS], which join_context drops
+            docs = {k: v[:, :1] for k, v in docs.items()}
         ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
                                  docs["input_ids"], docs["attention_mask"], rows.shape[1],
                                  self.rag.max_context_length, self.tokenizer.pad_token_id)
