@@ -1,0 +1,55 @@
+"""Prerequisite stages of a recipe (a pretrained reader, a trained retriever): found and trained once.
+
+A recipe names earlier runs by path (``generator.source``, ``retriever.init_from``, ``realm.init_from``
+under ``runs/``). The stage that makes such a path is the recipe in ``configs/`` whose ``run_dir`` holds
+it; a missing one is trained first (recursively), in place, so later benchmarks reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from bench.common import ROOT
+from openbook.recipe import RecipeConfig, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def prerequisites(cfg: RecipeConfig) -> list[Path]:
+    """Run outputs the recipe loads (absolute paths), whether or not they exist yet."""
+    paths = [cfg.generator.source, cfg.retriever.init_from, cfg.realm.init_from]
+    return [ROOT / p for p in paths if p and p.startswith("runs/")]
+
+
+def stage_for(path: Path, configs: Path = ROOT / "configs") -> Path | None:
+    """The recipe whose run_dir contains ``path``."""
+    for config in sorted(configs.glob("*.yaml")):
+        try:
+            run_dir = ROOT / load_recipe(config).run_dir
+        except Exception:  # noqa: BLE001 - a recipe being edited elsewhere must not stop the bench
+            continue
+        if path == run_dir or run_dir in path.parents:
+            return config
+    return None
+
+
+def ensure_stages(cfg: RecipeConfig) -> list[dict]:
+    """Train every missing prerequisite of ``cfg``; returns what was trained and how long it took."""
+    from openbook.trainer.train import run_train
+
+    trained = []
+    for path in prerequisites(cfg):
+        if path.exists():
+            continue
+        config = stage_for(path)
+        if config is None:
+            raise FileNotFoundError(f"{path} is missing and no recipe in configs/ has it under its run_dir")
+        stage = load_recipe(config)
+        trained += ensure_stages(stage)
+        t0 = time.perf_counter()
+        log.warning("training prerequisite stage %s (not counted in the benchmark)", config.name)
+        run_train(load_recipe(config, [f"run_dir={ROOT / stage.run_dir}"]), progress=False)
+        trained.append({"stage": config.name, "seconds": time.perf_counter() - t0})
+    return trained

@@ -1,0 +1,143 @@
+"""One training run of the learning study: its overrides, and its dev curve read back from the run."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import ROOT
+from openbook.recipe import RecipeConfig, load_recipe
+
+MODELS = {"RAG-Token": "configs/rag_token_tiny.yaml", "RAG-Sequence": "configs/rag_sequence_tiny.yaml",
+          "REALM open-QA": "configs/realm_qa_tiny.yaml", "FiD": "configs/fid_tiny.yaml"}
+CLOSED, FROZEN, ASYNC, SYNC1 = ("(a) closed book", "(b) frozen doc index", "(c) async refresh",
+                                "(d) fresh index every step")
+CONDITIONS = (CLOSED, FROZEN, ASYNC, SYNC1)
+NAN = float("nan")
+
+
+@dataclass(kw_only=True)
+class StudyConfig:
+    passages: int = 500
+    dev_fraction: float = 0.2
+    steps: int = 150
+    batch_size: int = 16
+    val_every: int = 50
+    val_questions: int = 100
+    async_every: int = 10
+    lag_sweep: tuple[int, ...] = (1, 10, 25, 100)
+    lag_model: str = "RAG-Token"
+
+
+@dataclass
+class RunResult:
+    model: str
+    condition: str
+    steps: list[int] = field(default_factory=list)
+    em: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
+    mean_lag: float = NAN
+    refreshes: int = 0
+    seconds: float = NAN
+
+
+def reader_section(cfg: RecipeConfig) -> str:
+    return {"rag": "rag", "fid": "fid"}.get(cfg.model, "realm")
+
+
+def condition_overrides(cfg: RecipeConfig, condition: str, every: int) -> list[str] | None:
+    """Overrides that turn a recipe into a study condition; None when it does not apply."""
+    if condition == CLOSED:
+        if cfg.model not in ("rag", "fid"):
+            return None  # a span reader extracts from passages: with none it has nothing to answer from
+        r = reader_section(cfg)  # the question alone; one identical context is the same model as K copies
+        return ["train.closed_book=true", "train.freeze_doc_encoder=true", "refresh.enabled=false",
+                f"{r}.n_docs=1", f"{r}.generator_lr_scale=1.0"]
+    if condition == FROZEN:
+        return ["train.freeze_doc_encoder=true", "refresh.enabled=false"]
+    if condition == SYNC1:
+        return ["refresh.mode=sync", "refresh.schedule=1"]
+    return ["refresh.mode=async", f"refresh.schedule={every}"]
+
+
+def recipe(model: str, condition: str, study: StudyConfig, run_dir: Path, every: int) -> RecipeConfig | None:
+    base = load_recipe(ROOT / MODELS[model])
+    extra = condition_overrides(base, condition, every)
+    if extra is None:
+        return None
+    common = [f"run_dir={run_dir}", f"data.world.num_passages={study.passages}",
+              f"data.world.dev_fraction={study.dev_fraction}", f"train.max_steps={study.steps}",
+              f"train.batch_size={study.batch_size}", f"train.val_every_n_steps={study.val_every}",
+              f"train.val_questions={study.val_questions}", "train.eval_k=5",
+              f"train.warmup_steps={min(base.train.warmup_steps, study.steps // 10)}"]
+    for key in ("generator.source", "retriever.init_from", "realm.init_from"):  # earlier runs, from any cwd
+        value = _get(base, key)
+        if value and value.startswith("runs/"):
+            common.append(f"{key}={ROOT / value}")
+    return load_recipe(ROOT / MODELS[model], common + extra)
+
+
+def _get(cfg: RecipeConfig, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def run(model: str, condition: str, study: StudyConfig, tmp: Path, every: int | None = None) -> RunResult | None:
+    from openbook.trainer.train import run_train
+
+    every = every or study.async_every
+    tag = f"{model}-{condition}-{every}".replace(" ", "_").replace("(", "").replace(")", "")
+    cfg = recipe(model, condition, study, tmp / tag, every)
+    if cfg is None:
+        return None
+    t0 = time.perf_counter()
+    s = run_train(cfg, progress=False)
+    res = RunResult(model, condition, seconds=time.perf_counter() - t0)
+    _read_curve(res, Path(cfg.run_dir), s, cfg.train.closed_book, cfg.train.val_every_n_steps)
+    if cfg.refresh.enabled:
+        res.refreshes, res.mean_lag = s["refreshes_published"], mean_lag(Path(cfg.run_dir))
+    return res
+
+
+def _read_curve(res: RunResult, run_dir: Path, summary: dict, closed_book: bool, every: int) -> None:
+    """Step 0 (before training), every in-fit validation (TensorBoard), and the final evaluation."""
+    scalars = all_scalars(run_dir / "tb")
+    em, rec = (_by_step(*scalars.get(tag, ([], [])), every) for tag in ("val/em", "val/recall@5"))
+    em[0], rec[0] = summary.get("dev_em_at_start", NAN), summary.get("dev_recall@5_at_start", NAN)
+    em[summary["steps"]], rec[summary["steps"]] = summary["dev_em"], summary.get("dev_recall@5", NAN)
+    res.steps = sorted(em)
+    res.em = [float(em[s]) for s in res.steps]
+    res.recall = [NAN if closed_book else float(rec.get(s, NAN)) for s in res.steps]
+
+
+def _by_step(steps: list[int], values: list[float], every: int) -> dict[int, float]:
+    """Lightning logs an in-fit validation at the step before the one it follows (19 for "after 20")."""
+    return {s + 1 if s and (s + 1) % every == 0 else s: v for s, v in zip(steps, values)}
+
+
+def all_scalars(tb: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar in every events file of a run (validate-at-start, fit and the final validate each
+    write their own file; openbook's report reads only the newest)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: ([e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)])
+            for tag in acc.Tags()["scalars"]}
+
+
+def mean_lag(run_dir: Path) -> float:
+    """Mean over steps of (step - the step whose doc-encoder weights built the index in use)."""
+    from openbook.trainer.report import lag_from_history, load_history
+
+    history = load_history(run_dir)
+    if not history or not history.get("versions"):
+        return NAN
+    lags = lag_from_history(history)[1]
+    return float(sum(lags) / len(lags)) if lags else NAN
+
+
+def fmt_curve(values: list[float]) -> str:
+    return " → ".join("–" if math.isnan(v) else f"{v:.2f}" for v in values)
