@@ -10,6 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+QUICK = ROOT / "BENCHMARKS.quick.md"
+OUT_ENV = "OPENBOOK_BENCHMARKS_MD"
 HEADER = """# Benchmarks
 
 Every figure below is written by a script in `bench/`; none is typed by hand. Each section names
@@ -28,8 +30,11 @@ def machine() -> str:
             f"faiss {faiss.__version__}, ray {ray.__version__}; {dt.date.today().isoformat()}")
 
 
-def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) the section between ``<!-- bench:name -->`` markers."""
+def write_section(name: str, body: str, path: Path | None = None) -> None:
+    """Replace (or append) the section between ``<!-- bench:name -->`` markers of ``path``: by default
+    BENCHMARKS.md, or the file named by ``$OPENBOOK_BENCHMARKS_MD`` (``python -m bench --quick`` sets it, so
+    a quick check does not overwrite the full results)."""
+    path = path or Path(os.environ.get(OUT_ENV, BENCHMARKS))
     text = path.read_text() if path.exists() else HEADER
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{body.strip()}\n{end}"

@@ -6,7 +6,7 @@ world and fewer steps), four conditions: (a) closed book, (b) frozen doc index (
 Dev answer EM and gold-passage recall@5 vs steps, a table and a PNG per model; then a refresh-interval
 sweep (async) for one model: how lag trades against accuracy.
 
-    python -m bench.learning            # 120 steps per run (see StudyConfig)
+    python -m bench.learning            # 120 steps per run, 17 runs (FULL below)
     python -m bench.learning --quick    # 20 steps per run: checks the machinery, not the learning
 """
 
@@ -37,7 +37,7 @@ from bench.study_runs import (
 from bench.study_text import findings, header, sweep_text
 from openbook.recipe import load_recipe
 
-FULL = StudyConfig(passages=500, steps=120, val_every=40, async_every=10, lag_sweep=(1, 10, 25, 100))
+FULL = StudyConfig(passages=500, steps=120, val_every=40, async_every=10, lag_sweep=(1, 10, 30))
 QUICK = StudyConfig(passages=300, steps=20, val_every=10, val_questions=30, async_every=5, lag_sweep=(1, 5))
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.shutdown()
     body = [header(study, args.quick, machine(), load, stages, wall, results, points)]
     for model, res in results.items():
-        body += [f"### {model}", "", table(model_rows(res)), "", link(plot_model(model, res, suffix), model), "",
+        body += [f"### {model} (`{MODELS[model]}`)", "", table(model_rows(res)), "", link(plot_model(model, res, suffix), model), "",
                  findings(res, study.val_questions), ""]
     if points:
         lag = study.lag_model

@@ -55,11 +55,11 @@ def condition_overrides(cfg: RecipeConfig, condition: str, every: int) -> list[s
         r = reader_section(cfg)  # the question alone; one identical context is the same model as K copies
         return ["train.closed_book=true", "train.freeze_doc_encoder=true", "refresh.enabled=false",
                 f"{r}.n_docs=1", f"{r}.generator_lr_scale=1.0"]
+    kd = ["fid.distill=true"] if cfg.model == "fid" else []  # FiD-KD: FiD's only path from reader to retriever
     if condition == FROZEN:
-        return ["train.freeze_doc_encoder=true", "refresh.enabled=false"]
-    if condition == SYNC1:
-        return ["refresh.mode=sync", "refresh.schedule=1"]
-    return ["refresh.mode=async", f"refresh.schedule={every}"]
+        return [*kd, "train.freeze_doc_encoder=true", "refresh.enabled=false"]
+    mode, schedule = ("sync", 1) if condition == SYNC1 else ("async", every)
+    return [*kd, "refresh.enabled=true", f"refresh.mode={mode}", f"refresh.schedule={schedule}"]
 
 
 def recipe(model: str, condition: str, study: StudyConfig, run_dir: Path, every: int) -> RecipeConfig | None:

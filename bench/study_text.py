@@ -31,7 +31,7 @@ Settings chosen to fit the budget (the recipes' own runs take 5–13 min each): 
 `configs/` as it is except {study.steps} steps of batch {study.batch_size}; dev = {study.val_questions} questions,
 evaluated before training and every {study.val_every} steps. Curves read "step 0 → {study.val_every} → …".
 - **(a) closed book** (`train.closed_book`): the reader sees `[CLS] question [SEP]` only. Its generator is
-  trained (learning rate scale 1, where the other conditions keep the pretrained reader fixed), so it gets
+  trained (learning rate scale 1; the RAG recipes keep their pretrained reader fixed in (b)–(d)), so it gets
   every chance to learn the answer prior from the training questions; one context instead of
   K identical copies (the same model). REALM's span reader extracts answers from passages, so closed book
   does not apply to it (no row).
@@ -45,8 +45,20 @@ evaluated before training and every {study.val_every} steps. Curves read "step 0
 "mean lag" is the mean over steps of (step − the step of the doc-encoder weights that built the index in
 use). Rates on {study.val_questions} questions have a standard error of up to
 {stderr(0.5, study.val_questions):.2f}; differences smaller than about twice that are noise.
-FiD's recipe starts from the retriever RAG-Token trained (`runs/rag_token_tiny`), so its recall starts high.
+{fid_note()}
 """
+
+
+def fid_note() -> str:
+    from bench.common import ROOT
+    from bench.study_runs import MODELS
+    from openbook.recipe import load_recipe
+
+    cfg = load_recipe(ROOT / MODELS["FiD"])
+    start = f"`{cfg.retriever.init_from}`" if cfg.retriever.init_from else "a random retriever"
+    return (f"FiD runs `{MODELS['FiD']}` with `fid.distill: true` in (b)–(d) (FiD-KD, the only path from its reader "
+            f"to its retriever) and starts from {start}; its reader trains with learning rate scale "
+            f"{cfg.fid.generator_lr_scale:g}.")
 
 
 def _final(results: list[RunResult], condition: str) -> RunResult | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.common import write_section
+from bench.common import OUT_ENV, write_section
 from bench.refresh import bench_throughput
 
 
@@ -14,6 +14,13 @@ def test_write_section_replaces_only_its_own_block(tmp_path):
     text = md.read_text()
     assert "second A" in text and "first A" not in text and "only B" in text
     assert text.index("second A") < text.index("only B")
+
+
+def test_write_section_goes_where_the_environment_says(tmp_path, monkeypatch):
+    out = tmp_path / "Q.md"
+    monkeypatch.setenv(OUT_ENV, str(out))
+    write_section("q", "quick figures")
+    assert "quick figures" in out.read_text()
 
 
 def test_throughput_bench_runs_on_a_toy_corpus(tmp_path, ray_session):

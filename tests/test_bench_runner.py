@@ -11,16 +11,17 @@ import sys
 import numpy as np
 import pytest
 
-from bench.__main__ import BENCHMARKS, command, parse_args
+from bench.__main__ import NAMES, command, environment, parse_args
 from bench.common import BENCHMARKS as BENCH_MD
-from bench.common import ROOT
+from bench.common import OUT_ENV, QUICK, ROOT
 from bench.projection import Assumptions, encoder_flops, project
 
 
 def test_runner_runs_everything_in_order_by_default():
     args = parse_args([])
-    assert args.names == list(BENCHMARKS) and not args.quick
-    assert {"refresh", "rag_step", "knnlm", "fid_passages", "learning", "scaling"} == set(BENCHMARKS)
+    assert args.names == list(NAMES) and not args.quick
+    assert {"refresh", "rag_step", "knnlm", "fid_passages", "learning", "scaling"} == set(NAMES)
+    assert environment(False)[OUT_ENV] == str(BENCH_MD)
 
 
 def test_runner_only_keeps_the_fixed_order_and_passes_quick():
@@ -28,6 +29,7 @@ def test_runner_only_keeps_the_fixed_order_and_passes_quick():
     assert args.names == ["learning", "scaling"]
     assert command("scaling", True) == [sys.executable, "-m", "bench.scaling", "--quick"]
     assert command("knnlm", False) == [sys.executable, "-m", "bench.knnlm"]
+    assert environment(True)[OUT_ENV] == str(QUICK)  # a quick check never replaces the full results
 
 
 def test_runner_refuses_an_unknown_benchmark(capsys):
