@@ -6,7 +6,7 @@ world and fewer steps), four conditions: (a) closed book, (b) frozen doc index (
 Dev answer EM and gold-passage recall@5 vs steps, a table and a PNG per model; then a refresh-interval
 sweep (async) for one model: how lag trades against accuracy.
 
-    python -m bench.learning            # 120 steps per run, 17 runs (FULL below)
+    python -m bench.learning            # 80 steps per run, 17 runs (FULL below)
     python -m bench.learning --quick    # 20 steps per run: checks the machinery, not the learning
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import ROOT, machine, table, write_section
 from bench.plots import PLOTS, line_panels, link
-from bench.stages import ensure_stages
+from bench.stages import ensure_stages, ensure_warm_start
 from bench.study_runs import (
     ASYNC,
     CONDITIONS,
@@ -33,12 +33,14 @@ from bench.study_runs import (
     StudyConfig,
     fmt_curve,
     run,
+    warm_start_dir,
 )
 from bench.study_text import findings, header, sweep_text
 from openbook.recipe import load_recipe
 
-FULL = StudyConfig(passages=500, steps=120, val_every=40, async_every=10, lag_sweep=(1, 10, 30))
-QUICK = StudyConfig(passages=300, steps=20, val_every=10, val_questions=30, async_every=5, lag_sweep=(1, 5))
+FULL = StudyConfig(steps=80, val_every=20, async_every=10, lag_sweep=(1, 10, 30), warm_steps=100)
+QUICK = StudyConfig(passages=300, dev_fraction=0.2, steps=20, val_every=10, val_questions=30, async_every=5,
+                    lag_sweep=(1, 5), batch_size=16)
 
 
 def study_models(study: StudyConfig, tmp: Path, models: list[str]) -> dict[str, list[RunResult]]:
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = []
     for m in models:
         stages += ensure_stages(load_recipe(ROOT / MODELS[m]))
+    if study.warm_steps and any(m.startswith("RAG") for m in models):
+        stages += ensure_warm_start(ROOT / MODELS["RAG-Token"], warm_start_dir(study), study.warm_steps)
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.shutdown()
     body = [header(study, args.quick, machine(), load, stages, wall, results, points)]
     for model, res in results.items():
-        body += [f"### {model} (`{MODELS[model]}`)", "", table(model_rows(res)), "", link(plot_model(model, res, suffix), model), "",
+        body += [f"### {model} (`{MODELS[model]}`; {res[-1].setup})", "", table(model_rows(res)), "", link(plot_model(model, res, suffix), model), "",
                  findings(res, study.val_questions), ""]
     if points:
         lag = study.lag_model

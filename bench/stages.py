@@ -53,3 +53,17 @@ def ensure_stages(cfg: RecipeConfig) -> list[dict]:
         run_train(load_recipe(config, [f"run_dir={ROOT / stage.run_dir}"]), progress=False)
         trained.append({"stage": config.name, "seconds": time.perf_counter() - t0})
     return trained
+
+
+def ensure_warm_start(config: Path, run_dir: Path, steps: int) -> list[dict]:
+    """``config`` trained for ``steps`` steps into ``run_dir`` (a retriever to start from), unless it is there."""
+    from openbook.trainer.train import run_train
+
+    if (run_dir / "retriever.pt").exists():
+        return []
+    base = load_recipe(config)
+    t0 = time.perf_counter()
+    over = [f"train.max_steps={steps}", "train.val_every_n_steps=0", f"run_dir={run_dir}"]
+    over += [f"generator.source={ROOT / base.generator.source}"] if base.generator.source.startswith("runs/") else []
+    run_train(load_recipe(config, over), progress=False)
+    return [{"stage": f"{config.name} for {steps} steps", "seconds": time.perf_counter() - t0}]

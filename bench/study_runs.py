@@ -20,15 +20,16 @@ NAN = float("nan")
 
 @dataclass(kw_only=True)
 class StudyConfig:
-    passages: int = 500
-    dev_fraction: float = 0.2
-    steps: int = 150
-    batch_size: int = 16
-    val_every: int = 50
+    passages: int | None = None  # None: the recipe's own world
+    dev_fraction: float | None = None
+    steps: int = 80
+    batch_size: int | None = None  # None: the recipe's own
+    val_every: int = 20
     val_questions: int = 100
     async_every: int = 10
-    lag_sweep: tuple[int, ...] = (1, 10, 25, 100)
+    lag_sweep: tuple[int, ...] = (1, 10, 30)
     lag_model: str = "RAG-Token"
+    warm_steps: int = 0  # > 0: both RAG models start from the RAG-Token recipe's retriever after this many steps
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunResult:
     mean_lag: float = NAN
     refreshes: int = 0
     seconds: float = NAN
+    setup: str = ""
 
 
 def reader_section(cfg: RecipeConfig) -> str:
@@ -67,16 +69,23 @@ def recipe(model: str, condition: str, study: StudyConfig, run_dir: Path, every:
     extra = condition_overrides(base, condition, every)
     if extra is None:
         return None
-    common = [f"run_dir={run_dir}", f"data.world.num_passages={study.passages}",
-              f"data.world.dev_fraction={study.dev_fraction}", f"train.max_steps={study.steps}",
-              f"train.batch_size={study.batch_size}", f"train.val_every_n_steps={study.val_every}",
+    common = [f"run_dir={run_dir}", f"train.max_steps={study.steps}", f"train.val_every_n_steps={study.val_every}",
               f"train.val_questions={study.val_questions}", "train.eval_k=5",
               f"train.warmup_steps={min(base.train.warmup_steps, study.steps // 10)}"]
+    common += [f"data.world.num_passages={study.passages}"] if study.passages else []
+    common += [f"data.world.dev_fraction={study.dev_fraction}"] if study.dev_fraction else []
+    common += [f"train.batch_size={study.batch_size}"] if study.batch_size else []
+    if study.warm_steps and base.model == "rag":
+        common.append(f"retriever.init_from={warm_start_dir(study)}")
     for key in ("generator.source", "retriever.init_from", "realm.init_from"):  # earlier runs, from any cwd
         value = _get(base, key)
         if value and value.startswith("runs/"):
             common.append(f"{key}={ROOT / value}")
     return load_recipe(ROOT / MODELS[model], common + extra)
+
+
+def warm_start_dir(study: StudyConfig) -> Path:
+    return ROOT / "runs" / f"learning_rag_warmstart_{study.warm_steps}"
 
 
 def _get(cfg: RecipeConfig, dotted: str):
@@ -94,7 +103,9 @@ def run(model: str, condition: str, study: StudyConfig, tmp: Path, every: int | 
         return None
     t0 = time.perf_counter()
     s = run_train(cfg, progress=False)
-    res = RunResult(model, condition, seconds=time.perf_counter() - t0)
+    init = Path(cfg.retriever.init_from).name if cfg.retriever.init_from else "random init"
+    res = RunResult(model, condition, seconds=time.perf_counter() - t0,
+                    setup=f"{cfg.data.world.num_passages:,} passages, batch {cfg.train.batch_size}, retriever: {init}")
     _read_curve(res, Path(cfg.run_dir), s, cfg.train.closed_book, cfg.train.val_every_n_steps)
     if cfg.refresh.enabled:
         res.refreshes, res.mean_lag = s["refreshes_published"], mean_lag(Path(cfg.run_dir))

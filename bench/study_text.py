@@ -17,6 +17,12 @@ def header(study: StudyConfig, quick: bool, machine: str, load: tuple[float, flo
     cmd = "python -m bench.learning" + (" --quick" if quick else "")
     runs = [r for res in results.values() for r in res] + [r for _, r in points if r not in
                                                            [x for res in results.values() for x in res]]
+    world = (f"the generated world with {study.passages:,} passages, batch {study.batch_size}" if study.passages
+             else "its world and batch size, named with each table")
+    warm = (f"RAG-Token and RAG-Sequence start from the retriever of `configs/rag_token_tiny.yaml` after "
+            f"{study.warm_steps} of its steps (a stage, not counted), where its dev recall is rising: from a random "
+            "retriever, RAG needs several hundred steps before dev recall moves (README, RAG), more than this "
+            "budget." if study.warm_steps else "Every retriever starts as its recipe says.")
     trained = ", ".join(f"`{s['stage']}` ({s['seconds']:.0f} s)" for s in stages) or "none (all reused)"
     return f"""## Learning study: retrieval, frozen index, async refresh, fresh index
 
@@ -26,10 +32,9 @@ on this shared 2-core machine other jobs were running, so seconds are wall times
 with start-up). Prerequisite stages are not counted: the pretrained tiny T5 reader and the retriever FiD
 starts from are reused from `runs/` (trained now if missing: {trained}).
 
-Settings chosen to fit the budget (the recipes' own runs take 5–13 min each): the generated world with
-{study.passages:,} passages (seed 0, {study.dev_fraction:.0%} of the questions held out as dev), each recipe of
-`configs/` as it is except {study.steps} steps of batch {study.batch_size}; dev = {study.val_questions} questions,
-evaluated before training and every {study.val_every} steps. Curves read "step 0 → {study.val_every} → …".
+Settings chosen to fit the budget (the recipes' own runs take 5–13 min each): each recipe of `configs/` as it
+is ({world}) except {study.steps} steps; dev = {study.val_questions} questions, evaluated before training and
+every {study.val_every} steps. Curves read "step 0 → {study.val_every} → …". {warm}
 - **(a) closed book** (`train.closed_book`): the reader sees `[CLS] question [SEP]` only. Its generator is
   trained (learning rate scale 1; the RAG recipes keep their pretrained reader fixed in (b)–(d)), so it gets
   every chance to learn the answer prior from the training questions; one context instead of
