@@ -15,10 +15,12 @@ import itertools
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from bench.common import machine, table, write_section
+from bench.plots import PLOTS, line_panels, link
 from openbook.knnlm.config import KnnConfig, KnnLMConfig, load_knnlm_config
 from openbook.knnlm.datastore import Datastore
 from openbook.knnlm.l2index import build_l2_index, set_nprobe
@@ -68,6 +70,16 @@ def bench_knnlm(cfg: KnnLMConfig) -> dict:
     return {"rows": rows, "grid": grid, "best": best, "timings": timings, "sizes": sizes}
 
 
+def plot_grid(grid: list[dict], best: tuple, quick: bool) -> Path:
+    """Valid perplexity vs λ, one line per k, at the best temperature; the LM alone is λ = 0."""
+    t = best[1]
+    rows = [r for r in grid if r["T"] == t]
+    series = {f"k={r['k']}": (list(LAMBDAS), [r[f"λ={lam}"] for lam in LAMBDAS]) for r in rows}
+    path = PLOTS / f"knnlm_grid{'_quick' if quick else ''}.png"
+    return line_panels(path, f"kNN-LM on pydoc text: valid perplexity (T = {t:g})",
+                       [("valid perplexity", "λ (weight of the kNN distribution)", series)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="150 LM steps instead of the config's")
@@ -100,6 +112,8 @@ on valid only; test is reported. The two held-out sets are small and differ in d
 Grid on valid (perplexity; exact distances, `{ds.factory}` index):
 
 {table(res["grid"])}
+
+{link(plot_grid(res["grid"], res["best"], args.quick), "valid perplexity vs lambda")}
 
 {table([res["timings"]])}
 """)
