@@ -12,10 +12,11 @@ import torch
 from openbook.models.realm import (
     IGNORE,
     RegexSpanFinder,
+    doc_utility,
     exclude_source,
+    marginal_gain,
     mask_salient_span,
     realm_mlm_loss,
-    retrieval_utility,
     span_marginal_nll,
 )
 from openbook.models.retriever import EncoderConfig, load_tokenizer
@@ -52,9 +53,22 @@ def test_realm_loss_is_the_per_token_marginal(mlm):
     assert abs(float(realm_mlm_loss(logits, scores, labels)) - sum(terms) / len(terms)) < 1e-5
 
 
-def test_retrieval_utility_is_gain_over_the_null_doc(mlm):
+def test_doc_utility_is_each_docs_gain_over_the_null_doc(mlm):
+    logits, _, labels = mlm
+    got = doc_utility(logits, labels, null_index=0)
+    assert got.shape == (B, K)
+    for b in range(B):
+        for z in range(K):
+            gain = sum(math.log(_p(logits[b, z, j].double().tolist())[int(labels[b, j])])
+                       - math.log(_p(logits[b, 0, j].double().tolist())[int(labels[b, j])])
+                       for j in range(L) if int(labels[b, j]) != IGNORE)
+            assert abs(float(got[b, z]) - gain) < 1e-5
+    assert torch.all(got[:, 0] == 0)
+
+
+def test_marginal_gain_is_the_marginals_gain_over_the_null_doc(mlm):
     logits, scores, labels = mlm
-    got = retrieval_utility(logits, scores, labels, null_index=0)
+    got = marginal_gain(logits, scores, labels, null_index=0)
     for b in range(B):
         prior = _p(scores[b].double().tolist())
         gain = 0.0
@@ -70,7 +84,8 @@ def test_retrieval_utility_is_gain_over_the_null_doc(mlm):
 def test_utility_is_zero_when_every_doc_is_the_null_doc(mlm):
     logits, scores, labels = mlm
     same = logits[:, :1].expand(-1, K, -1, -1)
-    torch.testing.assert_close(retrieval_utility(same, scores, labels), torch.zeros(B), atol=1e-5, rtol=0)
+    torch.testing.assert_close(marginal_gain(same, scores, labels), torch.zeros(B), atol=1e-5, rtol=0)
+    torch.testing.assert_close(doc_utility(same, labels), torch.zeros(B, K), atol=1e-5, rtol=0)
 
 
 def test_span_marginal_against_brute_force():

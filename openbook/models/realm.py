@@ -147,15 +147,26 @@ def realm_mlm_loss(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: t
     return -realm_token_loglik(mlm_logits, doc_scores, labels).sum() / mask.sum().clamp(min=1)
 
 
-def retrieval_utility(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor,
-                      null_index: int = 0) -> torch.Tensor:
+def marginal_gain(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor,
+                  null_index: int = 0) -> torch.Tensor:
     """Per query: log p(y|x) (marginal over the retrieved docs) - log p(y|null doc, x), summed over
-    the masked tokens. Positive when retrieval helps the reader more than no evidence does."""
+    the masked tokens. A mixture of several noisy readers can beat one of them without any evidence,
+    so this is not the paper's utility (``doc_utility``); it is logged as ``train/marginal_gain``."""
     mask = labels.ne(IGNORE)
     marginal = realm_token_loglik(mlm_logits, doc_scores, labels).sum(1)
     target = labels.clamp(min=0)[:, :, None]
     null = torch.log_softmax(mlm_logits[:, null_index].float(), -1).gather(-1, target).squeeze(-1)
     return marginal - (null * mask).sum(1)
+
+
+def doc_utility(mlm_logits: torch.Tensor, labels: torch.Tensor, null_index: int = 0) -> torch.Tensor:
+    """REALM's retrieval utility of every doc z [B, K]: sum_j log p(y_j|z,x) - log p(y_j|null,x) over the
+    masked tokens (Guu et al. 2020, sec. 4.5); 0 for the null doc itself. Positive when reading z
+    predicts the masked span better than reading nothing."""
+    mask = labels.ne(IGNORE)[:, None, :]
+    target = labels.clamp(min=0)[:, None, :, None].expand(-1, mlm_logits.shape[1], -1, 1)
+    tok = torch.log_softmax(mlm_logits.float(), -1).gather(-1, target).squeeze(-1) * mask  # [B, K, L]
+    return (tok - tok[:, null_index: null_index + 1]).sum(-1)
 
 
 # ------------------------------------------------------------------------------ open-QA span reader
@@ -194,6 +205,9 @@ class RealmConfig:
     max_query_length: int = opt(32, "pretraining: tokens of the masked sentence")
     max_length: int = opt(96, "reader input: [CLS] masked query [SEP] doc [SEP] (pretraining) or "
                           "[CLS] question [SEP] title [SEP] passage [SEP] (QA)")
+    reader: Literal["tiny", "minilm"] = opt("tiny", "reader encoder: a random tiny BERT (sizes below) or the offline "
+                                            "pretrained MiniLM (as REALM starts from BERT; MLM head tied to its "
+                                            "word embeddings)")
     reader_hidden: int = opt(128, "tiny MLM reader: hidden size")
     reader_layers: int = opt(2, "tiny MLM reader: layers")
     reader_heads: int = opt(4, "tiny MLM reader: attention heads")
@@ -213,18 +227,42 @@ class RealmConfig:
 
 
 def reader_config(cfg: RealmConfig, vocab_size: int):
-    """The tiny BERT behind both readers (MLM for pretraining, span heads for QA): same shapes, so
+    """The BERT config behind both readers (MLM for pretraining, span heads for QA): same shapes, so
     a QA reader can start from a pretraining run's encoder."""
     from transformers import BertConfig
 
+    if cfg.reader == "minilm":
+        from openbook.models.retriever import minilm_path
+
+        config = BertConfig.from_pretrained(minilm_path())
+        if config.vocab_size != vocab_size:
+            raise ValueError(f"realm.reader minilm has {config.vocab_size} WordPieces, the tokenizer {vocab_size}")
+        return config
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.reader_hidden, num_hidden_layers=cfg.reader_layers,
                       num_attention_heads=cfg.reader_heads, intermediate_size=cfg.reader_ffn,
                       max_position_embeddings=max(128, cfg.max_length))
 
 
 def build_mlm_reader(cfg: RealmConfig, vocab_size: int) -> torch.nn.Module:
+    """MLM reader; with ``reader: minilm`` the encoder is pretrained and the head's transform random
+    (the sentence-embedding package ships no MLM head), its output layer tied to the word embeddings."""
     from transformers import BertForMaskedLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
-        return BertForMaskedLM(reader_config(cfg, vocab_size))
+        model = BertForMaskedLM(reader_config(cfg, vocab_size))
+        if cfg.reader == "minilm":
+            load_minilm_encoder(model.bert)
+        return model
+
+
+def load_minilm_encoder(bert: torch.nn.Module) -> None:
+    """Copy the offline MiniLM's encoder weights into ``bert`` (a BertModel of MiniLM's config)."""
+    from transformers import BertModel
+
+    from openbook.models.retriever import minilm_path
+
+    state = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).state_dict()
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise ValueError(f"MiniLM weights do not fit the reader: missing {missing}, unexpected {unexpected}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from openbook.data.qa import normalize_answer
-from openbook.models.realm import RealmConfig, reader_config, span_scores
+from openbook.models.realm import RealmConfig, load_minilm_encoder, reader_config, span_scores
 
 
 class SpanReader(nn.Module):
@@ -34,7 +34,10 @@ def build_span_reader(cfg: RealmConfig, vocab_size: int) -> SpanReader:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
-        return SpanReader(BertModel(reader_config(cfg, vocab_size), add_pooling_layer=False))
+        reader = SpanReader(BertModel(reader_config(cfg, vocab_size), add_pooling_layer=False))
+    if cfg.reader == "minilm":
+        load_minilm_encoder(reader.bert)
+    return reader
 
 
 def passage_mask(ctx: torch.Tensor, mask: torch.Tensor, sep_id: int) -> torch.Tensor:

@@ -19,10 +19,11 @@ from openbook.models.realm import (
     IGNORE,
     RealmConfig,
     SpanFinder,
+    doc_utility,
     exclude_source,
+    marginal_gain,
     mask_salient_span,
     realm_mlm_loss,
-    retrieval_utility,
     span_in_docs,
 )
 from openbook.models.retriever import BiEncoder
@@ -109,14 +110,23 @@ class RealmPretrainModule(pl.LightningModule):
         logits, labels = self._masked_logits(ctx.to(self.device), mask.to(self.device), batch["labels"], n_docs)
         loss = realm_mlm_loss(logits, scores, labels)
         metrics = {"train/loss": loss.detach()}
-        if self.realm.null_doc:
-            self.last_utility = retrieval_utility(logits.detach(), scores.detach(), labels)  # per query
-            metrics["train/retrieval_utility"] = self.last_utility.mean()
         ids = docs["input_ids"].view(len(rows), n_docs, -1)[:, int(self.realm.null_doc):]
         self.last_span_found = span_in_docs(batch["labels"].cpu(), ids)  # [B, k], null doc left out
         metrics["train/span_in_docs"] = self.last_span_found.any(1).float().mean()
+        if self.realm.null_doc:
+            metrics.update(self._utility(logits.detach(), scores.detach(), labels))
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(rows))
         return loss
+
+    def _utility(self, logits: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict:
+        """REALM's retrieval utility of the top-scored retrieved doc (live scores, null doc left out),
+        and the marginal's gain over the null doc; per query in ``last_utility`` / ``last_top``."""
+        top = scores[:, 1:].argmax(1)
+        self.last_top = top.cpu()  # index among the retrieved (non-null) docs
+        self.last_utility = doc_utility(logits, labels)[:, 1:].gather(1, top[:, None]).squeeze(1).cpu()
+        return {"train/retrieval_utility": self.last_utility.mean(),
+                "train/marginal_gain": marginal_gain(logits, scores, labels).mean()}
+
 
     def _masked_logits(self, ctx: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_docs: int):
         """MLM logits at the masked query positions only, [B, K, M, V], and their labels [B, M]
