@@ -86,9 +86,9 @@ def plot_model(model: str, results: list[RunResult], suffix: str) -> Path:
 def plot_sweep(model: str, points: list[tuple[int, RunResult]], sync1: RunResult, suffix: str) -> Path:
     curves = {f"async every {n}": (r.steps, r.recall) for n, r in points}
     curves["sync every 1"] = (sync1.steps, sync1.recall)
-    lag = [r.mean_lag for _, r in points] + [sync1.mean_lag]
-    final = {"final dev recall@5": (lag, [r.recall[-1] for _, r in points] + [sync1.recall[-1]]),
-             "final dev EM": (lag, [r.em[-1] for _, r in points] + [sync1.em[-1]])}
+    runs = sorted([r for _, r in points] + [sync1], key=lambda r: r.mean_lag)  # a line from low to high lag
+    lag = [r.mean_lag for r in runs]
+    final = {"final dev recall@5": (lag, [r.recall[-1] for r in runs]), "final dev EM": (lag, [r.em[-1] for r in runs])}
     return line_panels(PLOTS / f"learning_lag_sweep{suffix}.png", f"{model}: refresh lag vs accuracy",
                        [("dev gold recall@5", "training step", curves), ("final dev metric", "mean lag (steps)", final)])
 
