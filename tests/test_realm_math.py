@@ -166,3 +166,23 @@ def test_realm_pretraining_runs_with_refresh(tmp_path, ray_session):
     assert len(rec.losses) == 20 and all(np.isfinite(rec.losses + rec.utility))
     assert np.mean(rec.losses[-5:]) < np.mean(rec.losses[:5])
     assert parts.holder.version >= 2
+
+
+def test_minilm_reader_starts_from_the_offline_encoder():
+    """``realm.reader: minilm``: both readers carry MiniLM's encoder weights; the MLM output layer is
+    tied to the word embeddings (the package has no MLM head)."""
+    from transformers import BertModel
+
+    from openbook.models.realm import RealmConfig, build_mlm_reader
+    from openbook.models.realm_reader import build_span_reader
+    from openbook.models.retriever import minilm_path
+
+    ref = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).state_dict()
+    cfg = RealmConfig(reader="minilm")
+    mlm, span = build_mlm_reader(cfg, 30522), build_span_reader(cfg, 30522)
+    for bert in (mlm.bert, span.bert):
+        state = bert.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in ref.items())
+    assert mlm.cls.predictions.decoder.weight.data_ptr() == mlm.bert.embeddings.word_embeddings.weight.data_ptr()
+    with pytest.raises(ValueError, match="WordPieces"):
+        build_mlm_reader(cfg, 1000)
