@@ -15,6 +15,7 @@ from openbook.data.world import WorldConfig
 from openbook.index.faiss_index import IndexConfig
 from openbook.models.fid import FidConfig
 from openbook.models.generator import GeneratorConfig
+from openbook.models.ict import IctConfig
 from openbook.models.rag import RagConfig
 from openbook.models.realm import RealmConfig
 from openbook.models.retriever import RetrieverConfig
@@ -57,8 +58,8 @@ class EncodeConfig:
 @dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
-    model: Literal["dense_retriever", "rag", "realm_pretrain", "realm_qa", "fid"] = opt("dense_retriever",
-                                                                                "what `openbook train` trains")
+    model: Literal["dense_retriever", "ict", "rag", "realm_pretrain", "realm_qa", "fid"] = opt(
+        "dense_retriever", "what `openbook train` trains (ict: the Inverse Cloze Task warm start of the retriever)")
     run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
     data: DataConfig = opt(DataConfig(), "corpus and QA data")
     retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
@@ -66,6 +67,7 @@ class RecipeConfig:
     rag: RagConfig = opt(RagConfig(), "RAG marginalisation and decoding (model: rag)")
     fid: FidConfig = opt(FidConfig(), "Fusion-in-Decoder reader and FiD-KD (model: fid)")
     realm: RealmConfig = opt(RealmConfig(), "REALM pretraining and open-QA fine-tuning (model: realm_*)")
+    ict: IctConfig = opt(IctConfig(), "Inverse Cloze Task warm start of the retriever (model: ict)")
     index: IndexConfig = opt(IndexConfig(), "FAISS index")
     snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
     encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")

@@ -57,6 +57,8 @@ def question_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoade
     or, for REALM pretraining, corpus sentences with a salient span masked."""
     if cfg.model == "realm_pretrain":
         return realm_loader(cfg, data, tokenizer)
+    if cfg.model == "ict":
+        return ict_loader(cfg, data, tokenizer)
     warmup = cfg.fid.reader_warmup_steps if cfg.model == "fid" else cfg.rag.reader_warmup_steps
     need_gold = cfg.model == "dense_retriever" or warmup > 0
     items = with_gold_rows(data.train, data.corpus, require=need_gold)
@@ -74,6 +76,15 @@ def realm_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
                       collate_fn=partial(collate_masked, pad_id=tokenizer.pad_token_id))
+
+
+def ict_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
+    from openbook.trainer.ict_module import IctCollator, IctPassages
+
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    collate = IctCollator(tokenizer, cfg.ict, cfg.retriever.doc_max_length, cfg.train.seed)
+    return DataLoader(IctPassages(data.corpus), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                      generator=gen, collate_fn=collate)
 
 
 def dev_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader | None:
@@ -123,6 +134,10 @@ def make_module(cfg: RecipeConfig, model: BiEncoder, tokenizer, tokens: Tokenize
                 data: DataBundle | None = None):
     if cfg.model == "dense_retriever":
         return DenseRetrievalModule(model, tokens, holder, cfg.train)
+    if cfg.model == "ict":
+        from openbook.trainer.ict_module import IctModule
+
+        return IctModule(model, cfg.train)
     if cfg.model == "realm_pretrain":
         from openbook.models.realm import build_mlm_reader
         from openbook.trainer.realm_module import RealmPretrainModule

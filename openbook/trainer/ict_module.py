@@ -1,0 +1,74 @@
+"""ICT warm start of the retriever (``model: ict``): batches of corpus passages, each turned into a
+(sentence, rest of its passage) pair; in-batch negatives. The run writes ``retriever.pt`` like any
+recipe, so REALM pretraining starts from it with ``retriever.init_from``."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset
+
+from openbook.data import Corpus
+from openbook.models.ict import IctConfig, ict_loss, ict_pair
+from openbook.models.retriever import BiEncoder
+from openbook.trainer.common import configure_adamw
+from openbook.trainer.config import TrainConfig
+
+
+class IctPassages(Dataset):
+    """Corpus rows with a non-empty text; the pair is drawn in the collator (a fresh draw per batch)."""
+
+    def __init__(self, corpus: Corpus):
+        self.corpus = corpus
+        self.rows = [i for i in range(len(corpus)) if corpus[i]["text"].strip()]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        item = self.corpus[row]
+        return {"row": row, "title": item["title"], "text": item["text"]}
+
+
+@dataclass
+class IctCollator:
+    tokenizer: object
+    cfg: IctConfig
+    doc_max_length: int
+    seed: int
+    calls: int = 0
+
+    def __call__(self, batch: list[dict]) -> dict:
+        self.calls += 1
+        rng = random.Random(self.seed * 1_000_003 + self.calls)
+        pairs = [ict_pair(b["text"], rng, self.cfg.keep_sentence_prob) for b in batch]
+        tok = self.tokenizer
+        query = tok([q for q, _ in pairs], truncation=True, max_length=self.cfg.max_query_length, padding=True,
+                    return_tensors="pt")
+        docs = tok([b["title"] for b in batch], [d for _, d in pairs], truncation="longest_first",
+                   max_length=self.doc_max_length, padding=True, return_tensors="pt")
+        titles = [b["title"] for b in batch]
+        same = torch.tensor([[a == b for b in titles] for a in titles])
+        return {"query": dict(query), "docs": dict(docs), "same_title": same,
+                "row": torch.tensor([b["row"] for b in batch])}
+
+
+class IctModule(pl.LightningModule):
+    def __init__(self, retriever: BiEncoder, train: TrainConfig):
+        super().__init__()
+        self.retriever, self.cfg = retriever, train
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        q = self.retriever.encode_queries(batch["query"])
+        d = self.retriever.encode_docs(batch["docs"])
+        loss, hit = ict_loss(q, d, batch["same_title"])
+        self.log_dict({"train/loss": loss.mean().detach(), "train/in_batch_acc": hit.float().mean()},
+                      on_step=True, on_epoch=False, prog_bar=True, batch_size=len(hit))
+        return loss.mean()
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg)
