@@ -213,6 +213,8 @@ class RealmConfig:
     reader_heads: int = opt(4, "tiny MLM reader: attention heads")
     reader_ffn: int = opt(256, "tiny MLM reader: feed-forward size")
     reader_seed: int = opt(0, "seed of the reader's random init")
+    reader_lr_scale: float = opt(1.0, "reader learning rate = train.lr x this (a random tiny reader wants a larger "
+                                 "rate than a pretrained embedder); 0 freezes the reader")
     salient_spans: Literal["regex", "title_words"] = opt("regex", "pretraining masks: dates, numbers and "
                                                          "capitalised runs (regex) or the passage title's words")
     max_span_width: int = opt(10, "open QA (model: realm_qa): longest answer span, in tokens")
@@ -222,6 +224,8 @@ class RealmConfig:
     def __post_init__(self) -> None:
         if self.n_docs < 1 or self.reader_hidden % self.reader_heads:
             raise ValueError("realm.n_docs must be >= 1 and reader_hidden divisible by reader_heads")
+        if self.reader_lr_scale < 0:
+            raise ValueError(f"realm.reader_lr_scale must be >= 0, got {self.reader_lr_scale}")
         if self.max_span_width < 1:
             raise ValueError(f"realm.max_span_width must be >= 1, got {self.max_span_width}")
 

@@ -141,4 +141,4 @@ class RealmPretrainModule(pl.LightningModule):
         return self.reader.cls(hidden.gather(2, idx)), labels.gather(1, pos)
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.cfg)
+        return configure_adamw(self, self.cfg, lr_scale={"reader.": self.realm.reader_lr_scale})

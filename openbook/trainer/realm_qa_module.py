@@ -117,4 +117,4 @@ class RealmQAModule(pl.LightningModule):
                       on_step=False, on_epoch=True, batch_size=len(preds))
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.cfg)
+        return configure_adamw(self, self.cfg, lr_scale={"reader.": self.realm.reader_lr_scale})
