@@ -4,6 +4,7 @@ the logged retrieval metrics mean, recomputed here from the retrieved passages' 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from openbook.models.realm import IGNORE, TitleWordFinder, mask_salient_span
 from openbook.models.retriever import EncoderConfig, load_tokenizer
 from openbook.recipe import RecipeConfig
 from openbook.trainer.pipeline import prepare_data
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_chunks_keep_every_word_once():
@@ -108,7 +111,7 @@ def test_retrieval_utility_rises_above_zero(tmp_path, ray_session):
     from openbook.trainer.train import build_parts, make_trainer, question_loader, run_train
 
     cache, ict_dir = tmp_path / "cache", tmp_path / "ict"
-    ict = load_recipe("configs/ict_tiny.yaml", [f"run_dir={ict_dir}", f"data.cache_dir={cache}",
+    ict = load_recipe(CONFIGS / "ict_tiny.yaml", [f"run_dir={ict_dir}", f"data.cache_dir={cache}",
                                                 "train.max_steps=150"])
     assert run_train(ict, progress=False)["dev_recall@5_fresh_encode"] > 0.5
 
@@ -124,7 +127,7 @@ def test_retrieval_utility_rises_above_zero(tmp_path, ray_session):
             self.top_found.append(pl_module.last_span_found.numpy()[np.arange(len(top)), top])
 
     steps = 300
-    cfg = load_recipe("configs/realm_pretrain_tiny.yaml", [
+    cfg = load_recipe(CONFIGS / "realm_pretrain_tiny.yaml", [
         f"run_dir={tmp_path / 'realm'}", f"data.cache_dir={cache}", f"retriever.init_from={ict_dir}",
         f"train.max_steps={steps}"])
     parts, rec = build_parts(cfg), Record()
