@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from openbook.data import tokenize_corpus
 from openbook.data.tokcache import TokenizedCorpus
+from openbook.errors import ConfigError
 from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder, build_retriever
 from openbook.recipe import RecipeConfig
@@ -73,6 +74,7 @@ def realm_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
 
     finder_for = partial(make_span_finder, cfg.realm.salient_spans)
     ds = MaskedSentences(data.corpus, tokenizer, finder_for, cfg.realm.max_query_length, cfg.train.seed)
+    check_full_batch(len(ds), cfg.train.batch_size, f"passages with a salient span ({cfg.realm.salient_spans})")
     gen = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
                       collate_fn=partial(collate_masked, pad_id=tokenizer.pad_token_id))
@@ -82,9 +84,17 @@ def ict_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
     from openbook.trainer.ict_module import IctCollator, IctPassages
 
     gen = torch.Generator().manual_seed(cfg.train.seed)
+    ds = IctPassages(data.corpus)
+    check_full_batch(len(ds), cfg.train.batch_size, "passages with text")
     collate = IctCollator(tokenizer, cfg.ict, cfg.retriever.doc_max_length, cfg.train.seed)
-    return DataLoader(IctPassages(data.corpus), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                      generator=gen, collate_fn=collate)
+    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
+                      collate_fn=collate)
+
+
+def check_full_batch(n: int, batch_size: int, what: str) -> None:
+    """Loaders that drop the last partial batch would otherwise yield nothing and train 0 steps silently."""
+    if n < batch_size:
+        raise ConfigError(f"train.batch_size={batch_size} but the corpus has only {n} {what}: no full batch")
 
 
 def dev_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader | None:
