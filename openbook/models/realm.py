@@ -128,17 +128,21 @@ def span_in_docs(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ REALM MLM marginal
 
+def token_logp(mlm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(y_j | z, x) of every masked token under every doc: [B, K, L], 0 where IGNORE."""
+    target = labels.clamp(min=0)[:, None, :, None].expand(-1, mlm_logits.shape[1], -1, 1)
+    tok = torch.log_softmax(mlm_logits.float(), -1).gather(-1, target).squeeze(-1)
+    return tok * labels.ne(IGNORE)[:, None, :]
+
+
 def realm_token_loglik(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per masked token marginal log-likelihood: log sum_z p(z|x) p(y_j|z,x).
 
     mlm_logits [B, K, L, V] (the reader on each (query, doc) pair, query positions aligned),
     doc_scores [B, K], labels [B, L] with IGNORE on unmasked positions. Returns [B, L] (0 where
     IGNORE)."""
-    mask = labels.ne(IGNORE)
-    target = labels.clamp(min=0)[:, None, :, None].expand(-1, mlm_logits.shape[1], -1, 1)
-    tok = torch.log_softmax(mlm_logits.float(), -1).gather(-1, target).squeeze(-1)  # [B,K,L]
     prior = torch.log_softmax(doc_scores.float(), 1)[:, :, None]
-    return torch.logsumexp(tok + prior, dim=1) * mask
+    return torch.logsumexp(token_logp(mlm_logits, labels) + prior, dim=1) * labels.ne(IGNORE)
 
 
 def realm_mlm_loss(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,20 +156,16 @@ def marginal_gain(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: to
     """Per query: log p(y|x) (marginal over the retrieved docs) - log p(y|null doc, x), summed over
     the masked tokens. A mixture of several noisy readers can beat one of them without any evidence,
     so this is not the paper's utility (``doc_utility``); it is logged as ``train/marginal_gain``."""
-    mask = labels.ne(IGNORE)
     marginal = realm_token_loglik(mlm_logits, doc_scores, labels).sum(1)
-    target = labels.clamp(min=0)[:, :, None]
-    null = torch.log_softmax(mlm_logits[:, null_index].float(), -1).gather(-1, target).squeeze(-1)
-    return marginal - (null * mask).sum(1)
+    null = token_logp(mlm_logits[:, null_index: null_index + 1], labels)[:, 0]
+    return marginal - null.sum(1)
 
 
 def doc_utility(mlm_logits: torch.Tensor, labels: torch.Tensor, null_index: int = 0) -> torch.Tensor:
     """REALM's retrieval utility of every doc z [B, K]: sum_j log p(y_j|z,x) - log p(y_j|null,x) over the
     masked tokens (Guu et al. 2020, sec. 4.5); 0 for the null doc itself. Positive when reading z
     predicts the masked span better than reading nothing."""
-    mask = labels.ne(IGNORE)[:, None, :]
-    target = labels.clamp(min=0)[:, None, :, None].expand(-1, mlm_logits.shape[1], -1, 1)
-    tok = torch.log_softmax(mlm_logits.float(), -1).gather(-1, target).squeeze(-1) * mask  # [B, K, L]
+    tok = token_logp(mlm_logits, labels)
     return (tok - tok[:, null_index: null_index + 1]).sum(-1)
 
 

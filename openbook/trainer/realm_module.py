@@ -127,7 +127,6 @@ class RealmPretrainModule(pl.LightningModule):
         return {"train/retrieval_utility": self.last_utility.mean(),
                 "train/marginal_gain": marginal_gain(logits, scores, labels).mean()}
 
-
     def _masked_logits(self, ctx: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_docs: int):
         """MLM logits at the masked query positions only, [B, K, M, V], and their labels [B, M]
         (IGNORE-padded). Query tokens sit at the same positions in every (query, doc) pair; projecting
