@@ -57,7 +57,8 @@ def condition_overrides(cfg: RecipeConfig, condition: str, every: int) -> list[s
         r = reader_section(cfg)  # the question alone; one identical context is the same model as K copies
         return ["train.closed_book=true", "train.freeze_doc_encoder=true", "refresh.enabled=false",
                 f"{r}.n_docs=1", f"{r}.generator_lr_scale=1.0"]
-    kd = ["fid.distill=true"] if cfg.model == "fid" else []  # FiD-KD: FiD's only path from reader to retriever
+    # FiD-KD: FiD's only path from reader to retriever (without the score prior, which KD would distil back)
+    kd = ["fid.distill=true", "fid.score_prior=0"] if cfg.model == "fid" else []
     if condition == FROZEN:
         return [*kd, "train.freeze_doc_encoder=true", "refresh.enabled=false"]
     mode, schedule = ("sync", 1) if condition == SYNC1 else ("async", every)

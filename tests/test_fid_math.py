@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from openbook.models.fid import distill_loss, fid_encode, fid_forward, fid_nll, passage_attention
+from openbook.models.fid import FidConfig, distill_loss, fid_encode, fid_forward, fid_nll, passage_attention
 from openbook.models.generator import GeneratorConfig, build_generator, special_ids
 from openbook.models.retriever import EncoderConfig, load_tokenizer
 
@@ -90,3 +90,54 @@ def test_distill_loss_is_the_kl_divergence_in_float64():
     got.sum().backward()
     assert scores.grad is not None and scores.grad.abs().sum() > 0
     assert torch.allclose(distill_loss(reader.log() * 2.0, reader, 2.0), torch.zeros(4), atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_score_prior_with_equal_scores_is_plain_fid(setup, attn):
+    gen, _, ctx, mask, labels = setup
+    gen.set_attn_implementation(attn)
+    try:
+        plain = fid_forward(gen, ctx, mask, labels, n_docs=3).logits
+        flat = fid_forward(gen, ctx, mask, labels, n_docs=3, scores=torch.full((2, 3), 1.7), score_prior=5.0).logits
+        tilted = fid_forward(gen, ctx, mask, labels, n_docs=3, scores=torch.tensor([[3.0, 1.0, 0.0]] * 2),
+                             score_prior=1.0).logits
+    finally:
+        gen.set_attn_implementation("eager")
+    assert torch.allclose(flat, plain, atol=1e-5)
+    assert not torch.allclose(tilted, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_dominant_score_is_fid_on_that_passage_alone(setup, attn):
+    gen, _, ctx, mask, labels = setup
+    gen.set_attn_implementation(attn)
+    try:
+        scores = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # question 0: passage 1; question 1: passage 2
+        got = fid_forward(gen, ctx, mask, labels, n_docs=3, scores=scores, score_prior=1e4).logits
+        alone = fid_forward(gen, ctx[[1, 5]], mask[[1, 5]], labels, n_docs=1).logits
+    finally:
+        gen.set_attn_implementation("eager")
+    assert torch.allclose(got, alone, atol=1e-4)
+
+
+def test_score_prior_multiplies_each_passage_attention_by_exp_w_score(setup):
+    """First decoder layer (its cross-attention logits do not depend on the prior): with the prior,
+    each passage's attention mass is the plain mass x exp(w x score), renormalised, in float64."""
+    gen, tok, ctx, mask, labels = setup
+    scores, w = torch.tensor([[0.3, -0.5, 1.1], [2.0, 0.0, 0.4]]), 1.5
+    with torch.no_grad():
+        plain = fid_forward(gen, ctx, mask, labels, n_docs=3, attentions=True).cross_attentions[0].double()
+        prior = fid_forward(gen, ctx, mask, labels, n_docs=3, attentions=True, scores=scores,
+                            score_prior=w).cross_attentions[0].double()
+    mass = plain.view(*plain.shape[:3], 3, 9).sum(-1)  # [B, heads, T, K]
+    ref = mass * torch.exp(w * scores.double())[:, None, None, :]
+    ref = ref / ref.sum(-1, keepdim=True)
+    assert torch.allclose(prior.view(*prior.shape[:3], 3, 9).sum(-1), ref, atol=1e-6)
+    assert float(prior[0, :, :, 15:18].abs().sum()) == 0  # padded keys of question 0 stay masked
+
+
+def test_score_prior_config_is_checked():
+    with pytest.raises(ValueError, match="score_prior must be >= 0"):
+        FidConfig(score_prior=-1.0)
+    with pytest.raises(ValueError, match="distil the retriever's own scores"):
+        FidConfig(score_prior=10.0, distill=True)

@@ -3,6 +3,8 @@ retriever, plain FiD leaves it alone; the compact vocabulary round-trips the cor
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,25 @@ def test_a_saved_generator_loads_as_generator_source(tmp_path):
         build_generator(GeneratorConfig(source=str(tmp_path / "compact")), tok)
     with pytest.raises(ConfigError, match="reader pretraining run writes one"):
         build_generator(GeneratorConfig(source=str(tmp_path / "missing")), tok)
+
+
+def test_fid_score_prior_reaches_the_loss_and_the_decoder(tmp_path):
+    """A prior so strong that only the top passage counts makes K-passage FiD the 1-passage model on
+    that passage: the same training loss and the same answers (same weights, same snapshot)."""
+    cfg = tiny_recipe(tmp_path, model="fid", generator={"source": "tiny-t5", "d_model": 32, "ffn": 64, "dropout": 0.0},
+                      fid={"n_docs": 3, "max_context_length": 48, "score_prior": 1e4},
+                      train={"batch_size": 6, "val_questions": 6}, refresh={"enabled": False})
+    parts = build_parts(cfg)
+    parts.callback.preinstall(parts.callback.build_initial(parts.module, 0))
+    module = parts.module.eval()
+    batch = next(iter(question_loader(cfg, parts.data, parts.tokenizer)))
+    dev = next(iter(dev_loader(cfg, parts.data, parts.tokenizer)))
+    with torch.no_grad():
+        strong = (module.training_step(batch, 0), module.generate(dev))
+        module.rag = dataclasses.replace(cfg.fid, n_docs=1, score_prior=0.0)
+        one = (module.training_step(batch, 0), module.generate(dev))
+        module.rag = dataclasses.replace(cfg.fid, score_prior=0.0)
+        plain = (module.training_step(batch, 0), module.generate(dev))
+    assert torch.allclose(strong[0], one[0], atol=1e-4) and not torch.allclose(strong[0], plain[0], atol=1e-3)
+    assert strong[1][0] == one[1][0] and np.array_equal(strong[1][1][:, :1], one[1][1])
+    assert plain[1][0] != one[1][0]  # without the prior the 3-passage answers differ: the check can fail

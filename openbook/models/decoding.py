@@ -50,7 +50,8 @@ def _decoder_step(generator, enc: torch.Tensor, mask: torch.Tensor, doc_lp: torc
     def step(prefixes: torch.Tensor) -> torch.Tensor:
         n = prefixes.shape[0]
         out = generator(encoder_outputs=BaseModelOutput(last_hidden_state=enc.repeat(n, 1, 1)),
-                        attention_mask=mask.repeat(n, 1), decoder_input_ids=prefixes.repeat_interleave(k, 0))
+                        attention_mask=mask.repeat(n, *[1] * (mask.dim() - 1)),
+                        decoder_input_ids=prefixes.repeat_interleave(k, 0))
         logp = F.log_softmax(out.logits[:, -1].float(), -1).view(n, k, -1)
         if doc_lp is None:
             return logp[:, 0]

@@ -29,12 +29,19 @@ class FidConfig:
     distill: bool = opt(False, "FiD-KD: distil the reader's cross-attention over passages into the retriever")
     distill_weight: float = opt(1.0, "weight of the KL distillation loss")
     distill_temperature: float = opt(1.0, "temperature of the retriever's softmax in the KL loss")
+    score_prior: float = opt(0.0, "w: add w x the retriever's score of each passage to the decoder's cross-attention "
+                                  "logits on its tokens (0 = the paper's FiD, which ignores retrieval scores)")
 
     def __post_init__(self) -> None:
         if self.n_docs < 1 or self.max_context_length < 4 or self.max_answer_length < 2:
             raise ValueError("n_docs >= 1, max_context_length >= 4 and max_answer_length >= 2 are required")
         if self.distill_temperature <= 0:
             raise ValueError("distill_temperature must be > 0")
+        if self.score_prior < 0:
+            raise ValueError(f"score_prior must be >= 0, got {self.score_prior}")
+        if self.score_prior and self.distill:
+            raise ValueError("score_prior with distill would distil the retriever's own scores back into it: "
+                             "use one of them")
 
 
 def fid_encode(generator, ctx: torch.Tensor, mask: torch.Tensor, n_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,10 +51,25 @@ def fid_encode(generator, ctx: torch.Tensor, mask: torch.Tensor, n_docs: int) ->
     return enc.reshape(b, -1, enc.shape[-1]), mask.reshape(b, -1)
 
 
+def score_bias(fused_mask: torch.Tensor, scores: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cross-attention bias [B, 1, 1, K*L] for the fused states: ``weight x (score_k - max score)`` on
+    every token of passage k, the dtype's minimum on padding. Hugging Face decoders take such a 4-D
+    mask as is and add it to the attention logits, so each passage's share of the attention is scaled
+    by exp(weight x score): the retriever's ranking becomes a prior that the reader can overrule."""
+    b, kl = fused_mask.shape
+    per_doc = weight * (scores.detach().float() - scores.detach().float().amax(-1, keepdim=True))
+    bias = per_doc.repeat_interleave(kl // scores.shape[1], dim=1).to(dtype)
+    bias = bias.masked_fill(fused_mask.eq(0), torch.finfo(dtype).min)
+    return bias.view(b, 1, 1, kl)
+
+
 def fid_forward(generator, ctx: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_docs: int,
-                attentions: bool = False):
-    """Teacher-forced decoder over the fused encoder states: decoder input ``labels[:, :-1]``."""
+                attentions: bool = False, scores: torch.Tensor | None = None, score_prior: float = 0.0):
+    """Teacher-forced decoder over the fused encoder states: decoder input ``labels[:, :-1]``. With
+    ``score_prior`` > 0 the passages' retrieval ``scores`` [B, K] bias the cross-attention (``score_bias``)."""
     enc, fused_mask = fid_encode(generator, ctx, mask, n_docs)
+    if score_prior:
+        fused_mask = score_bias(fused_mask, scores, score_prior, enc.dtype)
     return generator(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=fused_mask,
                      decoder_input_ids=labels[:, :-1], output_attentions=attentions)
 

@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from openbook.models.decoding import _decoder_step, beam_search
-from openbook.models.fid import FidConfig, distill_loss, fid_encode, fid_forward, fid_nll, passage_attention
+from openbook.models.fid import (
+    FidConfig,
+    distill_loss,
+    fid_encode,
+    fid_forward,
+    fid_nll,
+    passage_attention,
+    score_bias,
+)
 from openbook.trainer.common import gold_recall
 from openbook.trainer.rag_module import RagModule
 
@@ -37,7 +45,8 @@ class FidModule(RagModule):
             return self._reader_warmup_step(batch)
         scores, rows, ctx, mask = self._forward(batch)
         labels = self._gen_ids(batch["labels"])
-        out = fid_forward(self.generator, ctx, mask, labels, self.rag.n_docs, attentions=self.rag.distill)
+        out = fid_forward(self.generator, ctx, mask, labels, self.rag.n_docs, attentions=self.rag.distill,
+                          scores=scores, score_prior=self.rag.score_prior)
         nll = fid_nll(out.logits, labels[:, 1:], self.ids.pad).mean()
         logs = {"train/reader_nll": nll.detach(),
                 f"train/recall@{self.rag.n_docs}": gold_recall(rows, batch["gold_row"].cpu().numpy(), self.rag.n_docs)}
@@ -53,8 +62,10 @@ class FidModule(RagModule):
 
     @torch.no_grad()
     def generate(self, batch: dict) -> tuple[list[str], np.ndarray]:
-        _, rows, ctx, mask = self._forward(batch)
+        scores, rows, ctx, mask = self._forward(batch)
         enc, fused = fid_encode(self.generator, ctx, mask, self.rag.n_docs)
+        if self.rag.score_prior:
+            fused = score_bias(fused, scores, self.rag.score_prior, enc.dtype)
         out = [beam_search(_decoder_step(self.generator, enc[i: i + 1], fused[i: i + 1], None), self.ids.bos,
                            self.ids.eos, self.rag.num_beams, self.rag.max_answer_length)[0][0]
                for i in range(len(enc))]
