@@ -137,7 +137,8 @@ def test_score_prior_multiplies_each_passage_attention_by_exp_w_score(setup):
 
 
 def test_score_prior_config_is_checked():
-    with pytest.raises(ValueError, match="score_prior must be >= 0"):
-        FidConfig(score_prior=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="score_prior must be finite and >= 0"):
+            FidConfig(score_prior=bad)
     with pytest.raises(ValueError, match="distil the retriever's own scores"):
         FidConfig(score_prior=10.0, distill=True)

@@ -4,11 +4,13 @@ Each (question, passage) pair is encoded on its own (the K passages of a questio
 encoder batch), the K encoder outputs are concatenated along the sequence axis, and the decoder
 cross-attends over all of them at once. FiD-KD (Izacard & Grave, "Distilling knowledge from reader
 to retriever") turns the decoder's cross-attention into a distribution over passages and distils it
-into the retriever with a KL loss.
+into the retriever with a KL loss. ``score_prior`` (not in the papers) adds the retriever's passage
+scores to the decoder's cross-attention logits, so the retrieval ranking weighs each passage.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +39,11 @@ class FidConfig:
             raise ValueError("n_docs >= 1, max_context_length >= 4 and max_answer_length >= 2 are required")
         if self.distill_temperature <= 0:
             raise ValueError("distill_temperature must be > 0")
-        if self.score_prior < 0:
-            raise ValueError(f"score_prior must be >= 0, got {self.score_prior}")
+        if not 0 <= self.score_prior < math.inf:
+            raise ValueError(f"score_prior must be finite and >= 0, got {self.score_prior}")
         if self.score_prior and self.distill:
             raise ValueError("score_prior with distill would distil the retriever's own scores back into it: "
-                             "use one of them")
+                             "set fid.score_prior=0 for FiD-KD")
 
 
 def fid_encode(generator, ctx: torch.Tensor, mask: torch.Tensor, n_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
