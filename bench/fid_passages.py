@@ -2,9 +2,10 @@
 
 Each run is `configs/fid_tiny.yaml` (the reader pretrained by `configs/reader_pretrain_tiny.yaml`,
 which runs first if its generator is missing, trained on the passages that the DPR-style retriever of
-`configs/fid_retriever_tiny.yaml`, likewise, retrieves) with only `fid.n_docs` changed; the same
-seed, steps and data. Reported: dev EM and gold recall@n at the start and after training, and the
-reader's EM given the gold passage alone.
+`configs/fid_retriever_tiny.yaml`, likewise, retrieves) with only `fid.n_docs` and `fid.score_prior`
+changed; the same seed, steps and data. Two runs at a time, one thread each. Reported: dev EM and
+gold recall@n at the start and after training (all 1,000 dev questions), and the reader's EM given
+the gold passage alone.
 
     python -m bench.fid_passages            # 1000 steps per run
     python -m bench.fid_passages --quick    # 100 steps per run
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.common import ROOT, machine, table, write_section
@@ -25,23 +28,30 @@ READER = ROOT / "configs/reader_pretrain_tiny.yaml"
 RETRIEVER = ROOT / "configs/fid_retriever_tiny.yaml"
 FID = ROOT / "configs/fid_tiny.yaml"
 PASSAGES = (1, 5, 10)
+PRIOR = load_recipe(FID).fid.score_prior
+RUNS = [(1, PRIOR), (5, PRIOR), (10, PRIOR), (5, 0.0), (10, 0.0)]  # (passages, score prior); 0 = paper FiD
+DEV = 1000
 
 
 def ensure_run(config: Path, output: str) -> Path:
-    """``run_dir/output`` of a recipe, training the recipe first if it is missing."""
+    """``run_dir/output`` of a recipe, training the recipe first if it is missing or was trained on
+    another world (a run of an older recipe)."""
     cfg = load_recipe(config)
-    path = ROOT / cfg.run_dir / output
-    if not path.exists():
+    path, saved = ROOT / cfg.run_dir / output, ROOT / cfg.run_dir / "config.yaml"
+    if not path.exists() or not saved.exists() or load_recipe(saved).data.world != cfg.data.world:
         run_train(load_recipe(config, [f"run_dir={ROOT / cfg.run_dir}"]), progress=False)
     return path
 
 
-def run(n_docs: int, steps: int, reader: Path, retriever: Path, tmp: Path) -> dict:
-    cfg = load_recipe(FID, [f"fid.n_docs={n_docs}", f"train.max_steps={steps}", f"generator.source={reader}",
-                            f"retriever.init_from={retriever}",
-                            f"run_dir={tmp / f'fid{n_docs}'}", f"train.val_every_n_steps={steps}", "train.val_questions=200"])
+def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, tmp: Path) -> dict:
+    cfg = load_recipe(FID, [f"fid.n_docs={n_docs}", f"fid.score_prior={prior}", f"train.max_steps={steps}",
+                            f"generator.source={reader}", f"retriever.init_from={retriever}",
+                            f"run_dir={tmp / f'fid{n_docs}_{prior:g}'}", f"train.val_every_n_steps={steps}",
+                            f"train.val_questions={DEV}"])
+    logging.basicConfig(level=logging.WARNING)
     s = run_train(cfg, progress=False)
-    return {"passages": n_docs, "steps": s["steps"], "dev EM at start": s["dev_em_at_start"], "dev EM": s["dev_em"],
+    return {"passages": n_docs, "score prior": prior, "steps": s["steps"], "dev EM at start": s["dev_em_at_start"],
+            "dev EM": s["dev_em"],
             "dev recall@n at start": s[f"dev_recall@{n_docs}_at_start"],
             "dev recall@n (n = passages)": s[f"dev_recall@{n_docs}"],
             "reader EM on gold passage": s["dev_reader_em_gold"], "seconds": s["seconds"]}
@@ -58,7 +68,7 @@ def same_person_share(retriever: Path, tmp: Path) -> dict[int, float]:
     from openbook.trainer.train import build_parts, dev_loader
 
     cfg = load_recipe(FID, [f"retriever.init_from={retriever}", f"run_dir={tmp / 'profile'}",
-                            "train.val_questions=200"])
+                            f"train.val_questions={DEV}"])
     parts = build_parts(cfg)
     snap = IndexSnapshot.load(parts.callback.build_initial(parts.module, 0).path)
     titles = [parts.data.corpus[i]["title"] for i in range(len(parts.data.corpus))]
@@ -81,7 +91,9 @@ def main() -> None:
     reader = ensure_run(READER, "generator")
     retriever = ensure_run(RETRIEVER, "retriever.pt")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(n, steps, reader, retriever, Path(tmp)) for n in PASSAGES]
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(run, n, prior, steps, reader, retriever, Path(tmp)) for n, prior in RUNS]
+            rows = [j.result() for j in jobs]
         share = same_person_share(retriever, Path(tmp))
     for r in rows:
         r["other passages about the same person"] = share[r["passages"]]
@@ -91,8 +103,10 @@ def main() -> None:
 
 `{cmd}` on {machine()}. `configs/fid_tiny.yaml`: the tiny T5 reader of
 `configs/reader_pretrain_tiny.yaml` trained {steps} steps on the top-n passages that the DPR-style
-retriever of `configs/fid_retriever_tiny.yaml` returns (fixed, no KD), only `fid.n_docs` changed.
-"at start" is the pretrained single-passage reader before FiD training; "reader EM on gold passage"
+retriever of `configs/fid_retriever_tiny.yaml` returns (fixed, no KD) on the 10,000-passage world,
+only `fid.n_docs` and `fid.score_prior` changed ("score prior" w: w x the passage's retrieval score is
+added to the decoder's cross-attention logits on its tokens; 0 is the paper's FiD). Dev = all {DEV} dev
+questions. "at start" is the pretrained single-passage reader before FiD training; "reader EM on gold passage"
 is the trained reader given the gold passage alone. "other passages about the same person": of the
 retrieved passages that are not the gold one, the share with the gold passage's title (the rest are
 about other people, mostly with the same relation).
