@@ -99,7 +99,7 @@ def _no_refresh(tmp: Path, max_steps: int):
                        refresh={"enabled": False})
 
 
-@pytest.mark.parametrize("damage", ["none", "missing", "corrupt"])
+@pytest.mark.parametrize("damage", ["none", "missing", "corrupt", "replaced"])
 def test_resume_reuses_the_snapshot_or_rebuilds_it(tmp_path, damage, caplog):
     _run(_no_refresh(tmp_path, 4))
     run = tmp_path / "run"
@@ -111,6 +111,10 @@ def test_resume_reuses_the_snapshot_or_rebuilds_it(tmp_path, damage, caplog):
     elif damage == "corrupt":
         emb = store.path(1) / "embeddings.npy"
         emb.write_bytes(emb.read_bytes()[:-16] + b"\0" * 16)
+    elif damage == "replaced":  # a valid snapshot at the same path, but another index (other weights)
+        manifest = store.path(1) / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"encoder_step": 0', '"encoder_step": 99'))
+        assert store.load(1).encoder_step == 99
     with caplog.at_level(logging.INFO, logger="openbook.trainer.refresh_callback"):
         parts, rec, trainer = _run(_no_refresh(tmp_path, 6), resume=str(run / "checkpoints" / "step-00000004"))
     assert trainer.global_step == 6 and sorted(rec.losses) == [5, 6]
@@ -122,8 +126,9 @@ def test_resume_reuses_the_snapshot_or_rebuilds_it(tmp_path, damage, caplog):
         assert SnapshotStore(run / "snapshots").versions() == [1]
     else:
         assert snap.encoder_step == 4  # rebuilt with the restored step-4 weights, published as the newest
-        assert snap.version == SnapshotStore(run / "snapshots").versions()[-1] == (1 if damage == "missing" else 2)
+        assert snap.version == SnapshotStore(run / "snapshots").versions()[-1] == 2  # never v1 again
         assert "rebuilding the index" in lines[0] and "\n" not in lines[0]
+        assert ("another index" in lines[0]) == (damage == "replaced")
     assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000006"]
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from openbook.index import (
     SnapshotStore,
     build_faiss_index,
 )
-from openbook.index.snapshot import CRASH_STAGES
+from openbook.index.snapshot import CRASH_STAGES, HIGHWATER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def publish(store: SnapshotStore, seed: int = 0, step: int = 0, **kw):
 
 
 def leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.name != HIGHWATER)
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -223,6 +224,17 @@ def test_versions_increase_and_prune_keeps_newest_and_protected(tmp_path):
     assert store.prune(protect=[4]) == [1]
     assert store.versions() == [4, 5] and leftovers(tmp_path) == []
     assert [store.load(v).encoder_step for v in store.versions()] == [30, 40]
+
+
+def test_a_version_number_is_never_reused(tmp_path):
+    store = SnapshotStore(tmp_path, keep=5)
+    assert [publish(store, seed=s, step=s).version for s in range(3)] == [1, 2, 3]
+    shutil.rmtree(store.path(3))  # the newest deleted by hand (or lost)
+    shutil.rmtree(store.path(2))
+    assert publish(store, seed=7, step=7).version == 4  # not 2: a checkpoint that named v2/v3 meant another index
+    assert (tmp_path / HIGHWATER).read_text().strip() == "4" and leftovers(tmp_path) == []
+    (tmp_path / HIGHWATER).write_text("garbage")  # unreadable: the version dirs alone decide
+    assert publish(store, seed=8, step=8).version == 5
 
 
 def test_version_claim_retries_when_name_was_taken(tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ Layout under a store root::
     <root>/v000001/doc_ids.npy     numpy unicode [N]: corpus string id of row i
     <root>/.tmp-<host>-<pid>-<rand>/    a publish in progress (or left by a killed writer)
     <root>/.trash-v000001-<rand>/       a pruned snapshot being deleted
+    <root>/.highwater              the highest version ever claimed here: numbers are never reused,
+                                   even after the newest vNNNNNN dirs were deleted by hand
 
 Publishing writes everything into a hidden ``.tmp-*`` dir, fsyncs each file and the dir, then claims
 the next version with one ``os.rename`` — so a ``vNNNNNN`` dir is complete or absent, whatever
@@ -54,6 +56,7 @@ DOC_IDS_FILE = "doc_ids.npy"
 PAYLOAD = (EMBEDDINGS_FILE, DOC_IDS_FILE, INDEX_FILE)
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+HIGHWATER = ".highwater"
 CRASH_ENV = "OPENBOOK_TEST_CRASH_PUBLISH"
 CRASH_STAGES = ("after_embeddings", "after_index", "before_rename")
 
@@ -416,7 +419,21 @@ class SnapshotStore:
         return {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in PAYLOAD}
 
     def _next_version(self) -> int:
-        return max((v for v, _ in self._version_dirs()), default=0) + 1
+        return max(max((v for v, _ in self._version_dirs()), default=0), self._highwater()) + 1
+
+    def _highwater(self) -> int:
+        try:
+            return int((self.root / HIGHWATER).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return 0  # none yet (or unreadable): the version dirs alone decide
+
+    def _raise_highwater(self, version: int) -> None:
+        """Record ``version`` as claimed (write-then-rename: the file is whole or the old one)."""
+        if version <= self._highwater():
+            return
+        tmp = self.root / f"{HIGHWATER}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(f"{version}\n")
+        os.replace(tmp, self.root / HIGHWATER)
 
     def _claim(self, tmp: Path, body: dict) -> int:
         """Rename ``tmp`` to the next free ``vNNNNNN``; a name taken by a concurrent writer -> try the next."""
@@ -433,6 +450,7 @@ class SnapshotStore:
                     raise
                 version = max(version + 1, self._next_version())
                 continue
+            self._raise_highwater(version)
             _fsync_path(self.root)
             return version
         raise SnapshotError(f"{self.root}: could not claim a version after 1000 attempts")

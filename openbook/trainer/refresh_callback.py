@@ -168,6 +168,10 @@ class IndexRefreshCallback(pl.Callback):
                 snap = IndexSnapshot.load(pub.path)
             except Exception as e:  # noqa: BLE001 - any unusable snapshot is rebuilt
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if snap is not None and (snap.encoder_step, snap.weights_time) != (pub.encoder_step, pub.weights_time):
+            why = (f"it holds another index (encoder_step {snap.encoder_step}; the checkpoint's was built at "
+                   f"{pub.encoder_step})")
+            snap = None
         ok = snap is not None
         if trainer.world_size > 1:  # every rank must have it, or all rebuild together
             flag = torch.tensor([1.0 if ok else 0.0], device=trainer.strategy.root_device)
