@@ -89,3 +89,17 @@ def test_a_batch_larger_than_the_corpus_is_refused(tmp_path, model):
                       realm={"salient_spans": "title_words"}, train={"batch_size": 101})
     with pytest.raises(ConfigError, match="batch_size=101 but the corpus has only 100 passages"):
         question_loader(cfg, prepare_data(cfg.data), load_tokenizer(EncoderConfig()))
+
+
+def test_a_run_on_text_without_questions_reports_no_recall(tmp_path):
+    """pydoc text has no gold passages: the summary leaves recall out instead of printing NaN."""
+    import json
+
+    from openbook.trainer.train import run_train
+    from tests.helpers import tiny_recipe
+
+    cfg = tiny_recipe(tmp_path, model="ict", data={"source": "pydoc", "pydoc_words": 64},
+                      train={"max_steps": 2, "batch_size": 8}, refresh={"enabled": False})
+    summary = run_train(cfg, progress=False)
+    assert summary["steps"] == 2 and not any("recall" in key for key in summary)
+    json.dumps(summary, allow_nan=False)  # no NaN anywhere: valid JSON for dashboards and scripts

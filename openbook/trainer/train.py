@@ -319,7 +319,8 @@ def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> 
     parts = build_parts(cfg)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     k = cfg.train.eval_k
-    start = dev_recall(parts)
+    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
+    start = dev_recall(parts) if has_gold else None
     dev = dev_loader(cfg, parts.data, parts.tokenizer) if cfg.model in ("rag", "fid", "realm_qa") else None
     at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
                 else {})
@@ -340,11 +341,12 @@ def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> 
         "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
         "refresh_failures": stats.failures,
         "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
-        f"dev_recall@{k}_at_start": start,
-        f"dev_recall@{k}_index_in_use": dev_recall(parts, parts.holder.get()),
-        f"dev_recall@{k}_fresh_encode": dev_recall(parts),
         "tensorboard": str(Path(cfg.run_dir) / "tb"),
     }
+    if has_gold:
+        summary.update({f"dev_recall@{k}_at_start": start,
+                        f"dev_recall@{k}_index_in_use": dev_recall(parts, parts.holder.get()),
+                        f"dev_recall@{k}_fresh_encode": dev_recall(parts)})
     if dev is not None:  # answer quality with the final weights and the snapshot in use
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
         summary.update({**at_start, **{f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()}})
