@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +57,8 @@ def with_gold_rows(examples: list[QAExample], corpus: Corpus, require: bool) -> 
     return out
 
 
-def make_loader(items: list, batch_size: int, collate: QACollator, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(items, batch_size: int, collate: Callable, shuffle: bool, seed: int) -> DataLoader:
+    """``items``: a list or a map-style dataset. Shuffled loaders resume mid-epoch (``ResumableLoader``)."""
     gen = torch.Generator().manual_seed(seed)
     if not shuffle:
         return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=gen)
@@ -100,9 +102,17 @@ class ResumableLoader(DataLoader):
         s = self.sampler
         if not isinstance(s, ResumableSampler) or s.epoch_state is None:
             return {}  # e.g. Lightning swapped in a DistributedSampler
-        return {"generator": s.epoch_state, "consumed": s.consumed}
+        return {"generator": s.epoch_state, "consumed": s.consumed, "calls": self._counters()}
 
     def load_state_dict(self, state: dict) -> None:
         if state and isinstance(self.sampler, ResumableSampler) and self.generator is not None:
             self.generator.set_state(state["generator"])
             self.sampler.skip = int(state["consumed"])
+            for name, calls in state.get("calls", {}).items():
+                getattr(self, name).calls = int(calls)
+
+    def _counters(self) -> dict[str, int]:
+        """Call counters of a dataset or collate function that seed their own draws (REALM's masking,
+        ICT's sentence choice): restored on resume so the resumed run draws what the uninterrupted one would."""
+        return {name: getattr(self, name).calls for name in ("dataset", "collate_fn")
+                if isinstance(getattr(getattr(self, name), "calls", None), int)}

@@ -75,20 +75,17 @@ def realm_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
     finder_for = partial(make_span_finder, cfg.realm.salient_spans)
     ds = MaskedSentences(data.corpus, tokenizer, finder_for, cfg.realm.max_query_length, cfg.train.seed)
     check_full_batch(len(ds), cfg.train.batch_size, f"passages with a salient span ({cfg.realm.salient_spans})")
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
-                      collate_fn=partial(collate_masked, pad_id=tokenizer.pad_token_id))
+    return make_loader(ds, cfg.train.batch_size, partial(collate_masked, pad_id=tokenizer.pad_token_id),
+                       shuffle=True, seed=cfg.train.seed)
 
 
 def ict_loader(cfg: RecipeConfig, data: DataBundle, tokenizer) -> DataLoader:
     from openbook.trainer.ict_module import IctCollator, IctPassages
 
-    gen = torch.Generator().manual_seed(cfg.train.seed)
     ds = IctPassages(data.corpus)
     check_full_batch(len(ds), cfg.train.batch_size, "passages with text")
     collate = IctCollator(tokenizer, cfg.ict, cfg.retriever.doc_max_length, cfg.train.seed)
-    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=gen,
-                      collate_fn=collate)
+    return make_loader(ds, cfg.train.batch_size, collate, shuffle=True, seed=cfg.train.seed)
 
 
 def check_full_batch(n: int, batch_size: int, what: str) -> None:
