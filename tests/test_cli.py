@@ -113,3 +113,22 @@ def test_two_process_ddp_ranks_swap_the_same_versions_at_the_same_steps(tmp_path
     assert versions[-1] > versions[0], versions  # refreshed snapshots were swapped in during the run
     assert h0["events"] and not h1["events"]  # only rank 0 drives the refresher
     assert proc.stdout.count('"steps": 30') == 1  # one summary, from rank 0
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
+    """ICT under 2-process DDP (gloo): each rank's queries are scored against both ranks' passages
+    (the logged softmax size is 2 x the per-rank batch), and the run still teaches retrieval."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    wd = _workdir(tmp_path)
+    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "train.max_steps=60",
+            "train.batch_size=16", "data.world.num_passages=300"]
+    proc = run(["train", "--config", "configs/ict_tiny.yaml", "--quiet", *[a for s in sets for a in ("--set", s)]],
+               wd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["dev_recall@5_fresh_encode"] > summary["dev_recall@5_at_start"] + 0.2, summary
+    events = EventAccumulator(str(next((wd / "runs" / "ict_tiny" / "tb").glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert {e.value for e in events.Scalars("train/candidates")} == {32.0}

@@ -53,6 +53,21 @@ def test_ict_loss_matches_a_float64_loop():
         assert bool(hit[i]) == (max(scores, key=scores.get) == i)
 
 
+def test_ict_loss_over_gathered_ranks_is_the_full_batch_loss():
+    """Two ranks' halves, each scoring all 6 docs with its own offset, give the 6-query batch's loss."""
+    torch.manual_seed(1)
+    q, d = torch.randn(6, 8), torch.randn(6, 8)
+    titles = torch.tensor([0, 1, 0, 2, 1, 3])
+    same = titles[:, None] == titles[None, :]
+    full, full_hit = ict_loss(q, d, same)
+    for rank in (0, 1):
+        part = slice(3 * rank, 3 * rank + 3)
+        loss, hit = ict_loss(q[part], d, same[part], offset=3 * rank)
+        assert torch.allclose(loss, full[part]) and torch.equal(hit, full_hit[part])
+    half, _ = ict_loss(q[:3], d[:3], same[:3, :3])
+    assert not torch.allclose(half, full[:3])  # the other rank's docs do enter the softmax
+
+
 def test_ict_run_teaches_a_random_retriever_to_find_passages_by_name(tmp_path):
     """Real ``openbook train`` run with ``model: ict`` (no Ray: refresh off): the dev questions were never
     seen, yet recall@5 on them goes from chance to most, because ICT teaches name-to-title matching."""

@@ -49,14 +49,17 @@ def ict_pair(text: str, rng: random.Random, keep_sentence_prob: float) -> tuple[
     return sentences[i], " ".join(sentences[:i] + sentences[i + 1:])
 
 
-def ict_loss(queries: torch.Tensor, docs: torch.Tensor, same_title: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch softmax loss [B] of query i against doc i, and whether doc i scored highest [B].
+def ict_loss(queries: torch.Tensor, docs: torch.Tensor, same_title: torch.Tensor,
+             offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch softmax loss [B] of query i against doc ``offset + i``, and whether that doc scored highest [B].
 
-    queries/docs [B, d]; ``same_title`` [B, B] bool marks pairs (i, j != i) that share a title: another
-    passage about the same entity is not a negative (it is as right as the positive), so it is masked out
-    of the softmax rather than pushed away."""
+    queries [B, d]; docs [N, d], N >= B: the batch's docs, or under data parallelism every rank's docs
+    side by side, this rank's starting at ``offset``. ``same_title`` [B, N] bool marks the pairs that
+    share a title: another passage about the same entity is not a negative (it is as right as the
+    positive), so it is masked out of the softmax rather than pushed away."""
     scores = queries @ docs.T
-    off_diagonal = same_title & ~torch.eye(len(scores), dtype=torch.bool, device=scores.device)
-    scores = scores.float().masked_fill(off_diagonal, float("-inf"))
-    target = torch.arange(len(scores), device=scores.device)
+    target = torch.arange(len(scores), device=scores.device) + offset
+    positive = torch.zeros_like(same_title)
+    positive[torch.arange(len(scores)), target] = True
+    scores = scores.float().masked_fill(same_title & ~positive, float("-inf"))
     return F.cross_entropy(scores, target, reduction="none"), scores.argmax(1).eq(target)

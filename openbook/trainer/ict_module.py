@@ -1,6 +1,7 @@
 """ICT warm start of the retriever (``model: ict``): batches of corpus passages, each turned into a
-(sentence, rest of its passage) pair; in-batch negatives. The run writes ``retriever.pt`` like any
-recipe, so REALM pretraining starts from it with ``retriever.init_from``."""
+(sentence, rest of its passage) pair; in-batch negatives, gathered from every rank under data
+parallelism (as DPR and ORQA do: a rank's queries score all ranks' passages). The run writes
+``retriever.pt`` like any recipe, so REALM pretraining starts from it with ``retriever.init_from``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class IctPassages(Dataset):
     def __init__(self, corpus: Corpus):
         self.corpus = corpus
         self.rows = [i for i in range(len(corpus)) if corpus[i]["text"].strip()]
+        self.title_ids: dict[str, int] = {}  # equal titles <-> equal ids, comparable across ranks
+        for row in self.rows:
+            self.title_ids.setdefault(corpus[row]["title"], len(self.title_ids))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -31,7 +35,7 @@ class IctPassages(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         item = self.corpus[row]
-        return {"row": row, "title": item["title"], "text": item["text"]}
+        return {"row": row, "title": item["title"], "title_id": self.title_ids[item["title"]], "text": item["text"]}
 
 
 @dataclass
@@ -51,9 +55,7 @@ class IctCollator:
                     return_tensors="pt")
         docs = tok([b["title"] for b in batch], [d for _, d in pairs], truncation="longest_first",
                    max_length=self.doc_max_length, padding=True, return_tensors="pt")
-        titles = [b["title"] for b in batch]
-        same = torch.tensor([[a == b for b in titles] for a in titles])
-        return {"query": dict(query), "docs": dict(docs), "same_title": same,
+        return {"query": dict(query), "docs": dict(docs), "title_id": torch.tensor([b["title_id"] for b in batch]),
                 "row": torch.tensor([b["row"] for b in batch])}
 
 
@@ -64,9 +66,15 @@ class IctModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.retriever.encode_queries(batch["query"])
-        d = self.retriever.encode_docs(batch["docs"])
-        loss, hit = ict_loss(q, d, batch["same_title"])
-        self.log_dict({"train/loss": loss.mean().detach(), "train/in_batch_acc": hit.float().mean()},
+        d, titles = self.retriever.encode_docs(batch["docs"]), batch["title_id"]
+        offset = 0
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank's passages are negatives
+            offset = self.global_rank * len(d)
+            d = self.all_gather(d, sync_grads=True).flatten(0, 1)  # [world * B, dim]; rank batches are equal
+            titles = self.all_gather(titles).flatten(0, 1)
+        loss, hit = ict_loss(q, d, batch["title_id"][:, None] == titles[None, :], offset)
+        self.log_dict({"train/loss": loss.mean().detach(), "train/in_batch_acc": hit.float().mean(),
+                       "train/candidates": float(len(d))},
                       on_step=True, on_epoch=False, prog_bar=True, batch_size=len(hit))
         return loss.mean()
 
