@@ -132,3 +132,24 @@ def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
     events = EventAccumulator(str(next((wd / "runs" / "ict_tiny" / "tb").glob("events.out.tfevents.*"))))
     events.Reload()
     assert {e.value for e in events.Scalars("train/candidates")} == {32.0}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
+    """2-process DDP (gloo), stopped at step 8 and resumed with ``--resume last``: both ranks restore the
+    checkpoint's snapshot without re-encoding and carry on in step; the missed step-8 refresh runs at resume."""
+    wd = _workdir(tmp_path)
+    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "refresh.schedule=4",
+            "data.world.num_passages=600", "train.checkpoint_every_n_steps=4"]
+    args = ["train", "--config", "configs/default.yaml", *[a for s in sets for a in ("--set", s)]]
+    first = run([*args, "--set", "train.max_steps=8"], wd, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run([*args, "--set", "train.max_steps=16", "--resume", "last"], wd, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count("not re-encoded") == 2  # one line per rank, the step-4 snapshot (v2) reused
+    summary = json.loads(second.stdout[second.stdout.index("{"):])
+    assert summary["steps"] == 16 and summary["refreshes_published"] == 2 and summary["index_version"] == 4
+    run_dir = wd / "runs" / "default"
+    h0, h1 = (json.loads((run_dir / f"refresh_history_rank{r}.json").read_text()) for r in (0, 1))
+    assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
+    assert h0["versions"][0][1] == 2 and h0["versions"][-1][1] > 2
