@@ -96,18 +96,28 @@ def test_config_help_lists_every_section():
         assert key in proc.stdout
 
 
+DDP = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]  # 2 processes on CPU (gloo)
+
+
+def ddp_train(wd: Path, config: str, sets: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """``openbook train`` with 2-process DDP and ``--set`` overrides; fails the test on a non-zero exit."""
+    proc = run(["train", "--config", config, *[a for s in DDP + sets for a in ("--set", s)], *extra], wd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rank_histories(run_dir: Path) -> tuple[dict, dict]:
+    return tuple(json.loads((run_dir / f"refresh_history_rank{r}.json").read_text()) for r in (0, 1))
+
+
 @pytest.mark.slow
 def test_two_process_ddp_ranks_swap_the_same_versions_at_the_same_steps(tmp_path):
     """2-process DDP on CPU (gloo) with refresh on: rank 0 drives Ray, both ranks use the same
     snapshot version at every step."""
     wd = _workdir(tmp_path)
-    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "train.max_steps=30",
-            "refresh.schedule=8", "data.world.num_passages=600"]
-    proc = run(["train", "--config", "configs/default.yaml", "--quiet", *[a for s in sets for a in ("--set", s)]],
-               wd, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = wd / "runs" / "default"
-    h0, h1 = (json.loads((run_dir / f"refresh_history_rank{r}.json").read_text()) for r in (0, 1))
+    proc = ddp_train(wd, "configs/default.yaml", ["train.max_steps=30", "refresh.schedule=8",
+                                                  "data.world.num_passages=600"], "--quiet")
+    h0, h1 = rank_histories(wd / "runs" / "default")
     assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 30
     versions = [v for _, v in h0["versions"]]
     assert versions[-1] > versions[0], versions  # refreshed snapshots were swapped in during the run
@@ -122,11 +132,8 @@ def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     wd = _workdir(tmp_path)
-    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "train.max_steps=60",
-            "train.batch_size=16", "data.world.num_passages=300"]
-    proc = run(["train", "--config", "configs/ict_tiny.yaml", "--quiet", *[a for s in sets for a in ("--set", s)]],
-               wd, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = ddp_train(wd, "configs/ict_tiny.yaml", ["train.max_steps=60", "train.batch_size=16",
+                                                   "data.world.num_passages=300"], "--quiet")
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["dev_recall@5_fresh_encode"] > summary["dev_recall@5_at_start"] + 0.2, summary
     events = EventAccumulator(str(next((wd / "runs" / "ict_tiny" / "tb").glob("events.out.tfevents.*"))))
@@ -139,17 +146,12 @@ def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
     """2-process DDP (gloo), stopped at step 8 and resumed with ``--resume last``: both ranks restore the
     checkpoint's snapshot without re-encoding and carry on in step; the missed step-8 refresh runs at resume."""
     wd = _workdir(tmp_path)
-    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "refresh.schedule=4",
-            "data.world.num_passages=600", "train.checkpoint_every_n_steps=4"]
-    args = ["train", "--config", "configs/default.yaml", *[a for s in sets for a in ("--set", s)]]
-    first = run([*args, "--set", "train.max_steps=8"], wd, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run([*args, "--set", "train.max_steps=16", "--resume", "last"], wd, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
+    sets = ["refresh.schedule=4", "data.world.num_passages=600", "train.checkpoint_every_n_steps=4"]
+    ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=8"])
+    second = ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=16"], "--resume", "last")
     assert second.stderr.count("not re-encoded") == 2  # one line per rank, the step-4 snapshot (v2) reused
     summary = json.loads(second.stdout[second.stdout.index("{"):])
     assert summary["steps"] == 16 and summary["refreshes_published"] == 2 and summary["index_version"] == 4
-    run_dir = wd / "runs" / "default"
-    h0, h1 = (json.loads((run_dir / f"refresh_history_rank{r}.json").read_text()) for r in (0, 1))
+    h0, h1 = rank_histories(wd / "runs" / "default")
     assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
     assert h0["versions"][0][1] == 2 and h0["versions"][-1][1] > 2
