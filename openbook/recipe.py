@@ -20,6 +20,7 @@ from openbook.models.rag import RagConfig
 from openbook.models.realm import RealmConfig
 from openbook.models.retriever import RetrieverConfig
 from openbook.refresher.config import RefreshConfig
+from openbook.refresher.schedule import RefreshSchedule
 from openbook.trainer.config import MonitorConfig, TrainConfig
 
 
@@ -79,11 +80,23 @@ class RecipeConfig:
         if self.refresh.enabled and self.snapshots.keep < 2:
             raise ValueError("snapshots.keep must be >= 2 with refresh on: a publish would otherwise prune "
                              "the snapshot the trainer is still loading")
+        waiting = self._refreshes_waiting()
+        if waiting > self.snapshots.keep:
+            raise ValueError(f"snapshots.keep={self.snapshots.keep} but up to {waiting} published refreshes can wait "
+                             f"for their swap (refresh.swap_lag={self.refresh.swap_lag}, schedule "
+                             f"'{self.refresh.schedule}'): a publish would prune one; raise snapshots.keep to "
+                             f"{waiting} or lower the lag")
         if self.train.freeze_doc_encoder and self.retriever.shared:
             raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
         if self.train.closed_book and self.model not in ("rag", "fid"):
             raise ValueError(f"train.closed_book needs a generator (model: rag or fid), not {self.model}: "
                              "a span reader or a retriever cannot answer without passages")
+
+    def _refreshes_waiting(self) -> int:
+        lag = self.refresh.lag
+        if not self.refresh.enabled or lag is None:
+            return 0
+        return RefreshSchedule(self.refresh.schedule).most_within(lag, self.train.max_steps)
 
     @property
     def snapshot_dir(self) -> Path:

@@ -76,10 +76,12 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_session, stop):
     state = torch.load(ckpt_dir / CKPT_FILE, weights_only=False)["callbacks"]["IndexRefreshCallback"]
     assert state["step"] == 8 and state["in_use"]["version"] == 2 and state["in_use"]["encoder_step"] == 4
     if stop == "max_steps":
-        assert state["last_refresh_step"] == 4 and state["published"] == 1 and state["pending"] is None
-    else:
+        assert state["last_refresh_step"] == 4 and state["published"] == 1 and state["queue"] == []
+    else:  # sync = a swap lag of 1: the step-8 refresh waits for step 9, with its weights kept until then
         assert state["last_refresh_step"] == 8 and state["published"] == 2
-        assert (state["pending"]["version"], state["pending"]["encoder_step"]) == (3, 8)
+        (waiting,) = state["queue"]
+        assert (waiting["published"]["version"], waiting["encoder_step"], waiting["swap_step"]) == (3, 8, 9)
+        assert set(waiting["state"]) == set(first.module.retriever.doc_encoder.state_dict())
     second, second_rec, trainer = _run(_recipe(tmp_path / "cut", cache, 16, refresh), resume="last")
     assert trainer.global_step == 16
     assert sorted(second_rec.losses) == list(range(9, 17))
@@ -184,3 +186,54 @@ def test_ict_and_realm_loaders_resume_mid_epoch(tmp_path, model):
         assert torch.equal(rows[step][1], full_rows[step][1]), step  # same masks / query sentences
         loss = first_loss.get(step, second_loss.get(step))
         assert loss == pytest.approx(full_loss[step], abs=1e-4), step
+
+
+class InUse(pl.Callback):
+    """The encoder step of the index in use at every step (what the swap plan decides)."""
+
+    def __init__(self, holder):
+        self.holder, self.steps = holder, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps[trainer.global_step] = self.holder.get().encoder_step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("snapshots", ["kept", "lost"])
+def test_resume_continues_the_deterministic_swap_plan(tmp_path, ray_session, snapshots, caplog):
+    """Async refresh every 3 steps, each swapped in 5 steps later: the step-8 checkpoint holds the step-6
+    refresh, not yet in use (published or still encoding when the checkpoint was written). Resumed, the run
+    swaps it in at step 11 as the uninterrupted run does, with the same losses. "lost": the snapshots it
+    published are deleted before resuming, so it is redone from the weights the checkpoint kept."""
+    refresh = {"schedule": "3", "swap_lag": 5}
+
+    def run(name, steps, resume=None):
+        cfg = _recipe(tmp_path / name, tmp_path / "cache", steps, refresh)
+        parts = build_parts(cfg)
+        rec, in_use = Steps(), InUse(parts.holder)
+        trainer = make_trainer(cfg, [parts.callback, rec, in_use], logger=False, enable_progress_bar=False)
+        fit(trainer, parts, question_loader(cfg, parts.data, parts.tokenizer),
+            resolve_checkpoint(resume, cfg.run_dir) if resume else None)
+        return rec.losses, in_use.steps
+
+    full_loss, full_in_use = run("full", 16)
+    assert list(full_in_use.values()) == [0] * 7 + [3] * 3 + [6] * 3 + [9] * 3  # the plan: s + 5
+    first_loss, first_in_use = run("cut", 8)
+    state = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "step-00000008" / CKPT_FILE,
+                       weights_only=False)["callbacks"]["IndexRefreshCallback"]
+    (waiting,) = state["queue"]
+    assert (waiting["encoder_step"], waiting["swap_step"]) == (6, 11) and waiting["state"]
+    store = SnapshotStore(tmp_path / "cut" / "run" / "snapshots")
+    if snapshots == "lost":
+        for v in store.versions():
+            if store.load(v).encoder_step == 6:
+                shutil.rmtree(store.path(v))
+    with caplog.at_level(logging.INFO, logger="openbook.trainer.refresh_callback"):
+        second_loss, second_in_use = run("cut", 16, resume="last")
+    if snapshots == "lost":
+        assert any("redoing the refresh of step 6" in r.getMessage() for r in caplog.records)
+    assert {**first_in_use, **second_in_use} == full_in_use
+    resumed = {**first_loss, **second_loss}
+    assert sorted(resumed) == list(range(1, 17))
+    for step, loss in full_loss.items():
+        assert loss == pytest.approx(resumed[step], abs=1e-4), step

@@ -110,35 +110,47 @@ def rank_histories(run_dir: Path) -> tuple[dict, dict]:
     return tuple(json.loads((run_dir / f"refresh_history_rank{r}.json").read_text()) for r in (0, 1))
 
 
+def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "tb").glob("events.out.tfevents.*"))))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
 @pytest.mark.slow
-def test_two_process_ddp_ranks_swap_the_same_versions_at_the_same_steps(tmp_path):
-    """2-process DDP on CPU (gloo) with refresh on: rank 0 drives Ray, both ranks use the same
-    snapshot version at every step."""
+def test_two_process_ddp_runs_reproduce_with_a_slowed_pool(tmp_path):
+    """2-process DDP on CPU (gloo) with refresh on: rank 0 drives Ray, both ranks use the same snapshot
+    version at every step; and a second run whose encoder actors are slowed by an injected delay swaps the
+    same versions at the same steps (those the config plans) and logs the same loss at every step."""
     wd = _workdir(tmp_path)
-    proc = ddp_train(wd, "configs/default.yaml", ["train.max_steps=30", "refresh.schedule=8",
-                                                  "data.world.num_passages=600"], "--quiet")
-    h0, h1 = rank_histories(wd / "runs" / "default")
-    assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 30
-    versions = [v for _, v in h0["versions"]]
-    assert versions[-1] > versions[0], versions  # refreshed snapshots were swapped in during the run
-    assert h0["events"] and not h1["events"]  # only rank 0 drives the refresher
-    assert proc.stdout.count('"steps": 30') == 1  # one summary, from rank 0
+    sets = ["train.max_steps=30", "refresh.schedule=8", "refresh.swap_lag=3", "data.world.num_passages=600"]
+    runs = {}
+    for name, delay in (("fast", 0), ("slow", 1.5)):
+        proc = ddp_train(wd, "configs/default.yaml", [*sets, f"run_dir=runs/{name}",
+                                                      f"refresh.inject_delay_seconds={delay}"], "--quiet")
+        assert proc.stdout.count('"steps": 30') == 1  # one summary, from rank 0
+        h0, h1 = rank_histories(wd / "runs" / name)
+        assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 30
+        assert h0["events"] and not h1["events"]  # only rank 0 drives the refresher
+        runs[name] = (h0, tb_scalars(wd / "runs" / name, "train/loss"))
+    (fast, fast_loss), (slow, slow_loss) = runs["fast"], runs["slow"]
+    planned = [1] * 10 + [2] * 8 + [3] * 8 + [4] * 4  # triggers after 8, 16, 24; each in use from s + 3
+    assert [v for _, v in fast["versions"]] == [v for _, v in slow["versions"]] == planned
+    assert all(e["duration"] >= 1.5 for e in slow["events"])  # the delay was in force
+    assert len(fast_loss) == 30 and fast_loss == slow_loss
 
 
 @pytest.mark.slow
 def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
     """ICT under 2-process DDP (gloo): each rank's queries are scored against both ranks' passages
     (the logged softmax size is 2 x the per-rank batch), and the run still teaches retrieval."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     wd = _workdir(tmp_path)
     proc = ddp_train(wd, "configs/ict_tiny.yaml", ["train.max_steps=60", "train.batch_size=16",
                                                    "data.world.num_passages=300"], "--quiet")
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["dev_recall@5_fresh_encode"] > summary["dev_recall@5_at_start"] + 0.2, summary
-    events = EventAccumulator(str(next((wd / "runs" / "ict_tiny" / "tb").glob("events.out.tfevents.*"))))
-    events.Reload()
-    assert {e.value for e in events.Scalars("train/candidates")} == {32.0}
+    assert set(tb_scalars(wd / "runs" / "ict_tiny", "train/candidates").values()) == {32.0}
 
 
 @pytest.mark.slow
@@ -146,7 +158,8 @@ def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
     """2-process DDP (gloo), stopped at step 8 and resumed with ``--resume last``: both ranks restore the
     checkpoint's snapshot without re-encoding and carry on in step; the missed step-8 refresh runs at resume."""
     wd = _workdir(tmp_path)
-    sets = ["refresh.schedule=4", "data.world.num_passages=600", "train.checkpoint_every_n_steps=4"]
+    sets = ["refresh.schedule=4", "refresh.swap_lag=2", "data.world.num_passages=600",
+            "train.checkpoint_every_n_steps=4"]
     ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=8"])
     second = ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=16"], "--resume", "last")
     assert second.stderr.count("not re-encoded") == 2  # one line per rank, the step-4 snapshot (v2) reused
@@ -154,4 +167,5 @@ def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
     assert summary["steps"] == 16 and summary["refreshes_published"] == 2 and summary["index_version"] == 4
     h0, h1 = rank_histories(wd / "runs" / "default")
     assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
-    assert h0["versions"][0][1] == 2 and h0["versions"][-1][1] > 2
+    # the step-8 refresh (triggered at resume) is in use from step 10, the step-12 one from 14
+    assert [v for _, v in h0["versions"]] == [2] + [3] * 4 + [4] * 3

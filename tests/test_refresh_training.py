@@ -121,3 +121,62 @@ def test_a_crashing_fit_cancels_the_refresh_and_kills_the_actors(tmp_path, ray_s
     alive = wait_gone(crash.pids)
     assert not alive, f"orphaned actor processes: {alive}"
     assert SnapshotStore(cfg.snapshot_dir).versions() == [1]  # the cancelled refresh published nothing
+
+
+def _planned_versions(schedule: str, lag: int, steps: int) -> list[int]:
+    """The version in use after each step under the deterministic swap, from the config alone: the initial
+    snapshot is v1 and the refresh triggered after step s (never the last step) is in use from step s + lag."""
+    from openbook.refresher.schedule import RefreshSchedule
+
+    triggers = [s for s in range(1, steps) if RefreshSchedule(schedule).due(s)]
+    return [1 + sum(1 for s in triggers if s + lag <= t) for t in range(1, steps + 1)]
+
+
+def test_a_slowed_pool_gives_the_same_run(tmp_path, ray_session):
+    """Deterministic async refresh: the same seed with encoder actors slowed by an injected delay gives the
+    same loss at every step and the same index version at every step, the one the config plans."""
+    runs = {}
+    for name, delay in (("fast", 0.0), ("slow", 0.6)):
+        cfg = tiny_recipe(tmp_path / name, cache=tmp_path / "cache", train={"max_steps": 24, "seed": 5},
+                          refresh={"schedule": "5", "swap_lag": 3, "shard_size": 300,
+                                   "inject_delay_seconds": delay})
+        parts = build_parts(cfg)
+        rec = Recorder(keep_weights=False)
+        trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
+        trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+        runs[name] = (rec.losses, [v for _, v in parts.callback.stats.versions], parts.callback.stats)
+    (fast_loss, fast_v, fast_stats), (slow_loss, slow_v, slow_stats) = runs["fast"], runs["slow"]
+    assert fast_v == slow_v == _planned_versions("5", 3, 24), (fast_v, slow_v)
+    assert len(fast_loss) == 24 and fast_loss == slow_loss
+    # the delay was in force: each slowed refresh slept 0.6 s before each of its 2 shards
+    assert all(e.duration >= 1.2 for e in slow_stats.events) and len(slow_stats.events) == 4
+    assert [e.swapped_step for e in slow_stats.events] == [7, 12, 17, 22]  # boundary before step s + 3
+    assert slow_stats.failures == fast_stats.failures == 0
+
+
+def test_waits_for_a_late_refresh_are_counted_and_named(tmp_path, ray_session, caplog):
+    """A swap lag of 1 step against actors that sleep 0.5 s per shard: every swap step must wait for its
+    refresh (the next step starts right after the trigger). The waits are counted and timed in the logged
+    metrics, and a warning names the fixes; the run still follows the planned versions."""
+    import logging
+
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 14}, refresh={
+        "schedule": "2", "swap_lag": 1, "shard_size": 600, "inject_delay_seconds": 0.5})
+    parts = build_parts(cfg)
+    logged = []
+
+    class Log(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(parts.callback.metrics(trainer))
+
+    trainer = make_trainer(cfg, [parts.callback, Log()], logger=False, enable_progress_bar=False)
+    with caplog.at_level(logging.WARNING, logger="openbook.trainer.refresh_callback"):
+        trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    stats = parts.callback.stats
+    assert [v for _, v in stats.versions] == _planned_versions("2", 1, 14)
+    assert stats.waits == 6 and stats.wait_seconds >= 6 * 0.5
+    waited = [m["refresh/wait_seconds"] for m in logged]
+    assert [i + 1 for i, w in enumerate(waited) if w > 0] == [3, 5, 7, 9, 11, 13]  # the steps that waited
+    assert logged[-1]["refresh/waits"] == 6
+    (warning,) = [r.getMessage() for r in caplog.records if "waited for" in r.getMessage()]
+    assert "6 of the last 6" in warning and "refresh.num_workers" in warning and "refresh.swap_lag" in warning

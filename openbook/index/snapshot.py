@@ -363,6 +363,18 @@ class SnapshotStore:
             self._last_good = max(version, self._last_good or 0)
         return snap
 
+    def find(self, encoder_step: int, weights_time: float) -> int | None:
+        """The newest version built from the weights of ``encoder_step`` taken at ``weights_time`` (a resumed
+        run looks for a refresh the previous process published after its checkpoint); None if absent."""
+        for v in reversed(self.versions()):
+            try:
+                m = _read_manifest(self.path(v))
+            except SnapshotError:
+                continue
+            if m.encoder_step == encoder_step and m.weights_time == weights_time:
+                return v
+        return None
+
     def latest(self, verify: bool = True) -> IndexSnapshot | None:
         """The newest snapshot that loads (and verifies); broken newer ones are skipped with a warning."""
         for v in reversed(self.versions()):

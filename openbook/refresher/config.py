@@ -13,7 +13,13 @@ from openbook.refresher.schedule import RefreshSchedule
 class RefreshConfig:
     enabled: bool = opt(True, "re-encode the corpus during training (off: the initial index is used throughout)")
     schedule: str = opt("50", "every N steps ('50') or piecewise like '0-100:10,100-:500' (atlas syntax)")
-    mode: Literal["async", "sync"] = opt("async", "async: training never waits; sync: block until each refresh is in")
+    mode: Literal["async", "asap", "sync"] = opt(
+        "async", "async: a refresh triggered after step s is swapped in before step s + swap_lag (training goes "
+        "on meanwhile and waits only if it is not ready by then): the index in use at every step follows from "
+        "the config, so a seed reproduces a run; asap: swapped in as soon as it is loaded (wall-clock "
+        "dependent, NOT reproducible); sync: block at each trigger until the refresh is in (swap_lag 1)")
+    swap_lag: int = opt(10, "async: steps from a refresh's trigger to its swap (1 = the next step, as sync); "
+                        "the pool has that many steps' time to re-encode before the trainer waits for it")
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
@@ -25,7 +31,12 @@ class RefreshConfig:
     start_timeout_seconds: float = opt(120.0, "the pool must be up by then (else: not enough cluster resources)")
     address: str | None = opt(None, "Ray address: null starts a local Ray; 'auto' joins the running cluster")
     object_store_memory: int | None = opt(None, "bytes for a local Ray's object store (null: Ray's default)")
-    check_every_n_steps: int = opt(1, "how often ranks look for (and agree on) a newer snapshot")
+    check_every_n_steps: int = opt(1, "asap: how often ranks look for (and agree on) a newer snapshot; "
+                                   "async: how often rank 0 tells the others what to pre-load")
+    wait_warning_share: float = opt(0.5, "async: warn when the trainer had to wait for more than this share of "
+                                    "the last 6 refreshes (the pool is too slow for swap_lag)")
+    inject_delay_seconds: float = opt(0.0, "fault injection for tests and drills: each encoder actor sleeps this "
+                                      "long before every shard (a slow or loaded pool)")
 
     def __post_init__(self) -> None:
         RefreshSchedule(self.schedule)  # raises ValueError with the bad piece named
@@ -33,3 +44,12 @@ class RefreshConfig:
             raise ValueError("num_workers, shard_size and batch_size must be >= 1")
         if self.check_every_n_steps < 1:
             raise ValueError("check_every_n_steps must be >= 1")
+        if self.swap_lag < 1:
+            raise ValueError(f"refresh.swap_lag must be >= 1 (1 = swap at the next step), got {self.swap_lag}")
+        if self.inject_delay_seconds < 0:
+            raise ValueError(f"refresh.inject_delay_seconds must be >= 0, got {self.inject_delay_seconds}")
+
+    @property
+    def lag(self) -> int | None:
+        """Steps from trigger to swap under a deterministic swap (sync: 1); None under asap."""
+        return {"async": self.swap_lag, "sync": 1}.get(self.mode)

@@ -1,9 +1,11 @@
 """``RefreshCoordinator``: drives the EncoderWorker pool, then a Ray task builds and publishes the snapshot.
 
-Runs each refresh on a background thread of the process that owns it (rank 0), so the training
-loop never waits: ``submit`` returns at once, ``poll`` hands back finished refreshes. At most one
-refresh is in flight; a trigger while one runs is counted as skipped. A dead actor is replaced and
-its shard retried; any other failure is counted and the last good snapshot stays in use.
+Runs refreshes on a background thread of the process that owns it (rank 0), so the training loop
+never waits: ``submit`` returns a ticket at once. One refresh runs at a time. A trigger while one runs
+is counted as skipped, or, with ``queue=True`` (the deterministic swap, whose bounded lag bounds the
+queue), lined up behind it. ``poll`` hands back the newest finished refresh, ``wait_for(ticket)`` a
+given one's outcome. A dead actor is replaced and its shard retried; any other failure is counted and
+the last good snapshot stays in use.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ class RefreshCoordinator:
         self.shards_done = 0  # progress of the running refresh (for logs and tests)
         self.last_error: str | None = None
         self._lock = threading.Lock()
-        self._results: deque[RefreshResult] = deque()
+        self._changed = threading.Condition(self._lock)
+        self._results: deque[RefreshResult] = deque(maxlen=8)  # for poll(); the deterministic swap never polls
+        self._jobs: deque[tuple] = deque()  # the running job first, then those queued behind it
+        self._outcomes: dict[int, RefreshResult | str] = {}  # ticket -> result, or the failure's one line
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._tag = 0
@@ -108,13 +113,18 @@ class RefreshCoordinator:
     def _new_actor(self):
         opts = {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker}
         return EncoderWorker.options(**opts).remote(self.retriever_cfg, self.vocab_size, self.tokens,
-                                                    self.cfg.threads_per_worker, self.cfg.batch_size)
+                                                    self.cfg.threads_per_worker, self.cfg.batch_size,
+                                                    self.cfg.inject_delay_seconds)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel in-flight work and kill the actors (no orphans); idempotent."""
         self._cancel.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        with self._lock:
+            thread = self._thread
+            while len(self._jobs) > 1:  # queued, not started: dropped
+                self._jobs.pop()
+        if thread is not None:
+            thread.join(timeout)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
@@ -125,20 +135,27 @@ class RefreshCoordinator:
     # -- the trainer's side ------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """A refresh is running (or queued)."""
+        with self._lock:
+            return bool(self._jobs)
 
-    def submit(self, state: dict[str, np.ndarray], encoder_step: int, protect: tuple[int, ...] = ()) -> bool:
-        """Start a refresh with these doc-encoder weights; False (counted as skipped) if one is running."""
-        if self.busy:
-            self.skipped += 1
-            return False
+    def submit(self, state: dict[str, np.ndarray], encoder_step: int, protect: tuple[int, ...] = (), *,
+               queue: bool = False, weights_time: float | None = None) -> int | None:
+        """Start a refresh with these doc-encoder weights and return its ticket. If one is running: None
+        (counted as skipped), or with ``queue`` the ticket of a refresh lined up behind it."""
         if not self.actors:
             raise RuntimeError("RefreshCoordinator.submit before start()")
-        self._tag += 1
-        job = (self._tag, state, encoder_step, time.time(), tuple(protect))
-        self._thread = threading.Thread(target=self._run, args=job, name="openbook-refresh", daemon=True)
-        self._thread.start()
-        return True
+        with self._lock:
+            if self._jobs and not queue:
+                self.skipped += 1
+                return None
+            self._tag += 1
+            wt = time.time() if weights_time is None else weights_time
+            self._jobs.append((self._tag, state, encoder_step, wt, tuple(protect)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="openbook-refresh", daemon=True)
+                self._thread.start()
+            return self._tag
 
     def poll(self) -> RefreshResult | None:
         """The newest finished refresh not yet handed out (older unclaimed ones are superseded)."""
@@ -147,29 +164,62 @@ class RefreshCoordinator:
             self._results.clear()
         return newest
 
+    def outcome(self, ticket: int) -> RefreshResult | str | None:
+        """A refresh's result, its failure (one line), or None while it is queued or running."""
+        with self._lock:
+            return self._outcomes.get(ticket)
+
+    def wait_for(self, ticket: int, timeout: float | None = None) -> RefreshResult | str | None:
+        """Block until refresh ``ticket`` ends (or ``timeout``); its outcome as in :meth:`outcome`."""
+        with self._changed:
+            self._changed.wait_for(lambda: ticket in self._outcomes or not any(j[0] == ticket for j in self._jobs),
+                                   timeout)
+            if ticket not in self._outcomes and not any(j[0] == ticket for j in self._jobs):
+                return f"refresh {ticket} is unknown to the coordinator (dropped at shutdown?)"
+            return self._outcomes.get(ticket)
+
     def wait(self, timeout: float | None = None) -> RefreshResult | None:
-        """Block until the running refresh ends (sync mode, tests); its result, or None on failure."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Block until no refresh runs or waits (sync setups, tests); the newest result, None on failure."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._jobs, timeout)
         return self.poll()
 
     # -- the refresh itself (background thread) ----------------------------------------------
-    def _run(self, tag: int, state: dict, encoder_step: int, weights_time: float, protect: tuple) -> None:
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._thread = None
+                    return
+                job = self._jobs[0]
+            outcome = self._run(*job)
+            with self._changed:
+                self._jobs.popleft()
+                self._outcomes[job[0]] = outcome
+                while len(self._outcomes) > 64:  # tickets nobody asks for (asap mode) must not pile up
+                    del self._outcomes[next(iter(self._outcomes))]
+                if self._cancel.is_set():
+                    self._jobs.clear()
+                self._changed.notify_all()
+
+    def _run(self, tag: int, state: dict, encoder_step: int, weights_time: float,
+             protect: tuple) -> RefreshResult | str:
         try:
             result = self._refresh(tag, state, encoder_step, weights_time, protect)
         except RefreshCancelled:
             log.info("refresh for step %d cancelled", encoder_step)
-            return
+            return "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is counted; training goes on
             self.failures += 1
             self.last_error = one_line(e)
             log.error("refresh for step %d failed: %s", encoder_step, self.last_error)
-            return
+            return self.last_error
         with self._lock:
             self._results.append(result)
             self.completed += 1
         log.info("published snapshot v%d (encoder_step %d) in %.1fs", result.version, encoder_step,
                  result.duration)
+        return result
 
     def _refresh(self, tag: int, state: dict, encoder_step: int, weights_time: float,
                  protect: tuple) -> RefreshResult:

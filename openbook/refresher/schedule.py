@@ -7,6 +7,7 @@ Pure logic, no Ray: the callback asks it, checkpoints store its position.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -65,6 +66,12 @@ class RefreshSchedule:
             if p.start <= step and (p.end is None or step < p.end):
                 return p.start
         raise AssertionError("unreachable")
+
+    def most_within(self, window: int, until: int) -> int:
+        """The most triggers among any ``window`` consecutive steps before ``until`` (the last step
+        triggers nothing): how many refreshes a swap lag of ``window`` can have waiting at once."""
+        steps = [s for s in range(1, until) if self.due(s)]
+        return max((bisect.bisect_left(steps, s + window) - i for i, s in enumerate(steps)), default=0)
 
     @property
     def enabled(self) -> bool:

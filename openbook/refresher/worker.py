@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray
@@ -19,8 +20,9 @@ class EncoderWorker:
     """Holds one doc tower and the memory-mapped token cache; reloads weights only when their tag changes."""
 
     def __init__(self, retriever_cfg: RetrieverConfig, vocab_size: int, tokens: TokenizedCorpus,
-                 threads: int, batch_size: int):
+                 threads: int, batch_size: int, delay: float = 0.0):
         torch.set_num_threads(max(1, threads))
+        self.delay = delay  # fault injection (refresh.inject_delay_seconds): a slow or loaded pool
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.encoder = build_doc_tower(retriever_cfg, vocab_size).to(self.device)
         self.tokens = tokens
@@ -32,6 +34,8 @@ class EncoderWorker:
 
     def encode(self, tag: int, state: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
         # ``state`` arrives from the object store (zero-copy numpy); load it once per refresh.
+        if self.delay:
+            time.sleep(self.delay)
         if tag != self.weights_tag:
             load_numpy_state(self.encoder, state)
             self.weights_tag = tag

@@ -28,12 +28,14 @@ GAUGES: dict[str, tuple[str, str]] = {
     "openbook_refresh_docs_per_second": ("refresh/docs_per_second", "passages/s of the last refresh"),
     "openbook_swap_stall_seconds": ("refresh/swap_stall_seconds", "time the loop waited at the last step"),
     "openbook_refresh_in_flight": ("refresh/in_flight", "1 while a refresh is running"),
+    "openbook_refresh_wait_seconds": ("refresh/wait_seconds", "time the last step waited for a refresh due then"),
     "openbook_train_loss": ("train/loss", "training loss at the last step"),
 }
 # Counters mirror running totals; prometheus_client exposes them with a ``_total`` suffix.
 COUNTERS: dict[str, tuple[str, str]] = {
     "openbook_refresh_failures": ("refresh/failures", "refreshes (or snapshot loads) that failed"),
     "openbook_refresh_skipped": ("refresh/skipped", "refresh triggers skipped because one was in flight"),
+    "openbook_refresh_waits": ("refresh/waits", "swap steps at which the trainer waited for its refresh"),
 }
 STEP = "openbook_train_step"
 

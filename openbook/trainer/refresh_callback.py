@@ -1,81 +1,42 @@
 """``IndexRefreshCallback``: trigger refreshes on a schedule and hot-swap published snapshots.
 
-The protocol (ARCHITECTURE.md): rank 0 alone drives the coordinator. At a step boundary rank 0
-polls for a published snapshot and broadcasts its version; every rank loads it on a background
-thread (memory-mapped) and, once all ranks have it, all swap at the same step. The training loop
-only ever waits for that reference swap, which is what ``swap_stall_seconds`` measures.
+The protocol (ARCHITECTURE.md): rank 0 alone drives the coordinator. Two ways to decide *when* a
+published snapshot is swapped in:
+
+- ``refresh.mode: async`` (and ``sync``, its lag-1 case): a refresh triggered after step s is in use
+  from step s + ``swap_lag`` on, on every rank. Training goes on while the pool re-encodes; the loop
+  waits at that boundary only if the refresh is not published yet (counted and timed). The index in use
+  at every step is a function of the config, so one seed gives one run whatever the machine's speed.
+- ``refresh.mode: asap``: rank 0 polls for a published snapshot at each step boundary, every rank loads
+  it on a background thread, and all swap once all have it. Less lag, but the step of each swap depends
+  on wall-clock timing: not reproducible.
+
+``swap_stall_seconds`` is the time the loop was blocked at a boundary (loads, waits, collectives).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from openbook.errors import OpenbookError
-from openbook.index import IndexHolder, IndexSnapshot
+from openbook.index import IndexHolder, IndexSnapshot, SnapshotStore
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.encode import numpy_state
 from openbook.refresher.schedule import RefreshSchedule
+from openbook.trainer.swap import Pending, Prefetch, Published, RefreshEvent, RefreshStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Published:
-    """What rank 0 broadcasts about a snapshot (small and picklable)."""
-
-    version: int
-    path: str
-    encoder_step: int
-    weights_time: float
-
-
-@dataclass
-class RefreshEvent:
-    version: int
-    submitted_step: int  # the encoder_step of its weights
-    seen_step: int  # global step when rank 0 learned it was published
-    swapped_step: int | None = None
-    duration: float = 0.0
-
-
-class _Prefetch:
-    """Loads one snapshot on a background thread so the swap itself is only a reference change."""
-
-    def __init__(self, pub: Published):
-        self.pub, self.snapshot, self.error = pub, None, None
-        self._thread = threading.Thread(target=self._load, name=f"openbook-load-v{pub.version}", daemon=True)
-        self._thread.start()
-
-    def _load(self) -> None:
-        try:
-            self.snapshot = IndexSnapshot.load(self.pub.path)
-        except Exception as e:  # noqa: BLE001 - reported at the next step boundary
-            self.error = e
-
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def join(self) -> None:
-        self._thread.join()
-
-
-@dataclass
-class RefreshStats:
-    skipped: int = 0
-    failures: int = 0
-    last_duration: float = float("nan")
-    last_docs_per_second: float = float("nan")
-    events: list[RefreshEvent] = field(default_factory=list)
-    stalls: list[float] = field(default_factory=list)  # seconds the loop waited, per step
-    versions: list[tuple[int, int]] = field(default_factory=list)  # (global step, version in use)
+__all__ = ["IndexRefreshCallback", "Published", "RefreshEvent", "RefreshStats"]
+WAIT_WINDOW = 6  # the wait warning looks at this many recent swap deadlines
+KEEPALIVE_SECONDS = 60.0  # under DDP, how often a waiting rank 0 tells the others it still waits
 
 
 class IndexRefreshCallback(pl.Callback):
@@ -88,13 +49,19 @@ class IndexRefreshCallback(pl.Callback):
                  doc_encoder: Callable[[pl.LightningModule], torch.nn.Module] = lambda m: m.retriever.doc_encoder):
         self.cfg, self.holder = cfg, holder
         self.schedule = RefreshSchedule(cfg.schedule if cfg.enabled else "0")
+        self.lag = cfg.lag  # steps from trigger to swap; None = asap
         self.make_coordinator, self.build_initial, self.doc_encoder = make_coordinator, build_initial, doc_encoder
+        self.refreshing = cfg.enabled and make_coordinator is not None  # the same on every rank
         self.coordinator = None
         self.stats = RefreshStats()
-        self._pending: Published | None = None  # rank 0: newest published, not yet swapped
-        self._prefetch: _Prefetch | None = None
+        self._queue: list[Pending] = []  # deterministic swap: triggered, not yet swapped (every rank)
+        self._pending: Published | None = None  # asap, rank 0: newest published, not yet swapped
+        self._prefetch: Prefetch | None = None
         self._in_use: Published | None = None
-        self._sync_wait = 0.0  # sync mode: time the last trigger blocked (counted as stall)
+        self._sync_wait = 0.0  # time the last trigger blocked (sync mode; counted as stall)
+        self._wait_now = 0.0  # time this boundary waited for an unfinished refresh
+        self._recent_waits: deque[bool] = deque(maxlen=WAIT_WINDOW)
+        self._since_warning = WAIT_WINDOW
         self._step = 0  # global step after the last finished batch (checkpoints record it)
         self._last_refresh_step = -1  # the schedule's position: step of the last trigger
         self._base = {"skipped": 0, "failures": 0, "published": 0}  # counts from before a resume
@@ -102,8 +69,7 @@ class IndexRefreshCallback(pl.Callback):
 
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        use_ray = self.cfg.enabled and self.make_coordinator is not None
-        if trainer.is_global_zero and use_ray:
+        if trainer.is_global_zero and self.refreshing:
             self.coordinator = self.make_coordinator().start()
         if self._resume is not None:
             self._restore(trainer, pl_module)
@@ -120,7 +86,7 @@ class IndexRefreshCallback(pl.Callback):
                 res = self.coordinator.wait()
                 if res is None:
                     raise OpenbookError(f"initial index build failed: {self.coordinator.last_error}")
-                pub = Published(res.version, res.path, res.encoder_step, res.weights_time)
+                pub = Published.of(res)
             elif self.build_initial is not None:
                 pub = self.build_initial(pl_module, step)
             else:
@@ -135,65 +101,6 @@ class IndexRefreshCallback(pl.Callback):
         """Use ``pub`` as the snapshot in use; fit then starts from it instead of building one."""
         self.holder.swap(IndexSnapshot.load(pub.path))
         self._in_use = pub
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The refresher's position, saved in every Lightning checkpoint."""
-        pending = self._pending
-        if pending is not None and self._in_use is not None and pending.version <= self._in_use.version:
-            pending = None
-        self.metrics_counts()
-        return {"step": self._step, "in_use": asdict(self._in_use) if self._in_use else None,
-                "pending": asdict(pending) if pending else None, "last_refresh_step": self._last_refresh_step,
-                "skipped": self.stats.skipped, "failures": self.stats.failures,
-                "published": self._base["published"] + len(self.stats.events), "schedule": self.schedule.spec,
-                "in_flight": bool(self.coordinator is not None and self.coordinator.busy)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Called by Lightning (with the weights already restored) before ``on_fit_start``."""
-        self._resume = dict(state)
-        self._step, self._last_refresh_step = int(state["step"]), int(state["last_refresh_step"])
-        self._base = {k: int(state[k]) for k in ("skipped", "failures", "published")}
-        self.stats.skipped, self.stats.failures = self._base["skipped"], self._base["failures"]
-
-    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resume: the checkpoint's snapshot if it still loads and verifies (no re-encode), else a rebuild
-        with the restored weights; then the schedule goes on from the saved step."""
-        state, self._resume = self._resume, None
-        step = self._step  # trainer.global_step is restored only after on_fit_start
-        pub = Published(**state["in_use"]) if state.get("in_use") else None
-        snap, why = None, "the checkpoint records none"
-        if pub is not None:
-            try:
-                snap = IndexSnapshot.load(pub.path)
-            except Exception as e:  # noqa: BLE001 - any unusable snapshot is rebuilt
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if snap is not None and (snap.encoder_step, snap.weights_time) != (pub.encoder_step, pub.weights_time):
-            why = (f"it holds another index (encoder_step {snap.encoder_step}; the checkpoint's was built at "
-                   f"{pub.encoder_step})")
-            snap = None
-        ok = snap is not None
-        if trainer.world_size > 1:  # every rank must have it, or all rebuild together
-            flag = torch.tensor([1.0 if ok else 0.0], device=trainer.strategy.root_device)
-            ok = bool(trainer.strategy.all_gather(flag).min().item() > 0)
-        if ok:
-            self.holder.swap(snap, force=True)
-            self._in_use = pub
-            log.info("resume: index v%d (encoder_step %d) from %s, not re-encoded", pub.version,
-                     pub.encoder_step, pub.path)
-        else:
-            log.warning("resume: snapshot %s unusable (%s); rebuilding the index with the restored weights "
-                        "at step %d before training", pub.path if pub else "-", why, step)
-            new = self._initial_snapshot(trainer, pl_module, step)
-            self.holder.swap(IndexSnapshot.load(new.path), force=True)
-            self._in_use = new
-        if state.get("pending"):
-            self._pending = Published(**state["pending"])  # published but not yet swapped: swap at step 1
-        # A refresh due at the saved step but not triggered (it was the last step then), or one that was in
-        # flight when the checkpoint was written (lost with the old process), is submitted now.
-        missed = self.schedule.due(step) and self._last_refresh_step < step
-        if self.coordinator is not None and (missed or state.get("in_flight")):
-            self._trigger(trainer, pl_module, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shutdown()
@@ -210,71 +117,272 @@ class IndexRefreshCallback(pl.Callback):
             self.coordinator.shutdown()
             self.coordinator = None
 
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The refresher's position, saved in every Lightning checkpoint."""
+        pending = self._pending
+        if pending is not None and self._in_use is not None and pending.version <= self._in_use.version:
+            pending = None
+        self.metrics_counts()
+        self._collect_queue(self._step)
+        return {"step": self._step, "in_use": asdict(self._in_use) if self._in_use else None,
+                "pending": asdict(pending) if pending else None, "last_refresh_step": self._last_refresh_step,
+                "skipped": self.stats.skipped, "failures": self.stats.failures,
+                "published": self._base["published"] + len(self.stats.events), "schedule": self.schedule.spec,
+                "mode": self.cfg.mode, "queue": [p.to_state() for p in self._queue],
+                "in_flight": bool(self.coordinator is not None and self.coordinator.busy)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called by Lightning (with the weights already restored) before ``on_fit_start``."""
+        self._resume = dict(state)
+        self._step, self._last_refresh_step = int(state["step"]), int(state["last_refresh_step"])
+        self._base = {k: int(state[k]) for k in ("skipped", "failures", "published")}
+        self.stats.skipped, self.stats.failures = self._base["skipped"], self._base["failures"]
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resume: the checkpoint's snapshot if it still loads and verifies (no re-encode), else a rebuild
+        with the restored weights; then the refreshes waiting for their swap, and the schedule goes on."""
+        state, self._resume = self._resume, None
+        step = self._step  # trainer.global_step is restored only after on_fit_start
+        self._restore_in_use(trainer, pl_module, state, step)
+        if self.lag is not None:
+            self._queue = [Pending.from_state(d) for d in state.get("queue") or []]
+            for p in self._queue:
+                self._reattach(p)
+        elif state.get("pending"):
+            self._pending = Published(**state["pending"])  # published but not yet swapped: swap at step 1
+        # A refresh due at the saved step but not triggered (it was the last step then) is triggered now,
+        # with the restored weights, which are that step's. Under asap, so is one that was in flight.
+        missed = self.schedule.due(step) and self._last_refresh_step < step
+        if self.refreshing and (missed or (self.lag is None and state.get("in_flight"))):
+            self._trigger(trainer, pl_module, step)
+
+    def _restore_in_use(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict, step: int) -> None:
+        pub = Published(**state["in_use"]) if state.get("in_use") else None
+        snap, why = None, "the checkpoint records none"
+        if pub is not None:
+            try:
+                snap = IndexSnapshot.load(pub.path)
+            except Exception as e:  # noqa: BLE001 - any unusable snapshot is rebuilt
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if snap is not None and (snap.encoder_step, snap.weights_time) != (pub.encoder_step, pub.weights_time):
+            why = (f"it holds another index (encoder_step {snap.encoder_step}; the checkpoint's was built at "
+                   f"{pub.encoder_step})")
+            snap = None
+        if not self._all_ranks(trainer, snap is not None):  # every rank must have it, or all rebuild together
+            log.warning("resume: snapshot %s unusable (%s); rebuilding the index with the restored weights "
+                        "at step %d before training", pub.path if pub else "-", why, step)
+            pub = self._initial_snapshot(trainer, pl_module, step)
+            snap = IndexSnapshot.load(pub.path)
+        else:
+            log.info("resume: index v%d (encoder_step %d) from %s, not re-encoded", pub.version,
+                     pub.encoder_step, pub.path)
+        self.holder.swap(snap, force=True)
+        self._in_use = pub
+
+    def _reattach(self, p: Pending) -> None:
+        """Rank 0, at resume: find the refresh's snapshot (published before or after the checkpoint was
+        written), or redo it from the weights the checkpoint kept."""
+        if self.coordinator is None or p.error is not None:
+            return
+        if p.published is not None and Path(p.published.path).is_dir():
+            return
+        store = SnapshotStore(self.coordinator.target.root)
+        version = store.find(p.encoder_step, p.weights_time)
+        if version is not None:
+            p.published = Published(version, str(store.path(version)), p.encoder_step, p.weights_time)
+        elif p.state is not None:
+            log.info("resume: redoing the refresh of step %d (due at step %d)", p.encoder_step, p.swap_step)
+            p.published = None
+            p.ticket = self.coordinator.submit(p.state, p.encoder_step, self._protect(), queue=True,
+                                               weights_time=p.weights_time)
+        else:
+            p.error = "its snapshot is gone and the checkpoint holds no weights to redo it"
+
     # -- every step --------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         t0 = time.perf_counter()
-        if trainer.global_step % self.cfg.check_every_n_steps == 0:
+        self._wait_now = 0.0
+        if self.lag is not None:
+            self._lagged_boundary(trainer)
+        elif trainer.global_step % self.cfg.check_every_n_steps == 0:
             self._maybe_swap(trainer)
         self.stats.stalls.append(time.perf_counter() - t0 + self._sync_wait)
         self._sync_wait = 0.0
-
-    def _maybe_swap(self, trainer: pl.Trainer) -> None:
-        if trainer.is_global_zero and self.coordinator is not None:
-            self._collect(trainer)
-        target = self._pending if trainer.world_size == 1 else trainer.strategy.broadcast(self._pending, src=0)
-        if target is None or (self._in_use and target.version <= self._in_use.version):
-            return
-        if self._prefetch is None or self._prefetch.pub.version != target.version:
-            self._prefetch = _Prefetch(target)  # a newer target supersedes an unfinished load
-        if self.cfg.mode == "sync":
-            self._prefetch.join()
-        ready = self._prefetch.done
-        if trainer.world_size > 1:  # swap only when every rank has it loaded: all swap at the same step
-            flag = torch.tensor([1.0 if ready else 0.0], device=trainer.strategy.root_device)
-            ready = bool(trainer.strategy.all_gather(flag).min().item() > 0)
-        if ready:
-            self._swap(trainer, self._prefetch)
-
-    def _collect(self, trainer: pl.Trainer) -> None:
-        self._record(trainer, self.coordinator.poll())
-
-    def _record(self, trainer: pl.Trainer, res) -> None:
-        if res is None:
-            return
-        self._pending = Published(res.version, res.path, res.encoder_step, res.weights_time)
-        self.stats.last_duration, self.stats.last_docs_per_second = res.duration, res.docs_per_second
-        self.stats.events.append(RefreshEvent(res.version, res.encoder_step, trainer.global_step,
-                                              duration=res.duration))
-
-    def _swap(self, trainer: pl.Trainer, pre: _Prefetch) -> None:
-        self._prefetch = None
-        if pre.error is not None:  # a snapshot that fails to load is skipped; the current one stays
-            log.error("snapshot v%d not swapped in: %s", pre.pub.version, pre.error)
-            self.stats.failures += 1
-            return
-        self.holder.swap(pre.snapshot)
-        self._in_use = pre.pub
-        for ev in self.stats.events:
-            if ev.version == pre.pub.version:
-                ev.swapped_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = self._step = trainer.global_step  # optimizer steps taken so far
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= step  # no later step would use it
-        if self.coordinator is not None and self.schedule.due(step) and not last:
+        if self.refreshing and self.schedule.due(step) and not last:
             self._trigger(trainer, pl_module, step)
         self._log(trainer, pl_module)
 
     def _trigger(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self._last_refresh_step = step
-        protect = (self._in_use.version,) if self._in_use else ()
-        submitted = self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step, protect)
-        if submitted and self.cfg.mode == "sync":
-            # The blocking baseline: wait here; the swap happens (blocking too) at the next boundary.
+        if self.lag is not None:
+            self._enqueue(pl_module, step)
+            return
+        if self.coordinator is not None:
+            self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step, self._protect())
+
+    def _protect(self) -> tuple[int, ...]:
+        """Snapshots a publish must not prune: the one in use and those waiting for their swap."""
+        waiting = [p.published.version for p in self._queue if p.published is not None]
+        return (*((self._in_use.version,) if self._in_use else ()), *waiting)
+
+    # -- the deterministic swap --------------------------------------------------------------
+    def _enqueue(self, pl_module: pl.LightningModule, step: int) -> None:
+        p = Pending(step, step + self.lag, time.time())
+        if self.coordinator is not None:  # rank 0 submits; every rank records when it is due
+            p.state = numpy_state(self.doc_encoder(pl_module))
+            p.ticket = self.coordinator.submit(p.state, step, self._protect(), queue=True,
+                                               weights_time=p.weights_time)
+        self._queue.append(p)
+        if self.cfg.mode == "sync" and self.coordinator is not None:  # the blocking baseline: wait here
             t0 = time.perf_counter()
-            self._record(trainer, self.coordinator.wait())
+            self._settle(p, step, timeout=None)
             self._sync_wait += time.perf_counter() - t0
+
+    def _lagged_boundary(self, trainer: pl.Trainer) -> None:
+        self._collect_queue(trainer.global_step)
+        due = [p for p in self._queue if p.swap_step <= trainer.global_step + 1]  # the step about to run
+        self._queue = self._queue[len(due):]  # ordered by swap step: the due ones come first
+        for p in due:
+            self._swap_due(trainer, p)
+        if not due:
+            self._preload(trainer)
+
+    def _collect_queue(self, step: int) -> None:
+        """Rank 0: note the refreshes that finished since the last boundary (never blocks)."""
+        if self.coordinator is None:
+            return
+        for p in self._queue:
+            if not p.settled and p.ticket is not None:
+                out = self.coordinator.outcome(p.ticket)
+                if out is not None:
+                    self._settled(p, out, step)
+
+    def _settled(self, p: Pending, out, step: int) -> None:
+        if isinstance(out, str):
+            p.error = out
+        else:
+            p.published = Published.of(out)
+            self._record(out, step)
+
+    def _settle(self, p: Pending, step: int, timeout: float | None) -> bool:
+        """Rank 0: wait (up to ``timeout``) until ``p`` is published or failed; True once it is."""
+        if p.settled:
+            return True
+        if p.ticket is None:
+            p.error = "it was never submitted"
+            return True
+        out = self.coordinator.wait_for(p.ticket, timeout)
+        if out is None:
+            return False
+        self._settled(p, out, step)
+        return True
+
+    def _swap_due(self, trainer: pl.Trainer, p: Pending) -> None:
+        """Every rank: put ``p`` in use now, waiting for it if it is not published yet."""
+        t0, was_ready = time.perf_counter(), p.settled
+        while True:  # under DDP the others wait in short collectives, far below the process group timeout
+            done = self._settle(p, trainer.global_step, KEEPALIVE_SECONDS) if trainer.is_global_zero else False
+            if trainer.world_size == 1 or trainer.strategy.broadcast(done, src=0):
+                break
+        if trainer.is_global_zero:
+            self._note_wait(not was_ready, time.perf_counter() - t0)
+        pub = p.published if trainer.world_size == 1 else trainer.strategy.broadcast(p.published, src=0)
+        if pub is None:
+            if trainer.is_global_zero:
+                log.warning("refresh of step %d failed (%s): step %d keeps index v%d, so this run's index "
+                            "sequence now differs from a failure-free run", p.encoder_step, p.error, p.swap_step,
+                            self._in_use.version if self._in_use else -1)
+            return
+        pre = self._prefetch if self._prefetch is not None and self._prefetch.pub == pub else Prefetch(pub)
+        self._prefetch = None
+        pre.join()
+        if self._all_ranks(trainer, pre.error is None):
+            self._swap(trainer, pre, force=True)  # the plan orders swaps, not version numbers
+        else:
+            log.error("snapshot v%d not swapped in on any rank: %s", pub.version, pre.error or "another rank failed")
+            self.stats.failures += 1
+
+    def _preload(self, trainer: pl.Trainer) -> None:
+        """Start loading the next refresh due as soon as it is published (rank 0 tells the others)."""
+        if not self._queue or trainer.global_step % self.cfg.check_every_n_steps:
+            return
+        pub = self._queue[0].published
+        if trainer.world_size > 1:
+            pub = trainer.strategy.broadcast(pub, src=0)
+        if pub is not None and (self._prefetch is None or self._prefetch.pub != pub):
+            self._prefetch = Prefetch(pub)
+
+    def _note_wait(self, waited: bool, seconds: float) -> None:
+        self._recent_waits.append(waited)
+        self._since_warning += 1
+        if waited:
+            self._wait_now = seconds
+            self.stats.waits += 1
+            self.stats.wait_seconds += seconds
+        n = sum(self._recent_waits)
+        if (len(self._recent_waits) == WAIT_WINDOW and n > self.cfg.wait_warning_share * WAIT_WINDOW
+                and self._since_warning >= WAIT_WINDOW):
+            self._since_warning = 0
+            log.warning("the trainer waited for %d of the last %d refreshes (%.1f s in all so far): the pool needs "
+                        "more than refresh.swap_lag=%d steps to re-encode; add encoder actors (refresh.num_workers, "
+                        "now %d) or raise refresh.swap_lag", n, WAIT_WINDOW, self.stats.wait_seconds, self.lag,
+                        self.cfg.num_workers)
+
+    # -- swap as soon as ready (asap) --------------------------------------------------------
+    def _maybe_swap(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero and self.coordinator is not None:
+            res = self.coordinator.poll()
+            if res is not None:
+                self._pending = Published.of(res)
+                self._record(res, trainer.global_step)
+        target = self._pending if trainer.world_size == 1 else trainer.strategy.broadcast(self._pending, src=0)
+        if target is None or (self._in_use and target.version <= self._in_use.version):
+            return
+        if self._prefetch is None or self._prefetch.pub.version != target.version:
+            self._prefetch = Prefetch(target)  # a newer target supersedes an unfinished load
+        # every rank has it loaded (1), one is still loading (0) or one failed (-1): all act alike
+        state = (1.0 if self._prefetch.error is None else -1.0) if self._prefetch.done else 0.0
+        if trainer.world_size > 1:
+            flag = torch.tensor([state], device=trainer.strategy.root_device)
+            state = float(trainer.strategy.all_gather(flag).min().item())
+        if state < 0:
+            log.error("snapshot v%d not swapped in: %s", target.version, self._prefetch.error or "another rank failed")
+            self.stats.failures += 1
+            self._drop(target)
+        elif state > 0:
+            self._swap(trainer, self._prefetch)
+
+    def _drop(self, bad: Published) -> None:
+        """A snapshot that failed to load is not retried at every step: it is dropped like a superseded one."""
+        self._prefetch = None
+        if self._pending == bad:
+            self._pending = None
+
+    # -- shared --------------------------------------------------------------------------------
+    def _record(self, res, step: int) -> None:
+        self.stats.last_duration, self.stats.last_docs_per_second = res.duration, res.docs_per_second
+        self.stats.events.append(RefreshEvent(res.version, res.encoder_step, step, duration=res.duration))
+
+    def _swap(self, trainer: pl.Trainer, pre: Prefetch, force: bool = False) -> None:
+        self._prefetch = None
+        self.holder.swap(pre.snapshot, force=force)
+        self._in_use = pre.pub
+        for ev in self.stats.events:
+            if ev.version == pre.pub.version:
+                ev.swapped_step = trainer.global_step
+
+    @staticmethod
+    def _all_ranks(trainer: pl.Trainer, ok: bool) -> bool:
+        if trainer.world_size == 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=trainer.strategy.root_device)
+        return bool(trainer.strategy.all_gather(flag).min().item() > 0)
 
     # -- metrics -----------------------------------------------------------------------------
     def metrics_counts(self) -> None:
@@ -293,6 +401,8 @@ class IndexRefreshCallback(pl.Callback):
             "refresh/duration": self.stats.last_duration,
             "refresh/docs_per_second": self.stats.last_docs_per_second,
             "refresh/swap_stall_seconds": self.stats.stalls[-1] if self.stats.stalls else 0.0,
+            "refresh/wait_seconds": self._wait_now,
+            "refresh/waits": float(self.stats.waits),
             "refresh/skipped": float(self.stats.skipped),
             "refresh/failures": float(self.stats.failures),
             "refresh/in_flight": float(bool(self.coordinator and self.coordinator.busy)),
@@ -302,4 +412,3 @@ class IndexRefreshCallback(pl.Callback):
         m = self.metrics(trainer)
         self.stats.versions.append((trainer.global_step, int(m["index/version"])))
         pl_module.log_dict(m, on_step=True, on_epoch=False, rank_zero_only=True)
-

@@ -1,0 +1,99 @@
+"""What the refresh callback keeps about snapshots: published ones, refreshes waiting for their swap step,
+background loads and the run's refresh statistics. Plain data, no Lightning."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+
+from openbook.index import IndexSnapshot
+
+
+@dataclass(frozen=True)
+class Published:
+    """What rank 0 broadcasts about a snapshot (small and picklable)."""
+
+    version: int
+    path: str
+    encoder_step: int
+    weights_time: float
+
+    @classmethod
+    def of(cls, res) -> Published:
+        """From a coordinator's ``RefreshResult``."""
+        return cls(res.version, res.path, res.encoder_step, res.weights_time)
+
+
+@dataclass
+class Pending:
+    """A refresh triggered after step ``encoder_step`` that the deterministic swap puts in use from step
+    ``swap_step`` on. Every rank keeps the same list (the schedule is the same everywhere); rank 0 also
+    knows its coordinator ticket and, until it is swapped in, its weights: a checkpoint carries them, so a
+    resumed run can redo a refresh whose snapshot never appeared or was lost."""
+
+    encoder_step: int
+    swap_step: int
+    weights_time: float
+    ticket: int | None = None
+    published: Published | None = None
+    error: str | None = None
+    state: dict | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.published is not None or self.error is not None
+
+    def to_state(self) -> dict:
+        return {"encoder_step": self.encoder_step, "swap_step": self.swap_step, "weights_time": self.weights_time,
+                "published": asdict(self.published) if self.published else None, "error": self.error,
+                "state": self.state}
+
+    @classmethod
+    def from_state(cls, d: dict) -> Pending:
+        pub = Published(**d["published"]) if d.get("published") else None
+        return cls(int(d["encoder_step"]), int(d["swap_step"]), float(d["weights_time"]), published=pub,
+                   error=d.get("error"), state=d.get("state"))
+
+
+@dataclass
+class RefreshEvent:
+    version: int
+    submitted_step: int  # the encoder_step of its weights
+    seen_step: int  # global step when rank 0 learned it was published
+    swapped_step: int | None = None
+    duration: float = 0.0
+
+
+class Prefetch:
+    """Loads one snapshot on a background thread so the swap itself is only a reference change."""
+
+    def __init__(self, pub: Published):
+        self.pub, self.snapshot, self.error = pub, None, None
+        self._thread = threading.Thread(target=self._load, name=f"openbook-load-v{pub.version}", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.snapshot = IndexSnapshot.load(self.pub.path)
+        except Exception as e:  # noqa: BLE001 - reported at the step boundary that wants it
+            self.error = e
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+@dataclass
+class RefreshStats:
+    skipped: int = 0
+    failures: int = 0
+    waits: int = 0  # deterministic swap: deadlines at which the refresh was not ready yet
+    wait_seconds: float = 0.0  # ... and the time the loop spent waiting for them, in total
+    last_duration: float = float("nan")
+    last_docs_per_second: float = float("nan")
+    events: list[RefreshEvent] = field(default_factory=list)
+    stalls: list[float] = field(default_factory=list)  # seconds the loop waited, per step
+    versions: list[tuple[int, int]] = field(default_factory=list)  # (global step, version in use)
