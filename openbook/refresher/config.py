@@ -34,7 +34,8 @@ class RefreshConfig:
     check_every_n_steps: int = opt(1, "asap: how often ranks look for (and agree on) a newer snapshot; "
                                    "async: how often rank 0 tells the others what to pre-load")
     wait_warning_share: float = opt(0.5, "async: warn when the trainer had to wait for more than this share of "
-                                    "the last 6 refreshes (the pool is too slow for swap_lag)")
+                                    "the last 6 refreshes, and waiting took > 2% of that time (the pool is too "
+                                    "slow for swap_lag)")
     inject_delay_seconds: float = opt(0.0, "fault injection for tests and drills: each encoder actor sleeps this "
                                       "long before every shard (a slow or loaded pool)")
 

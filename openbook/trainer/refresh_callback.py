@@ -36,6 +36,7 @@ from openbook.trainer.swap import Pending, Prefetch, Published, RefreshEvent, Re
 log = logging.getLogger(__name__)
 __all__ = ["IndexRefreshCallback", "Published", "RefreshEvent", "RefreshStats"]
 WAIT_WINDOW = 6  # the wait warning looks at this many recent swap deadlines
+WAIT_COST = 0.02  # ... and speaks only if waiting took more than this share of their wall time
 KEEPALIVE_SECONDS = 60.0  # under DDP, how often a waiting rank 0 tells the others it still waits
 
 
@@ -60,7 +61,8 @@ class IndexRefreshCallback(pl.Callback):
         self._in_use: Published | None = None
         self._sync_wait = 0.0  # time the last trigger blocked (sync mode; counted as stall)
         self._wait_now = 0.0  # time this boundary waited for an unfinished refresh
-        self._recent_waits: deque[bool] = deque(maxlen=WAIT_WINDOW)
+        self._recent_waits: deque[tuple[bool, float, float]] = deque(maxlen=WAIT_WINDOW)  # waited, s, wall s
+        self._last_deadline = time.perf_counter()
         self._since_warning = WAIT_WINDOW
         self._step = 0  # global step after the last finished batch (checkpoints record it)
         self._last_refresh_step = -1  # the schedule's position: step of the last trigger
@@ -319,20 +321,21 @@ class IndexRefreshCallback(pl.Callback):
             self._prefetch = Prefetch(pub)
 
     def _note_wait(self, waited: bool, seconds: float) -> None:
-        self._recent_waits.append(waited)
-        self._since_warning += 1
+        now = time.perf_counter()
+        self._recent_waits.append((waited, seconds if waited else 0.0, now - self._last_deadline))
+        self._last_deadline, self._since_warning = now, self._since_warning + 1
         if waited:
             self._wait_now = seconds
             self.stats.waits += 1
             self.stats.wait_seconds += seconds
-        n = sum(self._recent_waits)
+        n = sum(w for w, _, _ in self._recent_waits)
+        lost, wall = sum(s for _, s, _ in self._recent_waits), sum(t for _, _, t in self._recent_waits)
         if (len(self._recent_waits) == WAIT_WINDOW and n > self.cfg.wait_warning_share * WAIT_WINDOW
-                and self._since_warning >= WAIT_WINDOW):
+                and lost > WAIT_COST * wall and self._since_warning >= WAIT_WINDOW):
             self._since_warning = 0
-            log.warning("the trainer waited for %d of the last %d refreshes (%.1f s in all so far): the pool needs "
-                        "more than refresh.swap_lag=%d steps to re-encode; add encoder actors (refresh.num_workers, "
-                        "now %d) or raise refresh.swap_lag", n, WAIT_WINDOW, self.stats.wait_seconds, self.lag,
-                        self.cfg.num_workers)
+            log.warning("the trainer waited for %d of the last %d refreshes (%.1f s of %.1f s): the pool needs more "
+                        "than refresh.swap_lag=%d steps to re-encode; add encoder actors (refresh.num_workers, now "
+                        "%d) or raise refresh.swap_lag", n, WAIT_WINDOW, lost, wall, self.lag, self.cfg.num_workers)
 
     # -- swap as soon as ready (asap) --------------------------------------------------------
     def _maybe_swap(self, trainer: pl.Trainer) -> None:

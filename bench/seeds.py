@@ -1,0 +1,197 @@
+"""Recipes over seeds (issue 15): each learning figure a recipe claims, as the median and range of N seeds.
+
+Every run uses the deterministic asynchronous refresh (``refresh.mode: async``, the recipes' default), so
+a seed's result does not depend on how fast this machine refreshes: the spread below is the seeds' own.
+A seed is ``train.seed`` (weight init, data order, dropout); the world and the prerequisite stages (a
+pretrained reader, an ICT embedder) are fixed and trained once. Runs go ``--jobs`` at a time, each its own
+``openbook train`` process with its own local Ray; each run's result is kept under ``runs/seeds/`` and
+reused while its command is unchanged, so an interrupted benchmark picks up where it stopped.
+
+    python -m bench.seeds                               # every group in bench/seed_groups.py, then the lag sweep
+    python -m bench.seeds --only rag_token,lag_sweep    # some of them
+    python -m bench.seeds --quick                       # 2 seeds, short runs (BENCHMARKS.quick.md)
+
+The lag sweep: RAG-Token's dev recall@5 after 600 steps for each ``refresh.swap_lag`` in LAG_SWEEP, 3 seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import ROOT, machine, write_section
+from bench.seed_groups import GROUPS, LAG_SWEEP, Group
+from bench.stages import ensure_stages
+from openbook.recipe import load_recipe
+
+log = logging.getLogger("bench.seeds")
+OUT = ROOT / "runs" / "seeds"
+OPENBOOK = str(Path(sys.executable).parent / "openbook")
+
+
+@dataclass
+class Job:
+    group: str
+    config: str
+    seed: int
+    sets: list[str] = field(default_factory=list)
+    tag: str = ""  # a variant within the group (the sweep's lag)
+    root: Path = OUT
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}{'-' + self.tag if self.tag else ''}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"train.seed={self.seed}", f"run_dir={self.run_dir}", *self.sets]
+
+    def command(self) -> list[str]:
+        return [OPENBOOK, "train", "--config", self.config, "--quiet", *[a for s in self.overrides for a in ("--set", s)]]
+
+    def resolved(self) -> str:
+        """The recipe this run trains, every field resolved: a cached result counts only if it matches."""
+        from openbook.trainer.train import config_yaml
+
+        return config_yaml(load_recipe(ROOT / self.config, self.overrides))
+
+
+def run_job(job: Job) -> dict:
+    """The run's summary plus its dev curve, from the cache when the same command already ran."""
+    done = job.run_dir / "bench_result.json"
+    cmd = job.command()
+    key = job.resolved()
+    if done.exists():
+        cached = json.loads(done.read_text())
+        if cached.get("key") == key:
+            return cached
+    log.warning("running %s", job.name)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{job.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = {"key": key, "summary": summary, "scalars": scalars(job.run_dir)}
+    done.write_text(json.dumps(result))
+    return result
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    from bench.study_runs import all_scalars
+
+    found = all_scalars(run_dir / "tb") if (run_dir / "tb").is_dir() else {}
+    keep = ("val/", "train/retrieval_utility", "train/span_in_docs", "index/lag_steps", "refresh/waits")
+    return {tag: {str(s): v for s, v in zip(*series)} for tag, series in found.items() if tag.startswith(keep)}
+
+
+def jobs_for(groups: list[Group], seeds: int, quick: bool) -> list[Job]:
+    jobs = []
+    for g in groups:
+        sets = [*g.sets, *(g.quick_sets if quick else [])]
+        jobs += [Job(g.name, g.config, seed, sets) for seed in range(seeds)]
+    return jobs
+
+
+def run_all(jobs: list[Job], parallel: int) -> list[dict]:
+    for config in sorted({j.config for j in jobs}):
+        ensure_stages(load_recipe(ROOT / config))  # prerequisites once, before runs race to make them
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(run_job, jobs))
+
+
+def spread(values: list[float]) -> str:
+    """``median [min–max]`` over seeds."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return "–"
+    return f"{statistics.median(vals):.2f} [{min(vals):.2f}–{max(vals):.2f}]"
+
+
+def group_table(group: Group, results: list[dict]) -> str:
+    rows = [(label, [fn(r) for r in results]) for label, fn in group.figures]
+    lines = ["| figure | median [min–max] | per seed |", "|---|---|---|"]
+    for label, vals in rows:
+        lines.append(f"| {label} | {spread(vals)} | {' / '.join(f'{v:.2f}' for v in vals)} |")
+    return "\n".join(lines)
+
+
+def group_text(group: Group, results: list[dict]) -> str:
+    minutes = [r["summary"]["seconds"] / 60 for r in results]
+    text = [f"### {group.title}\n", f"`{group.config}` {' '.join('--set ' + s for s in group.sets)}".strip()
+            + f"; {len(results)} seeds, {statistics.median(minutes):.1f} min per run (median).\n",
+            group_table(group, results)]
+    if group.goal is not None:
+        label, fn, threshold = group.goal
+        hits = sum(fn(r) >= threshold for r in results)
+        text.append(f"\n{label} ≥ {threshold:g} in **{hits} of {len(results)}** seeds.")
+    return "\n".join(text)
+
+
+def sweep_text(results: dict[int, list[dict]], seeds: int) -> str:
+    from bench.seed_groups import final_recall, mean_lag, waits
+
+    lines = ["| refresh.swap_lag | dev recall@5 at 600, median [min–max] | per seed | mean index lag (steps) "
+             "| trainer waits |", "|---|---|---|---|---|"]
+    for lag, rs in sorted(results.items()):
+        vals = [final_recall(r) for r in rs]
+        lines.append(f"| {lag} | {spread(vals)} | {' / '.join(f'{v:.2f}' for v in vals)} | "
+                     f"{statistics.median(mean_lag(r) for r in rs):.1f} | {sum(waits(r) for r in rs):g} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    names_known = [g.name for g in GROUPS] + [LAG_SWEEP.name]
+    ap = argparse.ArgumentParser(prog="python -m bench.seeds", description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help=f"some of: {', '.join(names_known)}")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per group (default 5, the sweep 3; --quick 2)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or names_known
+    if set(names) - set(names_known):
+        ap.error(f"unknown group in {names} (known: {', '.join(names_known)})")
+    seeds = args.seeds or (2 if args.quick else 5)
+    flags = " --quick" if args.quick else ""
+    groups = [g for g in GROUPS if g.name in names]
+    jobs = jobs_for(groups, seeds, args.quick)
+    results = run_all(jobs, args.jobs)
+    for g in groups:
+        mine = [r for j, r in zip(jobs, results) if j.group == g.name]
+        body = f"`python -m bench.seeds --only {g.name}{flags}` on {machine()}.\n\n{group_text(g, mine)}"
+        write_section(f"seeds:{g.name}", body)
+        print(group_text(g, mine), flush=True)
+    if LAG_SWEEP.name in names:
+        lag_sweep(min(seeds, 3), args.jobs, args.quick, flags)
+    return 0
+
+
+def lag_sweep(seeds: int, parallel: int, quick: bool, flags: str) -> int:
+    sweep = LAG_SWEEP
+    extra = sweep.quick_sets if quick else []
+    jobs = [Job(sweep.name, sweep.config, seed, [*sweep.sets, f"refresh.swap_lag={lag}", *extra], f"lag{lag}")
+            for lag in sweep.lags for seed in range(seeds)]
+    results = run_all(jobs, parallel)
+    by_lag: dict[int, list[dict]] = {}
+    for job, res in zip(jobs, results):
+        by_lag.setdefault(int(job.tag[3:]), []).append(res)
+    body = (f"`python -m bench.seeds --only lag_sweep{flags}` on {machine()}: `{sweep.config}`, refresh every 25 steps, "
+            f"each refresh swapped in `refresh.swap_lag` steps after its trigger; {seeds} seeds per lag.\n\n"
+            + sweep_text(by_lag, seeds))
+    write_section("seeds:lag_sweep", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""``python -m bench.seeds``: figures read back from a run, the seed summary, and its run cache."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from bench import seed_groups as sg
+from bench.seeds import Job, group_text, run_job, spread
+from openbook.trainer.train import config_yaml
+from tests.helpers import tiny_recipe
+
+
+def _result(**scalars) -> dict:
+    return {"summary": {"dev_recall@5": 0.8, "dev_recall@5_at_start": 0.1, "seconds": 60.0},
+            "scalars": {tag: {str(k): v for k, v in series.items()} for tag, series in scalars.items()}}
+
+
+def test_figures_read_validation_steps_windows_and_the_summary():
+    r = _result(**{"val/recall@5": {99: 0.3, 199: 0.5}, "train/retrieval_utility": {0: 1.0, 1: 3.0, 2: 10.0}})
+    assert sg.val_at("val/recall@5", 100)(r) == 0.3  # Lightning logs "after 100" at step 99
+    assert sg.val_at("val/recall@5", 200)(r) == 0.5
+    assert sg.val_at("val/recall@5", 300)(r) != sg.val_at("val/recall@5", 300)(r)  # NaN: not there
+    assert sg.window("train/retrieval_utility", 0, 2)(r) == 2.0
+    labels = [label for label, _ in sg.curve("val/recall@5", (100, 200, 600), "recall", "dev_recall@5_at_start",
+                                             "dev_recall@5")]
+    assert labels == ["recall at start", "recall at 100", "recall at 200", "recall at 600"]
+    assert [fn(r) for _, fn in sg.curve("val/recall@5", (100, 600), "r", "dev_recall@5_at_start",
+                                        "dev_recall@5")] == [0.1, 0.3, 0.8]
+
+
+def test_spread_and_the_goal_line():
+    assert spread([0.5, 0.9, 0.1, float("nan")]) == "0.50 [0.10–0.90]"
+    group = sg.Group("g", "G", "configs/default.yaml", [("recall", sg.final_recall)],
+                     goal=("recall", sg.final_recall, 0.7))
+    results = [{"summary": {"dev_recall@5": v, "seconds": 60.0}, "scalars": {}} for v in (0.9, 0.6, 0.75)]
+    text = group_text(group, results)
+    assert "| recall | 0.75 [0.60–0.90] | 0.90 / 0.60 / 0.75 |" in text
+    assert "in **2 of 3** seeds" in text
+
+
+def test_every_group_names_a_recipe_that_loads():
+    from bench.common import ROOT
+    from openbook.recipe import load_recipe
+
+    for g in [*sg.GROUPS]:
+        load_recipe(ROOT / g.config, [*g.sets, *g.quick_sets])
+    assert set(sg.LAG_SWEEP.lags) == {1, 5, 10, 25, 50}
+
+
+@pytest.mark.slow
+def test_a_run_is_cached_under_its_resolved_recipe(tmp_path, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    cfg = tiny_recipe(tmp_path, cache=tmp_path / "cache", train={"max_steps": 4}, refresh={"enabled": False})
+    recipe.write_text(config_yaml(cfg))
+    job = Job("tiny", str(recipe), seed=1, root=tmp_path / "seeds")
+    first = run_job(job)
+    assert first["summary"]["steps"] == 4 and first["summary"]["dev_recall@5_at_start"] >= 0
+    assert (job.run_dir / "config.yaml").read_text() == first["key"]  # the recipe the run itself saved
+
+    def no_run(*a, **k):
+        raise AssertionError("ran again")
+
+    monkeypatch.setattr(subprocess, "run", no_run)
+    assert run_job(job) == first  # same resolved recipe: the cached result
+    with pytest.raises(AssertionError, match="ran again"):
+        run_job(Job("tiny", str(recipe), seed=1, sets=["train.max_steps=5"], root=tmp_path / "seeds"))
