@@ -92,8 +92,11 @@ def realm_qa_figures() -> list[Figure]:
 def utility_figures(steps: int, every: int) -> list[Figure]:
     figs = [(f"utility, steps {lo}–{lo + every}", window("train/retrieval_utility", lo, lo + every))
             for lo in range(0, steps, every)]
-    return figs + [("span in a retrieved passage, first 50 steps", window("train/span_in_docs", 0, 50)),
-                   ("span in a retrieved passage, last 50 steps", window("train/span_in_docs", steps - 50, steps))]
+    first, last = min(50, steps // 3), (steps - min(50, steps // 3), steps)
+    return figs + [(f"span in a retrieved passage, first {first} steps", window("train/span_in_docs", 0, first)),
+                   (f"span in a retrieved passage, last {first} steps", window("train/span_in_docs", *last)),
+                   (f"span in the top passage, first {first} steps", window("train/span_in_top", 0, first)),
+                   (f"span in the top passage, last {first} steps", window("train/span_in_top", *last))]
 
 
 GROUPS: list[Group] = [
@@ -101,6 +104,11 @@ GROUPS: list[Group] = [
           [("dev recall@5 at start", summary("dev_recall@5_at_start")),
            ("dev recall@5, index in use", summary("dev_recall@5_index_in_use")),
            ("dev recall@5, fresh encode", summary("dev_recall@5_fresh_encode"))]),
+    Group("reader_pretrain", "RAG/FiD reader pretraining (`configs/reader_pretrain_tiny.yaml`)",
+          "configs/reader_pretrain_tiny.yaml",
+          [(f"reader EM on gold at {n}", val_at("val/reader_em_gold", n)) for n in (500, 1000, 2000)]
+          + [("reader EM on gold at 3000", summary("dev_reader_em_gold"))],
+          quick_sets=["train.max_steps=100", "train.val_every_n_steps=50"]),
     rag_group("rag_token", "RAG-Token", goal=0.72),
     rag_group("rag_sequence", "RAG-Sequence", goal=0.80),
     Group("ict", "ICT warm start (`configs/ict_tiny.yaml`)", "configs/ict_tiny.yaml",
@@ -121,6 +129,13 @@ GROUPS: list[Group] = [
           quick_sets=["train.max_steps=100", "train.val_every_n_steps=50"]),
     Group("realm_pretrain_pydoc", "REALM pretraining on pydoc text (`configs/realm_pretrain_pydoc.yaml`)",
           "configs/realm_pretrain_pydoc.yaml", utility_figures(300, 100), quick_sets=["train.max_steps=100"]),
+    Group("realm_pretrain_pydoc_ict", "REALM pretraining on pydoc text from ICT on it (`configs/ict_pydoc.yaml`)",
+          "configs/realm_pretrain_pydoc.yaml", utility_figures(300, 100),
+          sets=["retriever.init_from=runs/ict_pydoc", "train.lr=3e-5", "realm.reader_lr_scale=30"],
+          quick_sets=["train.max_steps=100"]),
+    Group("realm_pretrain_minilm", "REALM pretraining, MiniLM embedder and reader "
+          "(`configs/realm_pretrain_minilm.yaml`)", "configs/realm_pretrain_minilm.yaml",
+          utility_figures(150, 50), quick_sets=["train.max_steps=30"]),
 ]
 
 

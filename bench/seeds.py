@@ -32,7 +32,7 @@ from bench.stages import ensure_stages
 from openbook.recipe import load_recipe
 
 log = logging.getLogger("bench.seeds")
-OUT = ROOT / "runs" / "seeds"
+OUT = Path("runs") / "seeds"  # relative to ROOT, where the runs start: a cached result moves with the checkout
 OPENBOOK = str(Path(sys.executable).parent / "openbook")
 
 
@@ -69,7 +69,7 @@ class Job:
 
 def run_job(job: Job) -> dict:
     """The run's summary plus its dev curve, from the cache when the same command already ran."""
-    done = job.run_dir / "bench_result.json"
+    done = ROOT / job.run_dir / "bench_result.json"
     cmd = job.command()
     key = job.resolved()
     if done.exists():
@@ -81,7 +81,7 @@ def run_job(job: Job) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{job.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    result = {"key": key, "summary": summary, "scalars": scalars(job.run_dir)}
+    result = {"key": key, "summary": summary, "scalars": scalars(ROOT / job.run_dir)}
     done.write_text(json.dumps(result))
     return result
 
@@ -103,8 +103,8 @@ def jobs_for(groups: list[Group], seeds: int, quick: bool) -> list[Job]:
 
 
 def run_all(jobs: list[Job], parallel: int) -> list[dict]:
-    for config in sorted({j.config for j in jobs}):
-        ensure_stages(load_recipe(ROOT / config))  # prerequisites once, before runs race to make them
+    for config, sets in sorted({(j.config, tuple(j.sets)) for j in jobs}):
+        ensure_stages(load_recipe(ROOT / config, list(sets)))  # prerequisites once, before runs race to make them
     with ThreadPoolExecutor(parallel) as pool:
         return list(pool.map(run_job, jobs))
 

@@ -83,6 +83,8 @@ def test_realm_pretraining_on_names_logs_what_retrieval_found(tmp_path, ray_sess
                 found.append([any(d[i: i + len(span)] == span for i in range(len(d))) for d in docs])
             np.testing.assert_array_equal(pl_module.last_span_found.numpy(), found)
             self.found.append(float(trainer.callback_metrics["train/span_in_docs"]))
+            in_top = [found[b][int(t)] for b, t in enumerate(pl_module.last_top)]  # the live-scored top passage
+            assert float(trainer.callback_metrics["train/span_in_top"]) == pytest.approx(np.mean(in_top))
 
     cfg = tiny_recipe(tmp_path, model="realm_pretrain", data={"world": {"num_passages": 100, "seed": 0}},
                       retriever={"doc_max_length": 48},

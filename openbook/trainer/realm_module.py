@@ -113,6 +113,8 @@ class RealmPretrainModule(pl.LightningModule):
         ids = docs["input_ids"].view(len(rows), n_docs, -1)[:, int(self.realm.null_doc):]
         self.last_span_found = span_in_docs(batch["labels"].cpu(), ids)  # [B, k], null doc left out
         metrics["train/span_in_docs"] = self.last_span_found.any(1).float().mean()
+        top = scores.detach()[:, int(self.realm.null_doc):].argmax(1)  # the top retrieved passage, live scores
+        metrics["train/span_in_top"] = self.last_span_found.gather(1, top.cpu()[:, None]).float().mean()
         if self.realm.null_doc:
             metrics.update(self._utility(logits.detach(), scores.detach(), labels))
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(rows))
