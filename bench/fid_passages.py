@@ -7,8 +7,10 @@ changed; the same seed, steps and data. Two runs at a time, one thread each. Rep
 gold recall@n at the start and after training (all 1,000 dev questions), and the reader's EM given
 the gold passage alone.
 
-    python -m bench.fid_passages            # 1000 steps per run
-    python -m bench.fid_passages --quick    # 100 steps per run
+    python -m bench.fid_passages            # 1000 steps per run, 5 seeds (train.seed 0-4)
+    python -m bench.fid_passages --quick    # 100 steps per run, 2 seeds
+
+Figures are the median [min–max] over seeds; "per seed" lists them in seed order.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ def ensure_run(config: Path, output: str) -> Path:
     return path
 
 
-def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, tmp: Path) -> dict:
+def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, tmp: Path, seed: int = 0) -> dict:
     cfg = load_recipe(FID, [f"fid.n_docs={n_docs}", f"fid.score_prior={prior}", f"train.max_steps={steps}",
                             f"generator.source={reader}", f"retriever.init_from={retriever}",
-                            f"run_dir={tmp / f'fid{n_docs}_{prior:g}'}", f"train.val_every_n_steps={steps}",
-                            f"train.val_questions={DEV}"])
+                            f"run_dir={tmp / f'fid{n_docs}_{prior:g}_s{seed}'}", f"train.val_every_n_steps={steps}",
+                            f"train.val_questions={DEV}", f"train.seed={seed}"])
     logging.basicConfig(level=logging.WARNING)
     s = run_train(cfg, progress=False)
     return {"passages": n_docs, "score prior": prior, "steps": s["steps"], "dev EM at start": s["dev_em_at_start"],
@@ -82,18 +84,36 @@ def same_person_share(retriever: Path, tmp: Path) -> dict[int, float]:
     return {n: float(np.mean(v)) if v else float("nan") for n, v in same.items()}
 
 
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per (passages, prior): each figure as median [min–max] over seeds, EM per seed."""
+    from bench.seeds import spread
+
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        same = [runs[i] for runs in per_seed]
+        row = {k: first[k] for k in ("passages", "score prior", "steps")}
+        for key in ("dev EM at start", "dev EM", "dev recall@n at start", "dev recall@n (n = passages)",
+                    "reader EM on gold passage"):
+            row[key] = spread([r[key] for r in same])
+        row["dev EM per seed"] = " / ".join(f"{r['dev EM']:.2f}" for r in same)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=None, help="train.seed values 0..N-1 (default 5; --quick 2)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    steps = 100 if args.quick else 1000
+    steps, seeds = (100 if args.quick else 1000), args.seeds or (2 if args.quick else 5)
     reader = ensure_run(READER, "generator")
     retriever = ensure_run(RETRIEVER, "retriever.pt")
     with tempfile.TemporaryDirectory() as tmp:
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(run, n, prior, steps, reader, retriever, Path(tmp)) for n, prior in RUNS]
-            rows = [j.result() for j in jobs]
+            jobs = [[pool.submit(run, n, prior, steps, reader, retriever, Path(tmp), seed) for n, prior in RUNS]
+                    for seed in range(seeds)]
+            rows = over_seeds([[j.result() for j in seed_jobs] for seed_jobs in jobs])
         share = same_person_share(retriever, Path(tmp))
     for r in rows:
         r["other passages about the same person"] = share[r["passages"]]
@@ -102,7 +122,8 @@ def main() -> None:
     write_section("fid_passages", f"""## FiD: answer EM vs passages per question
 
 `{cmd}` on {machine()}. `configs/fid_tiny.yaml`: the tiny T5 reader of
-`configs/reader_pretrain_tiny.yaml` trained {steps} steps on the top-n passages that the DPR-style
+`configs/reader_pretrain_tiny.yaml` trained {steps} steps ({seeds} seeds: `train.seed` 0–{seeds - 1}, the
+reader's dropout and data order; median [min–max]) on the top-n passages that the DPR-style
 retriever of `configs/fid_retriever_tiny.yaml` returns (fixed, no KD) on the 10,000-passage world,
 only `fid.n_docs` and `fid.score_prior` changed ("score prior" w: w x the passage's retrieval score is
 added to the decoder's cross-attention logits on its tokens; 0 is the paper's FiD). Dev = all {DEV} dev

@@ -66,3 +66,16 @@ def test_a_run_is_cached_under_its_resolved_recipe(tmp_path, monkeypatch):
     assert run_job(job) == first  # same resolved recipe: the cached result
     with pytest.raises(AssertionError, match="ran again"):
         run_job(Job("tiny", str(recipe), seed=1, sets=["train.max_steps=5"], root=tmp_path / "seeds"))
+
+
+def test_knnlm_rows_over_seeds_keep_each_seeds_tuning():
+    from bench.knnlm import _row, over_seeds
+
+    def res(lm, tuned, k):
+        return {"rows": [_row("LM alone", "-", "-", "-", 0.0, lm, lm / 2),
+                         _row("kNN-LM, tuned on valid", "exact", k, 10.0, 0.4, tuned, tuned / 2)]}
+
+    rows = over_seeds([res(70.0, 60.0, 1024), res(80.0, 64.0, 256), res(75.0, 62.0, 1024)])
+    assert rows[0]["valid ppl"] == "75.00 [70.00–80.00]" and rows[0]["test ppl"] == "37.50 [35.00–40.00]"
+    assert rows[1]["k, T, λ"] == "1024, 10.0, 0.4 / 256, 10.0, 0.4 / 1024, 10.0, 0.4"
+    assert rows[1]["valid ppl"] == "62.00 [60.00–64.00]"
