@@ -73,12 +73,17 @@ RAG_STEPS = (100, 200, 300, 400, 500, 600)
 RAG_QUICK = ["train.max_steps=100", "train.val_every_n_steps=50"]
 
 
-def rag_group(name: str, variant: str, goal: float) -> Group:
+RANDOM_RETRIEVER = ["retriever.init_from=null", "retriever.projection_dim=null"]
+
+
+def rag_group(name: str, variant: str, goal: float, random_init: bool = False) -> Group:
     figs = curve("val/recall@5", RAG_STEPS, "dev recall@5", "dev_recall@5_at_start", "dev_recall@5")
     figs += curve("val/em", RAG_STEPS, "dev EM", "dev_em_at_start", "dev_em")
     figs += [("reader EM on gold", summary("dev_reader_em_gold")), ("mean index lag (steps)", mean_lag)]
-    return Group(name, f"{variant} (`configs/{name}_tiny.yaml`)", f"configs/{name}_tiny.yaml", figs,
-                 quick_sets=RAG_QUICK, goal=("dev recall@5 at 600", final_recall, goal))
+    title = f"{variant} (`configs/{name}_tiny.yaml`{', random retriever' if random_init else ''})"
+    return Group(name + ("_random_init" if random_init else ""), title, f"configs/{name}_tiny.yaml", figs,
+                 sets=RANDOM_RETRIEVER if random_init else [], quick_sets=RAG_QUICK,
+                 goal=("dev recall@5 at 600", final_recall, goal))
 
 
 REALM_QA_STEPS = (200, 400, 600, 800)
@@ -111,6 +116,8 @@ GROUPS: list[Group] = [
           quick_sets=["train.max_steps=100", "train.val_every_n_steps=50"]),
     rag_group("rag_token", "RAG-Token", goal=0.72),
     rag_group("rag_sequence", "RAG-Sequence", goal=0.80),
+    rag_group("rag_token", "RAG-Token", goal=0.72, random_init=True),
+    rag_group("rag_sequence", "RAG-Sequence", goal=0.80, random_init=True),
     Group("fid_retriever", "FiD's DPR-style retriever (`configs/fid_retriever_tiny.yaml`)",
           "configs/fid_retriever_tiny.yaml",
           [("dev recall@5 at start", summary("dev_recall@5_at_start")),
