@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import ROOT, machine, write_section
+from bench.plots import PLOTS, line_panels, link
 from bench.seed_groups import GROUPS, LAG_SWEEP, Group
 from bench.stages import ensure_stages
 from openbook.recipe import load_recipe
@@ -149,6 +150,24 @@ def sweep_text(results: dict[int, list[dict]], seeds: int) -> str:
     return "\n".join(lines)
 
 
+def plot_sweep(by_lag: dict[int, list[dict]], quick: bool) -> Path:
+    """Dev recall@5 over training, median over seeds, one line per swap lag; and each seed's final value."""
+    from bench.seed_groups import RAG_STEPS, final_recall, val_at
+
+    steps = [s for s in RAG_STEPS if s <= max(r["summary"]["steps"] for rs in by_lag.values() for r in rs)]
+    curves = {}
+    for lag, rs in sorted(by_lag.items()):
+        med = [statistics.median(val_at("val/recall@5", s)(r) if s < steps[-1] else final_recall(r) for r in rs)
+               for s in steps]
+        curves[f"swap_lag {lag}"] = (steps, med)
+    finals = {f"seed {i}": (sorted(by_lag), [final_recall(by_lag[lag][i]) for lag in sorted(by_lag)])
+              for i in range(min(len(rs) for rs in by_lag.values()))}
+    path = PLOTS / f"lag_sweep{'_quick' if quick else ''}.png"
+    return line_panels(path, "RAG-Token: dev recall@5 vs refresh.swap_lag",
+                       [("dev recall@5 (median over seeds)", "step", curves),
+                        ("dev recall@5 after training", "refresh.swap_lag (steps)", finals)], logx=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     names_known = [g.name for g in GROUPS] + [LAG_SWEEP.name]
     ap = argparse.ArgumentParser(prog="python -m bench.seeds", description=__doc__.splitlines()[0])
@@ -187,7 +206,7 @@ def lag_sweep(seeds: int, parallel: int, quick: bool, flags: str) -> int:
         by_lag.setdefault(int(job.tag[3:]), []).append(res)
     body = (f"`python -m bench.seeds --only lag_sweep{flags}` on {machine()}: `{sweep.config}`, refresh every 25 steps, "
             f"each refresh swapped in `refresh.swap_lag` steps after its trigger; {seeds} seeds per lag.\n\n"
-            + sweep_text(by_lag, seeds))
+            + sweep_text(by_lag, seeds) + "\n\n" + link(plot_sweep(by_lag, quick), "dev recall@5 vs steps per swap lag"))
     write_section("seeds:lag_sweep", body)
     print(body)
     return 0
