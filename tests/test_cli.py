@@ -96,7 +96,8 @@ def test_config_help_lists_every_section():
         assert key in proc.stdout
 
 
-DDP = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]  # 2 processes on CPU (gloo)
+DDP = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu",  # 2 processes on CPU (gloo)
+       "refresh.start_timeout_seconds=600"]  # a loaded CI machine can take minutes to start an actor
 
 
 def ddp_train(wd: Path, config: str, sets: list[str], *extra: str) -> subprocess.CompletedProcess:

@@ -105,8 +105,10 @@ class RefreshCoordinator:
             need = self.cfg.num_workers * self.cfg.cpus_per_worker
             have = ray.available_resources().get("CPU", 0)
             self.shutdown()
+            why = (f"Ray has {have:g} CPUs free now, so the actors were slow to start (a loaded machine?): raise "
+                   "refresh.start_timeout_seconds" if have >= need else f"Ray has {have:g} free")
             raise OpenbookError(f"refresh pool did not start within {self.cfg.start_timeout_seconds:.0f}s: "
-                                f"{self.cfg.num_workers} actors need {need:g} CPUs, Ray has {have:g} free") from None
+                                f"{self.cfg.num_workers} actors need {need:g} CPUs; {why}") from None
         self._doc_ids_ref = ray.put(np.asarray(self.doc_ids))
         return self
 
