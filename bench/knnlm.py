@@ -24,9 +24,9 @@ import torch
 
 from bench.common import machine, table, write_section
 from bench.plots import PLOTS, line_panels, link
+from openbook.index import build_index
 from openbook.knnlm.config import KnnConfig, KnnLMConfig, load_knnlm_config
 from openbook.knnlm.datastore import Datastore
-from openbook.knnlm.l2index import build_l2_index, set_nprobe
 from openbook.knnlm.pipeline import Demo, score_stream, train_and_build
 from openbook.knnlm.scoring import perplexity
 
@@ -57,8 +57,7 @@ def bench_knnlm(cfg: KnnLMConfig) -> dict:
             _row("kNN-LM, tuned on valid", "exact", *best, valid.ppl(*best), test.ppl(*best))]
     t1 = time.perf_counter()
     pq = Datastore(demo.store.path, demo.store.manifest, demo.store.keys, demo.store.values,
-                   build_l2_index(demo.store.keys, PQ, cfg.datastore.train_size))
-    set_nprobe(pq.index, cfg.datastore.nprobe)
+                   build_index(demo.store.keys, cfg.datastore.index_config(PQ), metric="l2"))
     pq_s = time.perf_counter() - t1
     for recompute in (False, True):
         v, t = (score_stream(demo.model, getattr(demo.text, s), pq, cfg, k=best[0], recompute=recompute)

@@ -145,7 +145,7 @@ of load between them moves it.
 {link(p_enc, "re-encode throughput")}
 
 **FAISS index build** over the embeddings the 1-actor refresh published (64-d, inner product, built with
-`openbook.index.build_faiss_index`: IVF/PQ trained on at most 100,000 sampled vectors; IVF lists ≈ 4√n):
+`openbook.index.build_index`: IVF/PQ trained on at most 100,000 sampled vectors; IVF lists ≈ 4√n):
 seconds, the serialized index, and the growth of this process's resident memory during the build.
 
 {table(idx)}

@@ -91,11 +91,11 @@ def index_build(emb: np.ndarray, factory: str) -> dict:
     """Build time, serialized size and resident-memory growth of one index over ``emb``."""
     import faiss
 
-    from openbook.index import IndexConfig, build_faiss_index
+    from openbook.index import IndexConfig, build_index
 
     before = rss_bytes()
     t0 = time.perf_counter()
-    index = build_faiss_index(emb, IndexConfig(factory=factory))
+    index = build_index(emb, IndexConfig(factory=factory)).cpu
     seconds = time.perf_counter() - t0
     grown = rss_bytes() - before
     size = int(faiss.serialize_index(index).size)

@@ -18,10 +18,9 @@ from openbook.errors import ConfigError, SnapshotError
 from openbook.knnlm.build import build_local, build_sharded
 from openbook.knnlm.config import DatastoreConfig, KnnLMConfig, LMConfig, TextConfig, load_knnlm_config
 from openbook.knnlm.datastore import KEYS, MANIFEST, VALUES, Datastore, DatastoreWriter
-from openbook.knnlm.l2index import exact_sq_l2
 from openbook.knnlm.model import build_lm, encode, windows
 from openbook.knnlm.pipeline import score_stream
-from openbook.knnlm.scoring import knn_distribution, knn_log_prob, neighbours, perplexity
+from openbook.knnlm.scoring import exact_sq_l2, knn_distribution, knn_log_prob, neighbours, perplexity
 from openbook.knnlm.text import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +165,7 @@ def test_half_written_or_corrupt_datastore_is_a_clear_error(text, model, tmp_pat
     assert "datastore not found" in error(path)
     assert "has no manifest.json" in error(writer.tmp)
     with pytest.raises(SnapshotError, match="never written"):
-        writer.commit("Flat", 100)
+        writer.commit(DS.index_config())
     good = build_local(path, model, text.train[:200], LM, DS)
     assert len(Datastore.load(path)) == 199 == len(good)
     keys, values, manifest = path / KEYS, path / VALUES, path / MANIFEST
@@ -191,7 +190,7 @@ def test_committing_over_a_datastore_replaces_it_atomically(text, model, tmp_pat
 def test_pq_index_distances_are_approximate_unless_recomputed(text, model, tmp_path):
     ds = DatastoreConfig(stride=8, factory="IVF4,PQ4", train_size=2000)
     pq = build_local(tmp_path / "pq", model, text.train[:1500], LM, ds)
-    assert "IVF" in type(pq.index).__name__ and pq.manifest["keys_dtype"] == "float16"
+    assert pq.index.cfg.factory == "IVF4,PQ4" and pq.index.code_size == 4 and pq.manifest["keys_dtype"] == "float16"
     q = np.asarray(pq.keys[::50], dtype=np.float32)
     approx, ids = pq.search(q, 4)
     exact, _ = neighbours(pq, q, 4, recompute=True)

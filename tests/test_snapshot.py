@@ -22,11 +22,10 @@ import pytest
 from openbook.errors import SnapshotError
 from openbook.index import (
     CRASH_ENV,
-    DenseIndex,
     IndexConfig,
     IndexHolder,
     SnapshotStore,
-    build_faiss_index,
+    build_index,
 )
 from openbook.index.snapshot import CRASH_STAGES, HIGHWATER
 
@@ -58,7 +57,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert again.embeddings.dtype == np.float16 and again.embeddings.tobytes() == x16.tobytes()
     assert again.doc_ids.tolist() == ids
     # The index is built from the fp16 values, so an in-memory build of those is the reference.
-    ref = DenseIndex(build_faiss_index(x16, cfg), cfg)
+    ref = build_index(x16, cfg)
     q = np.random.default_rng(9).standard_normal((50, 32)).astype(np.float32)
     for got, want in zip(again.search(q, 10), ref.search(q, 10)):
         np.testing.assert_array_equal(got, want)
@@ -251,7 +250,7 @@ def test_version_claim_retries_when_name_was_taken(tmp_path, monkeypatch):
 
 def test_snapshot_query_dim_error_names_snapshot(tmp_path):
     snap = publish(SnapshotStore(tmp_path))
-    with pytest.raises(SnapshotError, match=rf"^query dim 8 does not match index dim 16 \({re.escape(str(tmp_path))}/v000001\)$"):
+    with pytest.raises(SnapshotError, match=rf"^query dim 8 does not match index dim 16 \({re.escape(str(tmp_path))}/v000001/index.faiss\)$"):
         snap.search(np.zeros(8, np.float32), 3)
 
 

@@ -1,9 +1,9 @@
-"""FAISS wrappers: build an inner-product index from an ``index_factory`` string, pick CPU/GPU, search.
+"""The FAISS backend: :class:`FaissIndex` builds an index from an ``index_factory`` string (inner product or
+L2), adds, searches, saves and loads, and picks CPU or GPU. The only module of openbook that imports faiss.
 
-Everything here is metric-agnostic glue around ``faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)``:
-retrieval scores are dot products of query and doc embeddings (normalise them upstream for cosine).
-Indexes are always *built and stored* on CPU; :func:`to_device` optionally copies one to the GPUs for
-searching.
+Indexes are always *built and stored* on CPU; with ``device`` auto/gpu a replica on every GPU does the
+searching. Retrieval scores are dot products (normalise embeddings upstream for cosine); kNN-LM keys
+use squared L2 distances.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import faiss
@@ -19,16 +20,19 @@ import numpy as np
 
 from openbook.config import opt
 from openbook.errors import ConfigError, SnapshotError
+from openbook.index.atomic import fsync_path
 
 log = logging.getLogger(__name__)
 
 _IVF_LISTS = re.compile(r"IVF(\d+)")
+Metric = Literal["ip", "l2"]
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 @dataclass(kw_only=True)
 class IndexConfig:
     factory: str = opt("Flat", "faiss index_factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF64,PQ16x8 "
-                               "(always inner-product metric)")
+                               "(retrieval scores are inner products)")
     nprobe: int = opt(32, "IVF lists probed per query (clamped by faiss to the number of lists)")
     ef_search: int = opt(128, "HNSW search-time beam width (efSearch)")
     device: Literal["auto", "cpu", "gpu"] = opt("auto", "where to search: gpu if faiss has GPU support and a "
@@ -46,7 +50,7 @@ class IndexConfig:
             raise ValueError(f"index.device must be one of auto/cpu/gpu, got {self.device!r}")
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
+def one_line(err: BaseException | None, limit: int = 300) -> str:
     """faiss errors span several lines (C++ location + message): squash them for one-line messages."""
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -90,7 +94,7 @@ def _f32_rows(x: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     """Rows of ``x`` as contiguous float32, converted per block so an fp16 memmap is never copied whole."""
     block = np.ascontiguousarray(x[rows], dtype=np.float32)
     if not np.isfinite(block).all():
-        raise SnapshotError("build_faiss_index: embeddings contain NaN or inf")
+        raise SnapshotError("index build: embeddings contain NaN or inf")
     return block
 
 
@@ -102,17 +106,12 @@ def _training_sample(x: np.ndarray, cfg: IndexConfig) -> np.ndarray:
     return _f32_rows(x, np.sort(np.random.default_rng(cfg.seed).choice(n, size=cfg.train_size, replace=False)))
 
 
-def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig, chunk: int = 65_536) -> faiss.Index:
-    """A trained, filled CPU index over ``embeddings`` (row i gets label i); fp16/fp32, added in chunks."""
-    x = np.asarray(embeddings)
-    if x.ndim != 2 or x.dtype.kind not in "fiu":
-        raise SnapshotError(f"build_faiss_index: expected a 2-D float array [n, d], got {x.dtype} {x.shape}")
+def _new_index(x: np.ndarray, cfg: IndexConfig, metric: Metric) -> faiss.Index:
+    """An index of ``cfg.factory`` for ``x``'s dimension, trained on a sample of ``x`` if it needs it."""
     n, d = x.shape
-    if n == 0 or d == 0:
-        raise SnapshotError(f"build_faiss_index: no embeddings to index (shape {x.shape})")
     factory = _clamp_ivf_lists(cfg.factory, min(n, cfg.train_size))
     try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, factory, _METRICS[metric])
     except RuntimeError as e:
         raise ConfigError(f"index.factory {cfg.factory!r} is invalid for dim {d}: {one_line(e)}") from None
     for layer in _layers(index):
@@ -127,13 +126,6 @@ def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig, chunk: int = 65_
         except RuntimeError as e:
             raise SnapshotError(f"index {factory!r}: training on {len(sample)} vectors failed: "
                                 f"{one_line(e)}") from None
-    id_map = isinstance(faiss.downcast_index(index), faiss.IndexIDMap)
-    for lo in range(0, n, chunk):
-        block = _f32_rows(x, slice(lo, lo + chunk))
-        if id_map:  # IDMap refuses add(); keep label i = row i
-            index.add_with_ids(block, np.arange(lo, lo + len(block), dtype=np.int64))
-        else:
-            index.add(block)
     return index
 
 
@@ -176,19 +168,72 @@ def _is_gpu_index(index: faiss.Index) -> bool:
     return "Gpu" in type(faiss.downcast_index(index)).__name__ or "Replicas" in type(index).__name__
 
 
-class DenseIndex:
-    """A faiss index plus its search-time parameters; ``search`` is safe to call from many threads.
+def _read(path: Path) -> faiss.Index:
+    """Memory-map where this faiss supports it (IFC: flat codes, 1.10+; MMAP: IVF lists), else read."""
+    flags = [getattr(faiss, n) for n in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if hasattr(faiss, n)] + [0]
+    err: Exception | None = None
+    for flag in flags:
+        try:
+            return faiss.read_index(str(path), flag)
+        except RuntimeError as e:
+            err = e
+    raise SnapshotError(f"{path}: unreadable faiss index ({one_line(err)})")
 
-    Parameters (nprobe, efSearch) are set once here, never per search, so concurrent readers of a
-    shared index never race on them. They are stored *in the faiss object*: two DenseIndex over the
-    same raw index share the last one's settings.
+
+class FaissIndex:
+    """A :class:`~openbook.index.vector_index.VectorIndex` over faiss: rows are labelled 0..n-1 in the order
+    they were added; ``search`` is safe to call from many threads.
+
+    Search parameters (nprobe, efSearch) are set once, when the index is wrapped, never per search, so
+    concurrent readers never race on them. They live *in the faiss object*: two wrappers of the same raw
+    index (see :meth:`with_config`) share the last one's settings.
     """
 
-    def __init__(self, index: faiss.Index, cfg: IndexConfig | None = None, where: str = "in-memory index"):
-        self.index = index
-        self.cfg = cfg or IndexConfig()
-        self.where = where  # named in error messages (a snapshot path, usually)
+    def __init__(self, cpu_index: faiss.Index, cfg: IndexConfig | None = None, metric: Metric = "ip",
+                 where: str = "in-memory index"):
+        self.cpu, self.cfg, self.metric, self.where = cpu_index, cfg or IndexConfig(), metric, where
+        self.index = to_device(cpu_index, self.cfg)
         self._apply_search_params()
+
+    @classmethod
+    def build(cls, x: np.ndarray, cfg: IndexConfig, metric: Metric = "ip", chunk: int = 65_536) -> FaissIndex:
+        """A trained index holding ``x`` (fp16/fp32 [n, d]; row i gets label i), added in chunks."""
+        arr = np.asarray(x)
+        if arr.ndim != 2 or arr.dtype.kind not in "fiu":
+            raise SnapshotError(f"index build: expected a 2-D float array [n, d], got {arr.dtype} {arr.shape}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise SnapshotError(f"index build: no embeddings to index (shape {arr.shape})")
+        index = cls(_new_index(arr, cfg, metric), IndexConfig(factory=cfg.factory, device="cpu"), metric)
+        index.add(arr, chunk)
+        return index.with_config(cfg)
+
+    @classmethod
+    def load(cls, path: Path, cfg: IndexConfig, metric: Metric = "ip") -> FaissIndex:
+        """An index saved by :meth:`save` (memory-mapped where faiss can); ``cfg`` sets search params and device."""
+        return cls(_read(Path(path)), cfg, metric, where=str(path))
+
+    def with_config(self, cfg: IndexConfig) -> FaissIndex:
+        """The same index with other search parameters or device."""
+        return FaissIndex(self.cpu, cfg, self.metric, self.where)
+
+    def add(self, x: np.ndarray, chunk: int = 65_536) -> None:
+        """Append rows (labels continue from ``ntotal``)."""
+        id_map = isinstance(faiss.downcast_index(self.cpu), faiss.IndexIDMap)
+        for lo in range(0, x.shape[0], chunk):
+            block = _f32_rows(x, slice(lo, lo + chunk))
+            if id_map:  # IDMap refuses add(); keep label = row
+                start = self.cpu.ntotal
+                self.cpu.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+            else:
+                self.cpu.add(block)
+        if self.index is not self.cpu:  # a GPU replica does not see CPU adds: copy again
+            self.index = to_device(self.cpu, self.cfg)
+            self._apply_search_params()
+
+    def save(self, path: Path) -> None:
+        """Write the CPU index to ``path`` and fsync it."""
+        faiss.write_index(self.cpu, str(path))
+        fsync_path(Path(path))
 
     def _apply_search_params(self) -> None:
         # ParameterSpace reaches through wrappers (PreTransform, Refine, IDMap) and raises for a
@@ -208,17 +253,20 @@ class DenseIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.index.d)
+        return int(self.cpu.d)
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.cpu.ntotal)
+
+    @property
+    def code_size(self) -> int | None:
+        """Bytes per stored vector where the index keeps codes (Flat, PQ), else None."""
+        return getattr(faiss.downcast_index(self.cpu), "code_size", None)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows (int64 [Q, k'], -1 where nothing was found) and scores (float32 [Q, k']).
-
-        ``k' = min(k, ntotal)``; a 1-D query is one row.
-        """
+        """Top-k rows (int64 [Q, k'], -1 where nothing was found) and scores (float32 [Q, k']): inner
+        products, best first, or squared L2 distances, nearest first. ``k' = min(k, ntotal)``."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = np.asarray(queries)
@@ -236,4 +284,5 @@ class DenseIndex:
         return rows.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
-        return f"DenseIndex({self.cfg.factory!r}, dim={self.dim}, ntotal={self.ntotal}, where={self.where!r})"
+        return (f"FaissIndex({self.cfg.factory!r}, {self.metric}, dim={self.dim}, ntotal={self.ntotal}, "
+                f"where={self.where!r})")

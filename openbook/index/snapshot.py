@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import sys
 import time
@@ -40,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from openbook.errors import SnapshotError
-from openbook.index.faiss_index import DenseIndex, IndexConfig, build_faiss_index, one_line, to_device
+from openbook.index.atomic import file_entry, fsync_path, rmtree, save_npy, sha256_file, write_json
+from openbook.index.faiss_index import IndexConfig, one_line
+from openbook.index.vector_index import VectorIndex, build_index, load_index
 
 log = logging.getLogger(__name__)
 
@@ -123,37 +123,6 @@ def files_checksum(files: dict[str, dict[str, Any]]) -> str:
 
 # -------------------------------------------------------------------------------------- file helpers
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory by path (a dir fsync makes the names it holds durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "wb") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True).encode())
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _crash_point(stage: str) -> None:
     """Test hook: die (or hang, to be SIGKILLed) at ``stage`` if OPENBOOK_TEST_CRASH_PUBLISH asks to."""
     want = os.environ.get(CRASH_ENV, "")
@@ -164,11 +133,6 @@ def _crash_point(stage: str) -> None:
         print(f"openbook-crash-point {stage}", file=sys.stderr, flush=True)
         time.sleep(3600)
     os._exit(137)
-
-
-def _rmtree(path: Path) -> None:
-    # Another process may be deleting the same trash dir: vanished entries are not an error.
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------- the snapshot
@@ -198,7 +162,7 @@ def _check_files(path: Path, m: Manifest, verify: bool) -> None:
         if size != want["size"]:
             why = "truncated" if size < want["size"] else "file corrupt"
             raise SnapshotError(f"{p}: size {size} != manifest {want['size']} ({why})")
-        if verify and _sha256(p) != want["sha256"]:
+        if verify and sha256_file(p) != want["sha256"]:
             raise SnapshotError(f"{p}: checksum mismatch (file corrupt)")
 
 
@@ -207,18 +171,6 @@ def _load_npy(p: Path) -> np.ndarray:
         return np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise SnapshotError(f"{p}: unreadable .npy ({one_line(e)})") from None
-
-
-def _read_faiss(p: Path) -> faiss.Index:
-    """Memory-map where this faiss supports it (IFC: flat codes, 1.10+; MMAP: IVF lists), else read."""
-    flags = [getattr(faiss, n) for n in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if hasattr(faiss, n)] + [0]
-    err: Exception | None = None
-    for flag in flags:
-        try:
-            return faiss.read_index(str(p), flag)
-        except RuntimeError as e:
-            err = e
-    raise SnapshotError(f"{p}: unreadable faiss index ({one_line(err)})")
 
 
 def _index_cfg_from(m: Manifest) -> IndexConfig:
@@ -233,7 +185,7 @@ class IndexSnapshot:
     """One published snapshot, loaded: memory-mapped embeddings/doc ids and a searchable index."""
 
     def __init__(self, path: Path, manifest: Manifest, embeddings: np.ndarray, doc_ids: np.ndarray,
-                 index: DenseIndex):
+                 index: VectorIndex):
         self.path = path
         self.manifest = manifest
         self.embeddings = embeddings
@@ -260,12 +212,11 @@ class IndexSnapshot:
                                 f"{(m.count, m.dim)}")
         if ids.dtype.kind != "U" or ids.shape != (m.count,):
             raise SnapshotError(f"{path / DOC_IDS_FILE}: {ids.dtype} {ids.shape} != manifest unicode ({m.count},)")
-        raw = _read_faiss(path / INDEX_FILE)
-        if raw.ntotal != m.count or raw.d != m.dim:
-            raise SnapshotError(f"{path / INDEX_FILE}: index has {raw.ntotal} vectors of dim {raw.d}, manifest "
-                                f"{m.count} of dim {m.dim}")
-        cfg = index_cfg or _index_cfg_from(m)
-        return cls(path, m, emb, ids, DenseIndex(to_device(raw, cfg), cfg, where=str(path)))
+        index = load_index(path / INDEX_FILE, index_cfg or _index_cfg_from(m))
+        if index.ntotal != m.count or index.dim != m.dim:
+            raise SnapshotError(f"{path / INDEX_FILE}: index has {index.ntotal} vectors of dim {index.dim}, "
+                                f"manifest {m.count} of dim {m.dim}")
+        return cls(path, m, emb, ids, index)
 
     @property
     def version(self) -> int:
@@ -386,16 +337,16 @@ class SnapshotStore:
 
     def publish(self, embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray, *, encoder_step: int,
                 index_cfg: IndexConfig, weights_time: float | None = None, meta: dict | None = None,
-                index: faiss.Index | None = None, protect: Iterable[int] = ()) -> IndexSnapshot:
+                index: VectorIndex | None = None, protect: Iterable[int] = ()) -> IndexSnapshot:
         """Write a new snapshot atomically and return it (loaded); then prune and clean up.
 
         The index is built from the float16-rounded embeddings, so index scores and stored embeddings
-        agree exactly. A passed ``index`` must be a CPU index with row i = embeddings[i].
+        agree exactly. A passed ``index`` must hold row i = embeddings[i].
         """
         emb16, ids = _check_inputs(embeddings, doc_ids)
         if index is None:
-            index = build_faiss_index(emb16, index_cfg)
-        if index.ntotal != emb16.shape[0] or index.d != emb16.shape[1]:
+            index = build_index(emb16, index_cfg)
+        if index.ntotal != emb16.shape[0] or index.dim != emb16.shape[1]:
             raise SnapshotError(f"publish: index has {index.ntotal} vectors of dim {index.d}, embeddings "
                                 f"{emb16.shape}")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -411,7 +362,7 @@ class SnapshotStore:
                     "index_config": dataclasses.asdict(index_cfg)}
             version = self._claim(tmp, body)
         except BaseException:
-            _rmtree(tmp)  # a clean failure leaves nothing; only a killed writer leaves .tmp-* for cleanup()
+            rmtree(tmp)  # a clean failure leaves nothing; only a killed writer leaves .tmp-* for cleanup()
             raise
         self._last_good = version
         log.info("published snapshot %s (%d docs, encoder_step %d)", self.path(version), body["count"],
@@ -421,14 +372,13 @@ class SnapshotStore:
         return self.load(version, verify=False)
 
     @staticmethod
-    def _write_payload(tmp: Path, emb16: np.ndarray, ids: np.ndarray, index: faiss.Index) -> dict:
-        _save_npy(tmp / EMBEDDINGS_FILE, emb16)
+    def _write_payload(tmp: Path, emb16: np.ndarray, ids: np.ndarray, index: VectorIndex) -> dict:
+        save_npy(tmp / EMBEDDINGS_FILE, emb16)
         _crash_point("after_embeddings")
-        _save_npy(tmp / DOC_IDS_FILE, ids)
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        _fsync_path(tmp / INDEX_FILE)
+        save_npy(tmp / DOC_IDS_FILE, ids)
+        index.save(tmp / INDEX_FILE)
         _crash_point("after_index")
-        return {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in PAYLOAD}
+        return {n: file_entry(tmp / n) for n in PAYLOAD}
 
     def _next_version(self) -> int:
         return max(max((v for v, _ in self._version_dirs()), default=0), self._highwater()) + 1
@@ -452,8 +402,8 @@ class SnapshotStore:
         version = self._next_version()
         for _ in range(1000):
             body["version"] = version  # the manifest names its own version: rewrite it per attempt
-            _write_json(tmp / MANIFEST, body)
-            _fsync_path(tmp)
+            write_json(tmp / MANIFEST, body)
+            fsync_path(tmp)
             _crash_point("before_rename")
             try:
                 os.rename(tmp, self.path(version))  # fails (ENOTEMPTY/EEXIST) if another writer won
@@ -463,7 +413,7 @@ class SnapshotStore:
                 version = max(version + 1, self._next_version())
                 continue
             self._raise_highwater(version)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             return version
         raise SnapshotError(f"{self.root}: could not claim a version after 1000 attempts")
 
@@ -485,10 +435,10 @@ class SnapshotStore:
                 os.rename(self.path(v), trash)
             except FileNotFoundError:
                 continue  # another process pruned it first
-            _rmtree(trash)
+            rmtree(trash)
             removed.append(v)
         if removed:
-            _fsync_path(self.root)
+            fsync_path(self.root)
             log.info("pruned snapshots %s under %s", removed, self.root)
         return removed
 
@@ -504,7 +454,7 @@ class SnapshotStore:
         removed = []
         for p in self.root.iterdir():
             if p.name.startswith(TRASH_PREFIX) or (p.name.startswith(TMP_PREFIX) and self._tmp_is_stale(p)):
-                _rmtree(p)
+                rmtree(p)
                 removed.append(p)
         return removed
 

@@ -59,7 +59,7 @@ def _writer(path: Path, model: nn.Module, tokens: np.ndarray, cfg: DatastoreConf
 
 def _commit(writer: DatastoreWriter, cfg: DatastoreConfig, meta: dict, t0: float) -> Datastore:
     meta = {**meta, "encode_seconds": time.perf_counter() - t0}
-    store = writer.commit(cfg.factory, cfg.train_size, meta, cfg.nprobe)
+    store = writer.commit(cfg.index_config(), meta)
     log.info("datastore %s: %d keys in %.1fs", store.path, len(store), time.perf_counter() - t0)
     return store
 

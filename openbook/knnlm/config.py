@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from openbook.config import load_config, opt
+from openbook.index.faiss_index import IndexConfig
 
 
 @dataclass(kw_only=True)
@@ -66,6 +67,10 @@ class DatastoreConfig:
                      "train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"datastore.{name} must be >= 1, got {getattr(self, name)}")
+
+    def index_config(self, factory: str | None = None) -> IndexConfig:
+        """The L2 index over the keys: this factory (or another, e.g. a PQ variant) and its search params."""
+        return IndexConfig(factory=factory or self.factory, nprobe=self.nprobe, train_size=self.train_size)
 
 
 @dataclass(kw_only=True)

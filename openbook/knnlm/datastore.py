@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from openbook.errors import SnapshotError
-from openbook.index.snapshot import _fsync_path, _sha256
-from openbook.knnlm.l2index import build_l2_index, set_nprobe
+from openbook.index import IndexConfig, VectorIndex, build_index, load_index
+from openbook.index.atomic import file_entry, fsync_path, replace_dir, rmtree, sha256_file, write_json
 
 FORMAT = 1
 MANIFEST, KEYS, VALUES, INDEX = "manifest.json", "keys.npy", "values.npy", "index.faiss"
@@ -50,46 +48,41 @@ class DatastoreWriter:
         self.values[start:end] = values
         self.filled[start:end] = True
 
-    def commit(self, factory: str, train_size: int, meta: dict | None = None, nprobe: int = 8) -> Datastore:
+    def commit(self, index_cfg: IndexConfig, meta: dict | None = None) -> Datastore:
+        """Index the keys (L2), write the manifest last, and rename the whole directory into place."""
         if not self.filled.all():
             raise SnapshotError(f"datastore: rows {np.flatnonzero(~self.filled)[:3].tolist()}... never written")
         self.keys.flush()
         self.values.flush()
-        faiss.write_index(build_l2_index(self.keys, factory, train_size), str(self.tmp / INDEX))
-        files = {}
-        for name in (KEYS, VALUES, INDEX):
-            _fsync_path(self.tmp / name)
-            files[name] = {"size": (self.tmp / name).stat().st_size, "sha256": _sha256(self.tmp / name)}
+        build_index(self.keys, index_cfg, metric="l2").save(self.tmp / INDEX)
+        for name in (KEYS, VALUES):
+            fsync_path(self.tmp / name)
+        files = {name: file_entry(self.tmp / name) for name in (KEYS, VALUES, INDEX)}
         body = {"format": FORMAT, "count": self.count, "dim": self.dim, "keys_dtype": str(self.keys.dtype),
-                "factory": factory, "files": files, "meta": dict(meta or {})}
-        (self.tmp / MANIFEST).write_text(json.dumps(body, indent=1))
-        _fsync_path(self.tmp / MANIFEST)
-        _fsync_path(self.tmp)
+                "factory": index_cfg.factory, "files": files, "meta": dict(meta or {})}
+        write_json(self.tmp / MANIFEST, body)
+        fsync_path(self.tmp)
         del self.keys, self.values  # close the maps before the rename
-        old = self.path.parent / f".trash-{self.path.name}-{uuid.uuid4().hex[:8]}"
-        if self.path.exists():
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        _fsync_path(self.path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-        return Datastore.load(self.path, nprobe=nprobe, verify=False)
+        replace_dir(self.tmp, self.path, self.path.parent / f".trash-{self.path.name}-{uuid.uuid4().hex[:8]}")
+        return Datastore.load(self.path, index_cfg, verify=False)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        rmtree(self.tmp)
 
 
 class Datastore:
     """A loaded datastore: memory-mapped keys and values, and the searchable index."""
 
-    def __init__(self, path: Path, manifest: dict, keys: np.ndarray, values: np.ndarray, index: faiss.Index):
+    def __init__(self, path: Path, manifest: dict, keys: np.ndarray, values: np.ndarray, index: VectorIndex):
         self.path, self.manifest, self.keys, self.values, self.index = path, manifest, keys, values, index
 
     def __len__(self) -> int:
         return len(self.values)
 
     @classmethod
-    def load(cls, path: str | Path, nprobe: int = 8, verify: bool = True) -> Datastore:
-        """Check every file against the manifest (sizes; sha256 too when ``verify``) and map it."""
+    def load(cls, path: str | Path, index_cfg: IndexConfig | None = None, verify: bool = True) -> Datastore:
+        """Check every file against the manifest (sizes; sha256 too when ``verify``) and map it;
+        ``index_cfg`` gives the search parameters (nprobe), by default those of a Flat index."""
         path = Path(path)
         if not (path / MANIFEST).is_file():
             why = "not found" if not path.exists() else "has no manifest.json (half-written or not a datastore)"
@@ -101,24 +94,20 @@ class Datastore:
                 raise SnapshotError(f"{p}: datastore file missing")
             if p.stat().st_size != want["size"]:
                 raise SnapshotError(f"{p}: size {p.stat().st_size} != manifest {want['size']} (truncated or corrupt)")
-            if verify and _sha256(p) != want["sha256"]:
+            if verify and sha256_file(p) != want["sha256"]:
                 raise SnapshotError(f"{p}: checksum mismatch (datastore file corrupt)")
         keys, values = _load_npy(path / KEYS), _load_npy(path / VALUES)
         if keys.shape != (m["count"], m["dim"]) or str(keys.dtype) != m["keys_dtype"] or values.shape != (m["count"],):
             raise SnapshotError(f"{path}: keys {keys.dtype} {keys.shape} / values {values.shape} do not match "
                                 f"the manifest ({m['keys_dtype']} [{m['count']}, {m['dim']}])")
-        try:
-            index = faiss.read_index(str(path / INDEX))
-        except RuntimeError:
-            raise SnapshotError(f"{path / INDEX}: unreadable faiss index") from None
-        if index.ntotal != m["count"] or index.d != m["dim"]:
-            raise SnapshotError(f"{path / INDEX}: {index.ntotal} vectors of dim {index.d} != manifest")
-        set_nprobe(index, nprobe)
+        index = load_index(path / INDEX, index_cfg or IndexConfig(factory=m["factory"]), metric="l2")
+        if index.ntotal != m["count"] or index.dim != m["dim"]:
+            raise SnapshotError(f"{path / INDEX}: {index.ntotal} vectors of dim {index.dim} != manifest")
         return cls(path, m, keys, values, index)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(squared L2 distances float32 [Q, k] as the index computes them, ids int64 [Q, k]; -1 = none)."""
-        dists, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self)))
+        ids, dists = self.index.search(queries, min(k, len(self)))
         return dists, ids
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from openbook.knnlm.datastore import Datastore
-from openbook.knnlm.l2index import exact_sq_l2
 
 
 def _weights(dists: np.ndarray, temperature: float) -> torch.Tensor:
@@ -79,3 +78,16 @@ class Scored:
 
     def ppl(self, k: int, temperature: float, lmbda: float) -> float:
         return perplexity(self.knnlm_logp(k, temperature, lmbda))
+
+
+def exact_sq_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
+    """Squared L2 from each query [Q, d] to its neighbours' stored keys (ids [Q, k]), float64 [Q, k].
+    Gathered in chunks of <= ``budget`` values (32 MB), whatever k and Q are."""
+    out = np.empty(ids.shape, dtype=np.float64)
+    step = max(1, budget // max(1, ids.shape[1] * keys.shape[1]))
+    for lo in range(0, len(ids), step):
+        rows = ids[lo:lo + step]
+        neigh = np.asarray(keys[np.where(rows >= 0, rows, 0).ravel()], dtype=np.float64).reshape(*rows.shape, -1)
+        q = np.asarray(queries[lo:lo + step], dtype=np.float64)[:, None, :]
+        out[lo:lo + step] = np.where(rows >= 0, ((neigh - q) ** 2).sum(-1), np.inf)
+    return out

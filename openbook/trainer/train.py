@@ -230,9 +230,9 @@ class _FreshIndex:
     """Just enough of IndexSnapshot for ``recall_at_k``: exact search over in-memory embeddings."""
 
     def __init__(self, emb: np.ndarray, doc_ids: np.ndarray, cfg):
-        from openbook.index import DenseIndex, build_faiss_index
+        from openbook.index import build_index
 
-        self.doc_ids, self.index = doc_ids, DenseIndex(build_faiss_index(emb.astype(np.float32), cfg), cfg)
+        self.doc_ids, self.index = doc_ids, build_index(emb, cfg)
 
     def search(self, q: np.ndarray, k: int):
         return self.index.search(q, k)
