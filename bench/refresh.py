@@ -34,7 +34,8 @@ def recipe(tmp: Path, passages: int, **sections) -> RecipeConfig:
         "data": {"world": {"num_passages": passages, "seed": 0}, "cache_dir": str(tmp / "cache")},
         "retriever": {"encoder": {"source": "tiny"}, "pooling": "mean", "doc_max_length": 48},
         "train": {"batch_size": 16, "negatives": 8, "lr": 3e-4},
-        "refresh": {"num_workers": 1, "threads_per_worker": THREADS, "shard_size": 2000, "batch_size": 256},
+        "encode": {"batch_size": 256, "threads": THREADS},
+        "refresh": {"num_workers": 1, "shard_size": 2000},
     }
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)
@@ -56,7 +57,7 @@ def bench_throughput(tmp: Path, passages: int, encoder: str, repeats: int = 3) -
     tokens = tokenize_corpus(data.corpus, tok, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
     torch.set_num_threads(THREADS)
     model.doc_encoder.eval()
-    bs = cfg.refresh.batch_size
+    bs = cfg.encode.batch_size
 
     def plain_loop() -> float:  # the loop a user would write
         t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def bench_throughput(tmp: Path, passages: int, encoder: str, repeats: int = 3) -
         return len(tokens) / (time.perf_counter() - t0)
 
     target = IndexTarget(cfg.snapshot_dir, cfg.index, 2, {})
-    coord = RefreshCoordinator(cfg.refresh, cfg.retriever, len(tok), tokens, data.corpus.ids, target).start()
+    coord = RefreshCoordinator(cfg.refresh, cfg.encode, model.doc_tower_spec(), tokens, data.corpus.ids, target).start()
     plain, pool = [], []
     try:
         state = numpy_state(model.doc_encoder)
@@ -94,7 +95,7 @@ def bench_training(tmp: Path, passages: int, steps: int, schedule: str) -> list[
                            (f"async, swap_lag {every}", {"mode": "async", "swap_lag": every, "schedule": schedule}),
                            ("sync (blocking rebuild)", {"mode": "sync", "schedule": schedule})]:
         cfg = recipe(tmp / "train", passages, train={"max_steps": steps, "num_threads": 1},
-                     refresh={**refresh, "threads_per_worker": 1})
+                     refresh=refresh, encode={"threads": 1})
         parts = build_parts(cfg)
         trainer = make_trainer(cfg, [parts.callback], logger=False, enable_progress_bar=False)
         t0 = time.perf_counter()

@@ -22,8 +22,8 @@ def recipe(tmp: Path, passages: int, encoder: str, workers: int, cache: Path = C
         "data": {"world": {"num_passages": passages, "seed": 0}, "cache_dir": str(cache)},
         "retriever": {"encoder": {"source": encoder}, "pooling": "mean", "doc_max_length": 48},
         "snapshots": {"keep": 2},
-        "refresh": {"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 1,
-                    "shard_size": 5000 if encoder == "tiny" else 500, "batch_size": 256}})
+        "encode": {"batch_size": 256, "threads": 1},
+        "refresh": {"num_workers": workers, "cpus_per_worker": 1, "shard_size": 5000 if encoder == "tiny" else 500}})
 
 
 @dataclass
@@ -56,7 +56,7 @@ def reencode(c: Corpus, warmup: bool) -> dict:
 
     cfg = c.cfg
     target = IndexTarget(cfg.snapshot_dir, cfg.index, cfg.snapshots.keep, {})
-    coord = RefreshCoordinator(cfg.refresh, cfg.retriever, len(c.tokenizer), c.tokens, c.doc_ids, target).start()
+    coord = RefreshCoordinator(cfg.refresh, cfg.encode, c.model.doc_tower_spec(), c.tokens, c.doc_ids, target).start()
     try:
         state = numpy_state(c.model.doc_encoder)
         if warmup:  # the actors build the encoder and map the token cache once

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from openbook.config import load_config, opt
+from openbook.config import apply_overrides, from_dict, load_yaml, opt
 from openbook.data.world import WorldConfig
+from openbook.errors import ConfigError
 from openbook.index.faiss_index import IndexConfig
 from openbook.models.fid import FidConfig
 from openbook.models.generator import GeneratorConfig
@@ -19,7 +20,7 @@ from openbook.models.ict import IctConfig
 from openbook.models.rag import RagConfig
 from openbook.models.realm import RealmConfig
 from openbook.models.retriever import RetrieverConfig
-from openbook.refresher.config import RefreshConfig
+from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.schedule import RefreshSchedule
 from openbook.trainer.config import MonitorConfig, TrainConfig
 
@@ -51,12 +52,6 @@ class SnapshotsConfig:
 
 
 @dataclass(kw_only=True)
-class EncodeConfig:
-    batch_size: int = opt(128, "passages per forward pass when (re-)encoding the corpus")
-    threads: int = opt(0, "torch intra-op threads for encoding; 0 = torch's default")
-
-
-@dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
     model: Literal["dense_retriever", "ict", "rag", "realm_pretrain", "realm_qa", "fid"] = opt(
@@ -71,7 +66,7 @@ class RecipeConfig:
     ict: IctConfig = opt(IctConfig(), "Inverse Cloze Task warm start of the retriever (model: ict)")
     index: IndexConfig = opt(IndexConfig(), "FAISS index")
     snapshots: SnapshotsConfig = opt(SnapshotsConfig(), "versioned index snapshots")
-    encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding")
+    encode: EncodeConfig = opt(EncodeConfig(), "corpus encoding (the trainer's and the refresh actors')")
     train: TrainConfig = opt(TrainConfig(), "optimisation and Lightning Trainer settings")
     refresh: RefreshConfig = opt(RefreshConfig(), "asynchronous index refresh (Ray actor pool)")
     monitor: MonitorConfig = opt(MonitorConfig(), "Prometheus endpoint on rank 0 (off by default)")
@@ -103,5 +98,24 @@ class RecipeConfig:
         return Path(self.snapshots.dir) if self.snapshots.dir else Path(self.run_dir) / "snapshots"
 
 
+# Keys of older recipes and where they live now: a recipe that still uses one fails with one line naming it.
+MOVED_KEYS = {
+    "refresh.batch_size": "encode.batch_size",
+    "refresh.threads_per_worker": "encode.threads",
+}
+
+
+def check_moved_keys(data: dict, where: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        node = data
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{where}: {old} is now {new} (one setting for the trainer and the refresh actors; "
+                              f"set {new}: {node!r})" if new.startswith("encode.") else f"{where}: {old} is now {new}")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    return load_config(RecipeConfig, path, overrides)
+    data = apply_overrides(load_yaml(path), overrides or [])
+    check_moved_keys(data, str(path))
+    return from_dict(RecipeConfig, data, where=str(path))

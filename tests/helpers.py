@@ -20,7 +20,8 @@ def tiny_recipe(tmp: Path, cache: Path | None = None, **sections) -> RecipeConfi
                                   "intermediate_size": 64}, "pooling": "mean", "doc_max_length": 32},
         "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-3, "negatives": 4, "num_threads": 1},
         # a loaded CI machine can take minutes to start an actor: fail on that only after 10 minutes
-        "refresh": {"schedule": "5", "shard_size": 100, "batch_size": 64, "start_timeout_seconds": 600},
+        "encode": {"batch_size": 64},
+        "refresh": {"schedule": "5", "shard_size": 100, "start_timeout_seconds": 600},
     }
     for name, value in sections.items():
         if isinstance(value, dict):

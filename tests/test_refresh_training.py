@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from openbook.index import SnapshotStore
-from openbook.refresher.encode import build_doc_tower, encode_rows, numpy_state
+from openbook.models.retriever import DocTowerSpec
+from openbook.refresher.encode import encode_rows, numpy_state
 from openbook.trainer.train import build_parts, make_trainer, question_loader
 from tests.helpers import tiny_recipe, wait_gone
 
@@ -54,7 +55,8 @@ def _fit(cfg, keep_weights=True):
 
 def test_index_refreshes_under_a_running_trainer(tmp_path, ray_session):
     # Small shards make each refresh span several steps, so overlap with training is observable.
-    cfg = tiny_recipe(tmp_path, train={"max_steps": 40}, refresh={"schedule": "5", "shard_size": 20, "batch_size": 8})
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 40}, refresh={"schedule": "5", "shard_size": 20},
+                      encode={"batch_size": 8})
     parts, rec, trainer = _fit(cfg)
     stats = parts.callback.stats
     versions = [v for _, v in stats.versions]
@@ -68,7 +70,7 @@ def test_index_refreshes_under_a_running_trainer(tmp_path, ray_session):
     # The newest snapshot holds exactly what its encoder_step's weights produce.
     snap = SnapshotStore(cfg.snapshot_dir).latest()
     assert snap.encoder_step in rec.weights and snap.encoder_step > 0
-    tower = build_doc_tower(cfg.retriever, len(parts.tokenizer))
+    tower = DocTowerSpec(cfg.retriever, len(parts.tokenizer)).build()
     tower.load_state_dict({k: torch.from_numpy(v) for k, v in rec.weights[snap.encoder_step].items()})
     direct = encode_rows(tower, parts.tokens, 0, len(parts.tokens), 64)
     np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32), direct.astype(np.float32),
@@ -110,8 +112,8 @@ class Crash(pl.Callback):
 
 def test_a_crashing_fit_cancels_the_refresh_and_kills_the_actors(tmp_path, ray_session):
 
-    cfg = tiny_recipe(tmp_path, train={"max_steps": 30}, refresh={"schedule": "100", "shard_size": 10,
-                                                                  "batch_size": 4})
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 30}, refresh={"schedule": "100", "shard_size": 10},
+                      encode={"batch_size": 4})
     parts = build_parts(cfg)
     crash = Crash(parts.callback, at_step=3)
     trainer = make_trainer(cfg, [parts.callback, crash], logger=False, enable_progress_bar=False)

@@ -11,9 +11,9 @@ import pytest
 
 from openbook.data import tokenize_corpus
 from openbook.index import SnapshotStore
-from openbook.models.retriever import build_retriever
+from openbook.models.retriever import DocTowerSpec, build_retriever
 from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
-from openbook.refresher.encode import build_doc_tower, encode_rows, numpy_state
+from openbook.refresher.encode import encode_rows, numpy_state
 from openbook.trainer.pipeline import prepare_data
 from tests.helpers import tiny_recipe, wait_gone
 
@@ -28,16 +28,17 @@ def setup(tmp_path_factory, ray_session):
     return cfg, data, model, tok, tokens
 
 
-def _coordinator(setup, root, **refresh):
+def _coordinator(setup, root, batch_size: int = 64, **refresh):
     cfg, data, model, tok, tokens = setup
     rcfg = type(cfg.refresh)(**{**vars(cfg.refresh), **refresh})
     target = IndexTarget(root, cfg.index, 3, {"test": True})
-    return RefreshCoordinator(rcfg, cfg.retriever, len(tok), tokens, data.corpus.ids, target).start()
+    encode = type(cfg.encode)(batch_size=batch_size)
+    return RefreshCoordinator(rcfg, encode, model.doc_tower_spec(), tokens, data.corpus.ids, target).start()
 
 
 def _direct(setup, state):
     cfg, _, _, tok, tokens = setup
-    tower = build_doc_tower(cfg.retriever, len(tok))
+    tower = DocTowerSpec(cfg.retriever, len(tok)).build()
     tower.load_state_dict({k: __import__("torch").from_numpy(v) for k, v in state.items()})
     return encode_rows(tower, tokens, 0, len(tokens), 64)
 
@@ -131,3 +132,32 @@ def test_shutdown_cancels_in_flight_work_and_leaves_no_orphans(setup, tmp_path):
     alive = wait_gone(pids)
     assert not alive, f"actor processes still alive: {alive}"
     assert SnapshotStore(tmp_path / "snaps").versions() == []
+
+
+def test_shard_loop_retries_a_shard_whose_actor_died(ray_session, tmp_path):
+    """The pool loop shared by refreshes and kNN-LM datastores: an actor that dies on a shard (its process
+    exits, once, as a killed worker would) is replaced and the shard redone; every result arrives once."""
+    import ray
+
+    from openbook.refresher.pool import ActorPool, ShardFailed, run_shards
+
+    @ray.remote(max_restarts=0, max_task_retries=0, num_cpus=0.1)
+    class Squarer:
+        def run(self, x: int, die_once: str) -> int:
+            marker = tmp_path / f"died-{x}"
+            if die_once and str(x) == die_once and not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return x * x
+
+    pool = ActorPool(Squarer.remote, 2)
+    try:
+        got: dict[int, int] = {}
+        retried = run_shards(pool, list(range(10)), lambda a, x: a.run.remote(x, "7"),
+                             lambda i, ref: got.__setitem__(i, ray.get(ref)), max_retries=2)
+        assert got == {i: i * i for i in range(10)} and retried >= 1
+        assert (tmp_path / "died-7").exists()
+        with pytest.raises(ShardFailed, match="shard 0 of 1 failed 1 times"):  # no retries allowed
+            run_shards(pool, [3], lambda a, x: a.run.remote(x, "3"), lambda i, ref: None, max_retries=0)
+    finally:
+        pool.kill()

@@ -22,6 +22,7 @@ from openbook.knnlm.model import build_lm, encode, windows
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.coordinator import ensure_ray
 from openbook.refresher.encode import load_numpy_state, numpy_state
+from openbook.refresher.pool import ActorPool, run_shards
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +81,25 @@ def build_local(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: 
 
 def build_sharded(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: LMConfig,
                   cfg: DatastoreConfig, meta: dict | None = None) -> Datastore:
-    """Encode shards on ``cfg.num_workers`` Ray actors (two shards queued per actor), write them as
-    they come back, then index and commit. Starts a local Ray (or joins ``cfg.address``) if needed."""
+    """Encode shards on ``cfg.num_workers`` Ray actors (the refresher's pool loop: two shards queued per
+    actor, a dead actor's shard retried on a live one), write them as they come back, then index and
+    commit. Starts a local Ray (or joins ``cfg.address``) if needed."""
     t0 = time.perf_counter()
     started = ensure_ray(RefreshConfig(address=cfg.address))
-    actors = [DatastoreWorker.options(num_cpus=cfg.threads_per_worker).remote(
-        lm_cfg, int(model.config.vocab_size), cfg.threads_per_worker) for _ in range(cfg.num_workers)]
+    vocab = int(model.config.vocab_size)
+    pool = ActorPool(lambda: DatastoreWorker.options(num_cpus=cfg.threads_per_worker).remote(
+        lm_cfg, vocab, cfg.threads_per_worker), cfg.num_workers)
     writer = _writer(Path(path), model, tokens, cfg)
     try:
         state, toks = ray.put(numpy_state(model)), ray.put(np.asarray(tokens, dtype=np.int64))
-        todo = _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows)[::-1]
-        inflight: dict = {}
-        slots = [a for a in actors for _ in range(2)]
-        while todo or inflight:
-            while todo and slots:
-                actor = slots.pop()
-                inflight[actor.encode.remote(state, toks, todo.pop(), cfg.batch_size)] = actor
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            slots.append(inflight.pop(ready[0]))
-            writer.write(*ray.get(ready[0]))
+        shards = _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows)
+        run_shards(pool, shards, lambda actor, wins: actor.encode.remote(state, toks, wins, cfg.batch_size),
+                   lambda _, ref: writer.write(*ray.get(ref)), cfg.max_shard_retries)
         return _commit(writer, cfg, {**(meta or {}), "workers": cfg.num_workers}, t0)
     except BaseException:
         writer.abort()
         raise
     finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        pool.kill()
         if started:
             ray.shutdown()

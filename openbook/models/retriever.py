@@ -123,12 +123,25 @@ class Encoder(nn.Module):
         return nn.functional.normalize(vec, dim=-1) if self.normalize else vec
 
 
+@dataclass(frozen=True)
+class DocTowerSpec:
+    """The refresher's recipe for the doc tower (picklable): its architecture; weights come per refresh."""
+
+    retriever: RetrieverConfig
+    vocab_size: int
+
+    def build(self) -> Encoder:
+        cfg = self.retriever
+        return Encoder(build_transformer(cfg.encoder, self.vocab_size), cfg.pooling, cfg.projection_dim,
+                       cfg.normalize)
+
+
 class BiEncoder(nn.Module):
     """Query and doc towers; ``score`` is the inner product used by the index."""
 
     def __init__(self, cfg: RetrieverConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.vocab_size = cfg, vocab_size
         enc = cfg.encoder
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(enc.seed)  # the projection's init is seeded too
@@ -140,6 +153,9 @@ class BiEncoder(nn.Module):
     @property
     def dim(self) -> int:
         return self.query_encoder.dim
+
+    def doc_tower_spec(self) -> DocTowerSpec:
+        return DocTowerSpec(self.cfg, self.vocab_size)
 
     def encode_queries(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.query_encoder(**_inputs(batch))

@@ -10,6 +10,22 @@ from openbook.refresher.schedule import RefreshSchedule
 
 
 @dataclass(kw_only=True)
+class EncodeConfig:
+    batch_size: int = opt(128, "passages per forward pass when encoding the corpus, in the trainer and in the "
+                          "refresh actors alike")
+    threads: int = opt(0, "torch intra-op threads for encoding; 0 = the process's default: torch's in the trainer, "
+                       "refresh.cpus_per_worker (at least 1) in an actor")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.threads < 0:
+            raise ValueError(f"encode.batch_size must be >= 1 and encode.threads >= 0, got {self.batch_size}, "
+                             f"{self.threads}")
+
+    def actor_threads(self, cpus_per_worker: float) -> int:
+        return self.threads or max(1, int(cpus_per_worker))
+
+
+@dataclass(kw_only=True)
 class RefreshConfig:
     enabled: bool = opt(True, "re-encode the corpus during training (off: the initial index is used throughout)")
     schedule: str = opt("50", "every N steps ('50') or piecewise like '0-100:10,100-:500' (atlas syntax)")
@@ -21,11 +37,9 @@ class RefreshConfig:
     swap_lag: int = opt(10, "async: steps from a refresh's trigger to its swap (1 = the next step, as sync); "
                         "the pool has that many steps' time to re-encode before the trainer waits for it")
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
-    cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor")
+    cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor (its torch threads unless encode.threads is set)")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
-    threads_per_worker: int = opt(1, "torch intra-op threads inside each actor")
     shard_size: int = opt(1000, "passages per task; a dead actor's shard is retried elsewhere")
-    batch_size: int = opt(128, "passages per forward pass inside an actor")
     max_shard_retries: int = opt(3, "attempts per shard before the refresh is declared failed")
     timeout_seconds: float = opt(3600.0, "a refresh running longer is cancelled and counted as failed")
     start_timeout_seconds: float = opt(120.0, "the pool must be up by then (else: not enough cluster resources)")
@@ -41,8 +55,8 @@ class RefreshConfig:
 
     def __post_init__(self) -> None:
         RefreshSchedule(self.schedule)  # raises ValueError with the bad piece named
-        if self.num_workers < 1 or self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError("num_workers, shard_size and batch_size must be >= 1")
+        if self.num_workers < 1 or self.shard_size < 1:
+            raise ValueError("num_workers and shard_size must be >= 1")
         if self.check_every_n_steps < 1:
             raise ValueError("check_every_n_steps must be >= 1")
         if self.swap_lag < 1:

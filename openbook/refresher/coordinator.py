@@ -22,8 +22,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.errors import OpenbookError
-from openbook.models.retriever import RetrieverConfig
-from openbook.refresher.config import RefreshConfig
+from openbook.refresher.config import EncodeConfig, RefreshConfig
+from openbook.refresher.encode import EncoderSpec
+from openbook.refresher.pool import ActorPool, ShardFailed, run_shards
 from openbook.refresher.publish import IndexTarget
 from openbook.refresher.worker import EncoderWorker
 
@@ -34,7 +35,7 @@ class RefreshCancelled(Exception):
     pass
 
 
-class RefreshFailed(Exception):
+class RefreshFailed(ShardFailed):
     pass
 
 
@@ -74,13 +75,14 @@ def ensure_ray(cfg: RefreshConfig) -> bool:
 
 
 class RefreshCoordinator:
-    def __init__(self, cfg: RefreshConfig, retriever_cfg: RetrieverConfig, vocab_size: int,
-                 tokens: TokenizedCorpus, doc_ids: np.ndarray, target: IndexTarget):
+    def __init__(self, cfg: RefreshConfig, encode: EncodeConfig, spec: EncoderSpec, tokens: TokenizedCorpus,
+                 doc_ids: np.ndarray, target: IndexTarget):
+        """``spec`` builds the doc encoder in each actor (the model's own; this module never sees models)."""
         if len(doc_ids) != len(tokens):
             raise ValueError(f"{len(doc_ids)} doc ids for {len(tokens)} tokenised passages")
-        self.cfg, self.retriever_cfg, self.vocab_size = cfg, retriever_cfg, vocab_size
+        self.cfg, self.encode, self.spec = cfg, encode, spec
         self.tokens, self.doc_ids, self.target = tokens, doc_ids, target
-        self.actors: list = []
+        self.pool: ActorPool | None = None
         self.skipped = self.failures = self.completed = self.retried_shards = 0
         self.shards_done = 0  # progress of the running refresh (for logs and tests)
         self.last_error: str | None = None
@@ -98,7 +100,7 @@ class RefreshCoordinator:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> RefreshCoordinator:
         self._started_ray = ensure_ray(self.cfg)
-        self.actors = [self._new_actor() for _ in range(self.cfg.num_workers)]
+        self.pool = ActorPool(self._new_actor, self.cfg.num_workers)
         try:  # fail here, loudly, if the cluster cannot host the pool
             ray.get([a.pid.remote() for a in self.actors], timeout=self.cfg.start_timeout_seconds)
         except GetTimeoutError:
@@ -112,10 +114,14 @@ class RefreshCoordinator:
         self._doc_ids_ref = ray.put(np.asarray(self.doc_ids))
         return self
 
+    @property
+    def actors(self) -> list:
+        return self.pool.actors if self.pool is not None else []
+
     def _new_actor(self):
         opts = {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker}
-        return EncoderWorker.options(**opts).remote(self.retriever_cfg, self.vocab_size, self.tokens,
-                                                    self.cfg.threads_per_worker, self.cfg.batch_size,
+        threads = self.encode.actor_threads(self.cfg.cpus_per_worker)
+        return EncoderWorker.options(**opts).remote(self.spec, self.tokens, threads, self.encode.batch_size,
                                                     self.cfg.inject_delay_seconds)
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -127,9 +133,8 @@ class RefreshCoordinator:
                 self._jobs.pop()
         if thread is not None:
             thread.join(timeout)
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
+        if self.pool is not None:
+            self.pool.kill()
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -237,40 +242,18 @@ class RefreshCoordinator:
 
     def _encode_all(self, tag: int, weights, deadline: float) -> tuple[list, int]:
         n, size = len(self.tokens), self.cfg.shard_size
-        todo = deque((lo, min(lo + size, n)) for lo in range(0, n, size))
-        attempts: dict[tuple[int, int], int] = {}
+        shards = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
         done: dict[int, ray.ObjectRef] = {}
-        inflight: dict[ray.ObjectRef, tuple[int, tuple[int, int], object]] = {}
-        # Two slots per actor: the next shard is already queued when one finishes, so an actor
-        # never idles for a round trip to this thread.
-        idle = [a for a in range(len(self.actors)) for _ in range(2)]
-        retried = self.shards_done = 0
-        while todo or inflight:
-            self._check(deadline, inflight)
-            while todo and idle:
-                a, shard = idle.pop(), todo.popleft()
-                actor = self.actors[a]
-                inflight[actor.encode.remote(tag, weights, *shard)] = (a, shard, actor)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
-            for ref in ready:
-                a, shard, actor = inflight.pop(ref)
-                try:
-                    ray.get(ref)  # zero-copy view; raises if the actor died
-                except RayActorError:
-                    attempts[shard] = attempts.get(shard, 0) + 1
-                    if attempts[shard] > self.cfg.max_shard_retries:
-                        raise RefreshFailed(f"shard {shard} failed {attempts[shard]} times") from None
-                    log.warning("encoder actor died on shard %s; retrying it on a live actor", shard)
-                    if self.actors[a] is actor:  # its other queued shard fails too: replace once
-                        self.actors[a] = self._new_actor()
-                    todo.appendleft(shard)
-                    retried += 1
-                    self.retried_shards += 1
-                else:
-                    done[shard[0]] = ref
-                    self.shards_done += 1
-                idle.append(a)
-        return [done[lo] for lo in sorted(done)], retried
+        self.shards_done = 0
+
+        def finished(i: int, ref: ray.ObjectRef) -> None:
+            done[i] = ref
+            self.shards_done += 1
+
+        retried = run_shards(self.pool, shards, lambda actor, shard: actor.encode.remote(tag, weights, *shard),
+                             finished, self.cfg.max_shard_retries, lambda refs: self._check(deadline, refs))
+        self.retried_shards += retried
+        return [done[i] for i in range(len(shards))], retried
 
     def _publish(self, encoder_step: int, weights_time: float, protect: tuple, shard_refs: list,
                  deadline: float) -> dict:
@@ -282,10 +265,10 @@ class RefreshCoordinator:
                 return self._await(ref, deadline)
             except RayActorError:
                 log.warning("publishing actor died (attempt %d); retrying on a fresh actor", attempt + 1)
-                self.actors[0] = self._new_actor()
+                self.pool.replace(0, self.actors[0])
         raise RefreshFailed("index build failed: publishing actor kept dying")
 
-    def _check(self, deadline: float, inflight: dict) -> None:
+    def _check(self, deadline: float, inflight) -> None:
         if self._cancel.is_set() or time.time() > deadline:
             for ref in inflight:
                 ray.cancel(ref)

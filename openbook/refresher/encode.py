@@ -1,18 +1,22 @@
 """The one encoding loop, used by the Ray actors and by in-process (synchronous) builds alike,
-so both produce the same numbers."""
+so both produce the same numbers. It knows nothing of the model: an encoder is any module that maps a
+token batch to vectors and says its ``dim``; how to build one is the model's encoder spec."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from openbook.data.tokcache import TokenizedCorpus
-from openbook.models.retriever import Encoder, RetrieverConfig, build_transformer
 
 
-def build_doc_tower(cfg: RetrieverConfig, vocab_size: int) -> Encoder:
-    """An untrained doc tower with the architecture of ``cfg``; weights are loaded afterwards."""
-    return Encoder(build_transformer(cfg.encoder, vocab_size), cfg.pooling, cfg.projection_dim, cfg.normalize)
+class EncoderSpec(Protocol):
+    """What a refresh actor is handed (picklable): how to build the encoder, untrained; the weights
+    arrive with each refresh. A model makes its own (the bi-encoder's is ``DocTowerSpec``)."""
+
+    def build(self) -> torch.nn.Module: ...
 
 
 def load_numpy_state(module: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
@@ -25,7 +29,7 @@ def numpy_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 @torch.inference_mode()
-def encode_rows(encoder: Encoder, tokens: TokenizedCorpus, start: int, end: int, batch_size: int,
+def encode_rows(encoder: torch.nn.Module, tokens: TokenizedCorpus, start: int, end: int, batch_size: int,
                 device: str = "cpu") -> np.ndarray:
     """Embeddings of corpus rows [start, end) as float16 [end-start, d] (the snapshot's dtype)."""
     was_training = encoder.training

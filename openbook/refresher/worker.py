@@ -10,21 +10,21 @@ import ray
 import torch
 
 from openbook.data.tokcache import TokenizedCorpus
-from openbook.models.retriever import RetrieverConfig
-from openbook.refresher.encode import build_doc_tower, encode_rows, load_numpy_state
+from openbook.refresher.encode import EncoderSpec, encode_rows, load_numpy_state
 from openbook.refresher.publish import IndexTarget, publish_shards
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class EncoderWorker:
-    """Holds one doc tower and the memory-mapped token cache; reloads weights only when their tag changes."""
+    """Holds one encoder (built from the model's spec) and the memory-mapped token cache; reloads
+    weights only when their tag changes."""
 
-    def __init__(self, retriever_cfg: RetrieverConfig, vocab_size: int, tokens: TokenizedCorpus,
-                 threads: int, batch_size: int, delay: float = 0.0):
+    def __init__(self, spec: EncoderSpec, tokens: TokenizedCorpus, threads: int, batch_size: int,
+                 delay: float = 0.0):
         torch.set_num_threads(max(1, threads))
         self.delay = delay  # fault injection (refresh.inject_delay_seconds): a slow or loaded pool
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.encoder = build_doc_tower(retriever_cfg, vocab_size).to(self.device)
+        self.encoder = spec.build().to(self.device)
         self.tokens = tokens
         self.batch_size = batch_size
         self.weights_tag: int | None = None

@@ -107,7 +107,7 @@ def make_coordinator_factory(cfg: RecipeConfig, model: BiEncoder, tokenizer, tok
         from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
 
         target = IndexTarget(cfg.snapshot_dir, cfg.index, cfg.snapshots.keep, snapshot_meta(cfg, data.corpus))
-        return RefreshCoordinator(cfg.refresh, cfg.retriever, len(tokenizer), tokens, data.corpus.ids, target)
+        return RefreshCoordinator(cfg.refresh, cfg.encode, model.doc_tower_spec(), tokens, data.corpus.ids, target)
     return make
 
 
