@@ -2,7 +2,7 @@
 
 Each run is `configs/fid_tiny.yaml` (the reader pretrained by `configs/reader_pretrain_tiny.yaml`,
 which runs first if its generator is missing, trained on the passages that the DPR-style retriever of
-`configs/fid_retriever_tiny.yaml`, likewise, retrieves) with only `fid.n_docs` and `fid.score_prior`
+`configs/fid_retriever_tiny.yaml`, likewise, retrieves) with only `reader.n_docs` and `fid.score_prior`
 changed; the same seed, steps and data. Two runs at a time, one thread each. Reported: dev EM and
 gold recall@n at the start and after training (all 1,000 dev questions), and the reader's EM given
 the gold passage alone.
@@ -46,7 +46,7 @@ def ensure_run(config: Path, output: str) -> Path:
 
 
 def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, tmp: Path, seed: int = 0) -> dict:
-    cfg = load_recipe(FID, [f"fid.n_docs={n_docs}", f"fid.score_prior={prior}", f"train.max_steps={steps}",
+    cfg = load_recipe(FID, [f"reader.n_docs={n_docs}", f"fid.score_prior={prior}", f"train.max_steps={steps}",
                             f"generator.source={reader}", f"retriever.init_from={retriever}",
                             f"run_dir={tmp / f'fid{n_docs}_{prior:g}_s{seed}'}", f"train.val_every_n_steps={steps}",
                             f"train.val_questions={DEV}", f"train.seed={seed}"])
@@ -76,7 +76,7 @@ def same_person_share(retriever: Path, tmp: Path) -> dict[int, float]:
     titles = [parts.data.corpus[i]["title"] for i in range(len(parts.data.corpus))]
     same: dict[int, list[bool]] = {n: [] for n in PASSAGES}
     with torch.no_grad():
-        for batch in dev_loader(cfg, parts.data, parts.tokenizer):
+        for batch in dev_loader(parts):
             rows, _ = snap.search(parts.model.encode_queries(batch["query"]).numpy(), max(PASSAGES))
             for gold, top in zip(batch["gold_row"].tolist(), rows):
                 for n in PASSAGES:
@@ -125,7 +125,7 @@ def main() -> None:
 `configs/reader_pretrain_tiny.yaml` trained {steps} steps ({seeds} seeds: `train.seed` 0–{seeds - 1}, the
 reader's dropout and data order; median [min–max]) on the top-n passages that the DPR-style
 retriever of `configs/fid_retriever_tiny.yaml` returns (fixed, no KD) on the 10,000-passage world,
-only `fid.n_docs` and `fid.score_prior` changed ("score prior" w: w x the passage's retrieval score is
+only `reader.n_docs` and `fid.score_prior` changed ("score prior" w: w x the passage's retrieval score is
 added to the decoder's cross-attention logits on its tokens; 0 is the paper's FiD). Dev = all {DEV} dev
 questions. "at start" is the pretrained single-passage reader before FiD training; "reader EM on gold passage"
 is the trained reader given the gold passage alone. "other passages about the same person": of the

@@ -32,7 +32,7 @@ from openbook.config import from_dict
 from openbook.recipe import RecipeConfig
 
 THREADS = 1
-MAX_CONTEXT = 80  # rag.max_context_length = HF max_combined_length
+MAX_CONTEXT = 80  # reader.max_context_length = HF max_combined_length
 VARIANTS = ("token", "sequence")
 
 
@@ -46,8 +46,8 @@ def recipe(tmp: Path, variant: str, passages: int, batch_size: int, n_docs: int)
                                   "intermediate_size": 128}, "pooling": "cls", "doc_max_length": 48},
         "generator": {"source": "tiny-bart", "d_model": 128, "layers": 2, "heads": 4, "ffn": 256,
                       "dropout": 0.0},
-        "rag": {"variant": variant, "n_docs": n_docs, "max_context_length": MAX_CONTEXT,
-                "max_answer_length": 10},
+        "reader": {"n_docs": n_docs, "max_context_length": MAX_CONTEXT, "max_answer_length": 10},
+        "rag": {"variant": variant},
         "train": {"batch_size": batch_size, "lr": 1e-3, "freeze_doc_encoder": True, "num_threads": THREADS},
         "refresh": {"enabled": False},
     }
@@ -67,12 +67,12 @@ class Pair:
 def _openbook(cfg: RecipeConfig):
     """openbook's parts, the first snapshot published in-process (no Ray) and one fixed batch."""
     from openbook.index import IndexSnapshot
-    from openbook.trainer.train import build_parts, question_loader
+    from openbook.trainer.train import build_parts, train_loader
 
     parts = build_parts(cfg)
     pub = parts.callback.build_initial(parts.module, 0)
     parts.holder.swap(IndexSnapshot.load(pub.path))
-    batch = next(iter(question_loader(cfg, parts.data, parts.tokenizer)))
+    batch = next(iter(train_loader(parts)))
     return parts, batch
 
 
@@ -103,7 +103,7 @@ def _hf_model(cfg: RecipeConfig, parts, variant: str):
     qe.question_encoder.bert_model.load_state_dict(bert.state_dict())  # same keys: BertModel without pooler
     gen = build_generator(cfg.generator, tok)  # same config and seed: openbook's initial weights
     rcfg = RagConfig.from_question_encoder_generator_configs(
-        qcfg, gen.config, n_docs=cfg.rag.n_docs, max_combined_length=cfg.rag.max_context_length,
+        qcfg, gen.config, n_docs=cfg.reader.n_docs, max_combined_length=cfg.reader.max_context_length,
         retrieval_vector_size=emb.shape[1], index_name="custom", reduce_loss=False,
         label_smoothing=cfg.rag.label_smoothing)
     retriever = RagRetriever(rcfg, question_encoder_tokenizer=tok, generator_tokenizer=tok,
@@ -140,7 +140,7 @@ def setup(tmp: Path, variant: str, passages: int, batch_size: int, n_docs: int) 
     parts, batch = _openbook(cfg)
     module = parts.module
     hf = _hf_model(cfg, parts, variant)
-    q, labels, k = batch["query"], batch["labels"], cfg.rag.n_docs
+    q, labels, k = batch["query"], batch["labels"], cfg.reader.n_docs
 
     def hf_loss(**kw) -> torch.Tensor:  # per-question sums, as openbook's rag_loss before .mean()
         return hf(labels=labels, n_docs=k, **kw).loss
@@ -148,9 +148,10 @@ def setup(tmp: Path, variant: str, passages: int, batch_size: int, n_docs: int) 
     module.eval()
     hf.eval()
     with torch.no_grad():
-        scores, rows, ctx, mask = module._forward(batch)
+        got, ctx, mask = module.forward_batch(batch)
+        scores, rows = got.scores, got.rows
         logits, target = seq2seq_logits(module.generator, ctx, mask, labels, k)
-        ob = rag_loss(cfg.rag, logits, scores, target, module.ids.pad)
+        ob = rag_loss(cfg.rag, logits, scores, target, module.seq2seq.ids.pad)
         out = hf(input_ids=q["input_ids"], attention_mask=q["attention_mask"], labels=labels, n_docs=k,
                  output_retrieved=True)
         same_ctx = hf_loss(context_input_ids=ctx, context_attention_mask=mask, doc_scores=scores)

@@ -87,7 +87,7 @@ def bench_throughput(tmp: Path, passages: int, encoder: str, repeats: int = 3) -
 
 def bench_training(tmp: Path, passages: int, steps: int, schedule: str) -> list[dict]:
     """(b) and (c): the same Trainer run with refresh off, async, and sync (blocking)."""
-    from openbook.trainer.train import build_parts, make_trainer, question_loader
+    from openbook.trainer.train import build_parts, make_trainer, train_loader
 
     rows, every = [], int(schedule)
     for label, refresh in [("off", {"enabled": False}), ("asap", {"mode": "asap", "schedule": schedule}),
@@ -99,7 +99,7 @@ def bench_training(tmp: Path, passages: int, steps: int, schedule: str) -> list[
         parts = build_parts(cfg)
         trainer = make_trainer(cfg, [parts.callback], logger=False, enable_progress_bar=False)
         t0 = time.perf_counter()
-        trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+        trainer.fit(parts.module, train_loader(parts))
         secs = time.perf_counter() - t0
         st = parts.callback.stats
         stalls = np.array(st.stalls[1:])  # step 0 has no swap logic worth timing

@@ -142,7 +142,7 @@ GROUPS: list[Group] = [
           "configs/realm_pretrain_pydoc.yaml", utility_figures(300, 100), quick_sets=["train.max_steps=100"]),
     Group("realm_pretrain_pydoc_ict", "REALM pretraining on pydoc text from ICT on it (`configs/ict_pydoc.yaml`)",
           "configs/realm_pretrain_pydoc.yaml", utility_figures(300, 100),
-          sets=["retriever.init_from=runs/ict_pydoc", "train.lr=3e-5", "realm.reader_lr_scale=30"],
+          sets=["retriever.init_from=runs/ict_pydoc", "train.lr=3e-5", "reader.lr_scale=30"],
           quick_sets=["train.max_steps=100"]),
     Group("realm_pretrain_minilm", "REALM pretraining, MiniLM embedder and reader "
           "(`configs/realm_pretrain_minilm.yaml`)", "configs/realm_pretrain_minilm.yaml",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.common import ROOT
 from openbook.recipe import RecipeConfig, load_recipe
+from openbook.registry import MODELS as MODEL_ENTRIES
 
 MODELS = {"RAG-Token": "configs/rag_token_tiny.yaml", "RAG-Sequence": "configs/rag_sequence_tiny.yaml",
           "REALM open-QA": "configs/realm_qa_tiny.yaml", "FiD": "configs/fid_tiny.yaml"}
@@ -45,18 +46,14 @@ class RunResult:
     setup: str = ""
 
 
-def reader_section(cfg: RecipeConfig) -> str:
-    return {"rag": "rag", "fid": "fid"}.get(cfg.model, "realm")
-
-
 def condition_overrides(cfg: RecipeConfig, condition: str, every: int) -> list[str] | None:
     """Overrides that turn a recipe into a study condition; None when it does not apply."""
     if condition == CLOSED:
-        if cfg.model not in ("rag", "fid"):
+        if not MODEL_ENTRIES[cfg.model].generates:
             return None  # a span reader extracts from passages: with none it has nothing to answer from
-        r = reader_section(cfg)  # the question alone; one identical context is the same model as K copies
+        # the question alone; one identical context is the same model as K copies
         return ["train.closed_book=true", "train.freeze_doc_encoder=true", "refresh.enabled=false",
-                f"{r}.n_docs=1", f"{r}.generator_lr_scale=1.0"]
+                "reader.n_docs=1", "reader.lr_scale=1.0"]
     # FiD-KD: FiD's only path from reader to retriever (without the score prior, which KD would distil back)
     kd = ["fid.distill=true", "fid.score_prior=0"] if cfg.model == "fid" else []
     if condition == FROZEN:

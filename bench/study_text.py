@@ -63,7 +63,7 @@ def fid_note() -> str:
     start = f"`{cfg.retriever.init_from}`" if cfg.retriever.init_from else "a random retriever"
     return (f"FiD runs `{MODELS['FiD']}` with `fid.distill: true` in (b)–(d) (FiD-KD, the only path from its reader "
             f"to its retriever) and starts from {start}; its reader trains with learning rate scale "
-            f"{cfg.fid.generator_lr_scale:g}.")
+            f"{cfg.reader.lr_scale:g}.")
 
 
 def _final(results: list[RunResult], condition: str) -> RunResult | None:

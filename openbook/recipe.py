@@ -18,10 +18,12 @@ from openbook.models.fid import FidConfig
 from openbook.models.generator import GeneratorConfig
 from openbook.models.ict import IctConfig
 from openbook.models.rag import RagConfig
+from openbook.models.reader import ReaderConfig
 from openbook.models.realm import RealmConfig
 from openbook.models.retriever import RetrieverConfig
 from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.schedule import RefreshSchedule
+from openbook.registry import MODELS, model_names
 from openbook.trainer.config import MonitorConfig, TrainConfig
 
 
@@ -54,12 +56,13 @@ class SnapshotsConfig:
 @dataclass(kw_only=True)
 class RecipeConfig:
     name: str = opt("default", "recipe name (used in run directories and logs)")
-    model: Literal["dense_retriever", "ict", "rag", "realm_pretrain", "realm_qa", "fid"] = opt(
-        "dense_retriever", "what `openbook train` trains (ict: the Inverse Cloze Task warm start of the retriever)")
+    model: str = opt("dense_retriever", f"what `openbook train` trains, one of {model_names()} (openbook/registry.py)")
     run_dir: str = opt("runs/default", "outputs: snapshots, checkpoints, logs")
     data: DataConfig = opt(DataConfig(), "corpus and QA data")
     retriever: RetrieverConfig = opt(RetrieverConfig(), "bi-encoder retriever")
-    generator: GeneratorConfig = opt(GeneratorConfig(), "seq2seq generator (model: rag)")
+    reader: ReaderConfig = opt(ReaderConfig(), "what every reader shares with retrieval: passages per question, "
+                               "input and answer lengths, warm-up, learning rate (rag, fid, realm_*)")
+    generator: GeneratorConfig = opt(GeneratorConfig(), "seq2seq generator (model: rag or fid)")
     rag: RagConfig = opt(RagConfig(), "RAG marginalisation and decoding (model: rag)")
     fid: FidConfig = opt(FidConfig(), "Fusion-in-Decoder reader and FiD-KD (model: fid)")
     realm: RealmConfig = opt(RealmConfig(), "REALM pretraining and open-QA fine-tuning (model: realm_*)")
@@ -83,7 +86,9 @@ class RecipeConfig:
                              f"{waiting} or lower the lag")
         if self.train.freeze_doc_encoder and self.retriever.shared:
             raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
-        if self.train.closed_book and self.model not in ("rag", "fid"):
+        if self.model not in MODELS:
+            raise ValueError(f"model {self.model!r} is not one of {model_names()}")
+        if self.train.closed_book and not MODELS[self.model].generates:
             raise ValueError(f"train.closed_book needs a generator (model: rag or fid), not {self.model}: "
                              "a span reader or a retriever cannot answer without passages")
 
@@ -99,9 +104,17 @@ class RecipeConfig:
 
 
 # Keys of older recipes and where they live now: a recipe that still uses one fails with one line naming it.
+_SHARED = {"encode.": "one setting for the trainer and the refresh actors",
+           "reader.": "one setting for RAG, FiD and REALM"}
 MOVED_KEYS = {
-    "refresh.batch_size": "encode.batch_size",
-    "refresh.threads_per_worker": "encode.threads",
+    "refresh.batch_size": "encode.batch_size", "refresh.threads_per_worker": "encode.threads",
+    **{f"{m}.n_docs": "reader.n_docs" for m in ("rag", "fid", "realm")},
+    "rag.max_context_length": "reader.max_context_length", "fid.max_context_length": "reader.max_context_length",
+    "realm.max_length": "reader.max_context_length",
+    "rag.max_answer_length": "reader.max_answer_length", "fid.max_answer_length": "reader.max_answer_length",
+    "rag.reader_warmup_steps": "reader.warmup_steps", "fid.reader_warmup_steps": "reader.warmup_steps",
+    "rag.generator_lr_scale": "reader.lr_scale", "fid.generator_lr_scale": "reader.lr_scale",
+    "realm.reader_lr_scale": "reader.lr_scale",
 }
 
 
@@ -111,8 +124,8 @@ def check_moved_keys(data: dict, where: str) -> None:
         for part in old.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
-            raise ConfigError(f"{where}: {old} is now {new} (one setting for the trainer and the refresh actors; "
-                              f"set {new}: {node!r})" if new.startswith("encode.") else f"{where}: {old} is now {new}")
+            why = next(text for prefix, text in _SHARED.items() if new.startswith(prefix))
+            raise ConfigError(f"{where}: {old} is now {new} ({why}): set {new}: {node!r}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:

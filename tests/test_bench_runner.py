@@ -106,7 +106,7 @@ def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
 
     s = StudyConfig(passages=300, steps=12, val_every=4)
     closed = recipe("RAG-Token", CLOSED, s, tmp_path, 5)
-    assert closed.train.closed_book and not closed.refresh.enabled and closed.rag.n_docs == 1
+    assert closed.train.closed_book and not closed.refresh.enabled and closed.reader.n_docs == 1
     assert recipe("REALM open-QA", CLOSED, s, tmp_path, 5) is None  # a span reader cannot answer closed book
     frozen = recipe("FiD", FROZEN, s, tmp_path, 5)
     assert frozen.train.freeze_doc_encoder and not frozen.refresh.enabled and frozen.train.max_steps == 12

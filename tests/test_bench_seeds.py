@@ -8,7 +8,7 @@ import pytest
 
 from bench import seed_groups as sg
 from bench.seeds import Job, group_text, run_job, spread
-from openbook.trainer.train import config_yaml
+from openbook.trainer.outputs import config_yaml
 from tests.helpers import tiny_recipe
 
 

@@ -14,7 +14,8 @@ import yaml
 from openbook.cli import main
 from openbook.index import SnapshotStore
 from openbook.trainer.checkpoints import CKPT_FILE, CONFIG_FILE, list_checkpoints, resolve_checkpoint
-from openbook.trainer.train import build_parts, config_yaml, fit, make_trainer, question_loader
+from openbook.trainer.outputs import config_yaml
+from openbook.trainer.train import build_parts, fit, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 
 
@@ -44,7 +45,7 @@ def _run(cfg, resume: str | None = None):
     rec = Steps()
     trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
     ckpt = resolve_checkpoint(resume, cfg.run_dir) if resume else None
-    fit(trainer, parts, question_loader(cfg, parts.data, parts.tokenizer), ckpt)
+    fit(trainer, parts, train_loader(parts), ckpt)
     return parts, rec, trainer
 
 
@@ -68,7 +69,7 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_session, stop):
         first, first_rec = build_parts(cfg), Steps()
         trainer = make_trainer(cfg, [first.callback, first_rec, Kill(8)], logger=False, enable_progress_bar=False)
         with pytest.raises(RuntimeError, match="killed"):
-            fit(trainer, first, question_loader(cfg, first.data, first.tokenizer))
+            fit(trainer, first, train_loader(first))
     ckpt_dir = tmp_path / "cut" / "run" / "checkpoints" / "step-00000008"
     assert (ckpt_dir / CKPT_FILE).is_file() and (ckpt_dir / CONFIG_FILE).is_file()
     assert yaml.safe_load((ckpt_dir / CONFIG_FILE).read_text())["train"]["max_steps"] == (8 if stop == "max_steps"
@@ -164,7 +165,8 @@ def test_ict_and_realm_loaders_resume_mid_epoch(tmp_path, model):
     def recipe(name: str, steps: int):
         return tiny_recipe(tmp_path / name, cache=tmp_path / "cache", model=model,
                            data={"world": {"num_passages": 100, "seed": 0}},
-                           realm={"n_docs": 2, "max_length": 48, "reader_hidden": 32, "reader_ffn": 64},
+                           reader={"n_docs": 2, "max_context_length": 48},
+                           realm={"reader_hidden": 32, "reader_ffn": 64},
                            train={"max_steps": steps, "batch_size": 8, "checkpoint_every_n_steps": 4, "seed": 3},
                            refresh={"enabled": False})
 
@@ -172,7 +174,7 @@ def test_ict_and_realm_loaders_resume_mid_epoch(tmp_path, model):
         parts = build_parts(cfg)
         rec, seen = Steps(), Batches()
         trainer = make_trainer(cfg, [parts.callback, rec, seen], logger=False, enable_progress_bar=False)
-        fit(trainer, parts, question_loader(cfg, parts.data, parts.tokenizer),
+        fit(trainer, parts, train_loader(parts),
             resolve_checkpoint(resume, cfg.run_dir) if resume else None)
         return rec.losses, seen.rows
 
@@ -212,7 +214,7 @@ def test_resume_continues_the_deterministic_swap_plan(tmp_path, ray_session, sna
         parts = build_parts(cfg)
         rec, in_use = Steps(), InUse(parts.holder)
         trainer = make_trainer(cfg, [parts.callback, rec, in_use], logger=False, enable_progress_bar=False)
-        fit(trainer, parts, question_loader(cfg, parts.data, parts.tokenizer),
+        fit(trainer, parts, train_loader(parts),
             resolve_checkpoint(resume, cfg.run_dir) if resume else None)
         return rec.losses, in_use.steps
 

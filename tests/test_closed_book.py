@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from openbook.errors import ConfigError
-from openbook.trainer.train import build_parts, make_trainer, question_loader
+from openbook.trainer.train import build_parts, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 
 
 def recipe(tmp, model: str, closed_book: bool):
-    reader = {"n_docs": 2, "max_context_length": 48}
     return tiny_recipe(tmp, model=model, generator={"d_model": 32, "ffn": 64, "dropout": 0.0},
-                       **{model: reader}, train={"max_steps": 3, "batch_size": 4, "closed_book": closed_book},
+                       reader={"n_docs": 2, "max_context_length": 48},
+                       train={"max_steps": 3, "batch_size": 4, "closed_book": closed_book},
                        refresh={"enabled": False})
 
 
@@ -35,14 +35,14 @@ def fit_and_record(tmp, model: str, closed_book: bool):
     parts = build_parts(cfg)
     seen = Inputs(parts.module.generator.get_encoder())
     questions: list[list[int]] = []
-    loader = question_loader(cfg, parts.data, parts.tokenizer)
+    loader = train_loader(parts)
     for i, batch in enumerate(loader):  # the same order fit will see (seeded shuffle)
         if i == cfg.train.max_steps:
             break
         q = batch["query"]
         questions += [row[m.bool()].tolist() for row, m in zip(q["input_ids"], q["attention_mask"])]
     trainer = make_trainer(cfg, [parts.callback], logger=False, enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     rows = [r for call in seen.calls for r in call]
     return cfg, parts, questions, rows
 
@@ -50,7 +50,7 @@ def fit_and_record(tmp, model: str, closed_book: bool):
 @pytest.mark.parametrize("model", ["rag", "fid"])
 def test_closed_book_reader_reads_the_question_alone(tmp_path, model):
     cfg, parts, questions, rows = fit_and_record(tmp_path / "closed", model, closed_book=True)
-    k = cfg.rag.n_docs if model == "rag" else cfg.fid.n_docs
+    k = cfg.reader.n_docs
     assert len(rows) == len(questions) * k  # every (question, doc) row of the 3 steps
     for i, row in enumerate(rows):  # exactly [CLS] question [SEP]: no title, no passage token
         assert row == questions[i // k]

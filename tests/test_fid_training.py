@@ -13,7 +13,7 @@ from openbook.data.tokcache import tokenize_corpus
 from openbook.models.retriever import EncoderConfig, load_tokenizer
 from openbook.models.vocab import VocabMap, corpus_vocab
 from openbook.trainer.pipeline import prepare_data
-from openbook.trainer.train import build_parts, dev_loader, make_trainer, question_loader
+from openbook.trainer.train import build_parts, dev_loader, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 from tests.test_rag_training import Losses
 
@@ -21,7 +21,7 @@ from tests.test_rag_training import Losses
 def fid_recipe(tmp, distill: bool):
     return tiny_recipe(tmp, model="fid", generator={"source": "tiny-t5", "vocab": "corpus", "d_model": 32,
                                                     "ffn": 64, "dropout": 0.0},
-                       fid={"n_docs": 3, "max_context_length": 48, "distill": distill},
+                       reader={"n_docs": 3, "max_context_length": 48}, fid={"distill": distill},
                        train={"max_steps": 16, "batch_size": 8, "lr": 3e-3, "val_questions": 8},
                        refresh={"schedule": "8", "mode": "sync", "enabled": distill})
 
@@ -38,7 +38,7 @@ def test_fid_trains_and_only_fid_kd_moves_the_retriever(tmp_path, ray_session, d
     before = retriever_state(parts)
     rec = Losses()
     trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     assert len(rec.losses) == 16 and all(np.isfinite(rec.losses))
     assert np.mean(rec.losses[-4:]) < np.mean(rec.losses[:4])
     moved = any(not torch.equal(before[k], v) for k, v in parts.model.state_dict().items())
@@ -46,8 +46,8 @@ def test_fid_trains_and_only_fid_kd_moves_the_retriever(tmp_path, ray_session, d
     if distill:
         assert parts.holder.version >= 2  # the refreshed index followed the distilled doc encoder
         assert "train/distill_kl" in trainer.logged_metrics
-    assert parts.module.generator.config.vocab_size == len(parts.module.vocab) < len(parts.tokenizer) // 4
-    metrics = trainer.validate(parts.module, dev_loader(cfg, parts.data, parts.tokenizer), verbose=False)[0]
+    assert parts.module.generator.config.vocab_size == len(parts.module.seq2seq.vocab) < len(parts.tokenizer) // 4
+    metrics = trainer.validate(parts.module, dev_loader(parts), verbose=False)[0]
     assert {"val/em", "val/f1", "val/recall@3"} <= set(metrics)
 
 
@@ -71,7 +71,7 @@ def test_compact_vocab_round_trips_the_corpus(tmp_path):
 def test_a_saved_generator_loads_as_generator_source(tmp_path):
     from openbook.errors import ConfigError
     from openbook.models.generator import GeneratorConfig, build_generator
-    from openbook.trainer.train import save_generator
+    from openbook.trainer.seq2seq import save_generator
 
     tok = load_tokenizer(EncoderConfig())
     gen = build_generator(GeneratorConfig(source="tiny-t5", d_model=32, ffn=64, seed=7), tok)
@@ -96,18 +96,18 @@ def test_fid_score_prior_reaches_the_loss_and_the_decoder(tmp_path):
     """A prior so strong that only the top passage counts makes K-passage FiD the 1-passage model on
     that passage: the same training loss and the same answers (same weights, same snapshot)."""
     cfg = tiny_recipe(tmp_path, model="fid", generator={"source": "tiny-t5", "d_model": 32, "ffn": 64, "dropout": 0.0},
-                      fid={"n_docs": 3, "max_context_length": 48, "score_prior": 1e4},
+                      reader={"n_docs": 3, "max_context_length": 48}, fid={"score_prior": 1e4},
                       train={"batch_size": 6, "val_questions": 6}, refresh={"enabled": False})
     parts = build_parts(cfg)
     parts.callback.preinstall(parts.callback.build_initial(parts.module, 0))
     module = parts.module.eval()
-    batch = next(iter(question_loader(cfg, parts.data, parts.tokenizer)))
-    dev = next(iter(dev_loader(cfg, parts.data, parts.tokenizer)))
+    batch = next(iter(train_loader(parts)))
+    dev = next(iter(dev_loader(parts)))
     with torch.no_grad():
         strong = (module.training_step(batch, 0), module.generate(dev))
-        module.rag = dataclasses.replace(cfg.fid, n_docs=1, score_prior=0.0)
+        module.reader_cfg, module.fid = dataclasses.replace(cfg.reader, n_docs=1), dataclasses.replace(cfg.fid, score_prior=0.0)
         one = (module.training_step(batch, 0), module.generate(dev))
-        module.rag = dataclasses.replace(cfg.fid, score_prior=0.0)
+        module.reader_cfg = cfg.reader
         plain = (module.training_step(batch, 0), module.generate(dev))
     assert torch.allclose(strong[0], one[0], atol=1e-4) and not torch.allclose(strong[0], plain[0], atol=1e-3)
     assert strong[1][0] == one[1][0] and np.array_equal(strong[1][1][:, :1], one[1][1])

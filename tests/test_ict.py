@@ -95,15 +95,14 @@ def test_ict_config_errors_name_the_field():
 def test_a_batch_larger_than_the_corpus_is_refused(tmp_path, model):
     """These loaders drop the last partial batch: without the check the run would train 0 steps and
     report success."""
-    from openbook.models.retriever import EncoderConfig, load_tokenizer
-    from openbook.trainer.pipeline import prepare_data
-    from openbook.trainer.train import question_loader
+    from openbook.trainer.train import build_parts, train_loader
     from tests.helpers import tiny_recipe
 
     cfg = tiny_recipe(tmp_path, model=model, data={"world": {"num_passages": 100, "seed": 0}},
-                      realm={"salient_spans": "title_words"}, train={"batch_size": 101})
+                      realm={"salient_spans": "title_words"}, train={"batch_size": 101}, refresh={"enabled": False})
+    parts = build_parts(cfg)
     with pytest.raises(ConfigError, match="batch_size=101 but the corpus has only 100 passages"):
-        question_loader(cfg, prepare_data(cfg.data), load_tokenizer(EncoderConfig()))
+        train_loader(parts)
 
 
 def test_a_run_on_text_without_questions_reports_no_recall(tmp_path):

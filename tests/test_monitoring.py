@@ -17,7 +17,8 @@ import pytorch_lightning as pl
 from prometheus_client.parser import text_string_to_metric_families
 
 from openbook.trainer.metrics_exporter import COUNTERS, GAUGES, STEP, exported_names
-from openbook.trainer.train import build_parts, make_trainer, question_loader, save_history
+from openbook.trainer.outputs import save_history
+from openbook.trainer.train import build_parts, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def monitored_run(tmp_path_factory, ray_session):
     scraper = Scraper(port, parts.callback)
     # the default logger: TensorBoard in run_dir, for the report test
     trainer = make_trainer(cfg, [parts.callback, scraper], enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     save_history(parts, trainer.global_rank)
     return cfg, port, scraper, trainer, parts.callback.stats
 

@@ -12,13 +12,13 @@ from openbook.config import from_dict
 from openbook.errors import SnapshotError
 from openbook.recipe import RecipeConfig
 from openbook.trainer.batches import QACollator
-from openbook.trainer.train import build_parts, dev_loader, make_trainer, question_loader
+from openbook.trainer.train import build_parts, dev_loader, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 
 
 def rag_recipe(tmp, variant, **train):
     return tiny_recipe(tmp, model="rag", generator={"d_model": 32, "ffn": 64, "dropout": 0.0},
-                       rag={"variant": variant, "n_docs": 3, "max_context_length": 48, "num_beams": 2},
+                       reader={"n_docs": 3, "max_context_length": 48}, rag={"variant": variant, "num_beams": 2},
                        train={"max_steps": 24, "batch_size": 8, "lr": 3e-3, "val_questions": 8, **train},
                        refresh={"schedule": "8", "mode": "sync"})  # sync: the swap is certain
 
@@ -38,11 +38,11 @@ def test_rag_trains_with_refresh_and_evaluates(tmp_path, ray_session, variant):
     parts = build_parts(cfg)
     rec = Losses()
     trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     assert len(rec.losses) == 24 and all(np.isfinite(rec.losses))
     assert np.mean(rec.losses[-6:]) < np.mean(rec.losses[:6])  # it learns something
     assert parts.holder.version >= 2  # the index was refreshed under the RAG trainer
-    metrics = trainer.validate(parts.module, dev_loader(cfg, parts.data, parts.tokenizer), verbose=False)[0]
+    metrics = trainer.validate(parts.module, dev_loader(parts), verbose=False)[0]
     assert {"val/em", "val/f1", "val/recall@3"} <= set(metrics)
     assert 0.0 <= metrics["val/f1"] <= 1.0
 
@@ -54,10 +54,10 @@ def test_snapshot_dim_mismatch_is_refused(tmp_path, ray_session):
                                                                      "projection_dim": 8}})
     wrong = build_parts(other)  # a retriever whose embeddings are 8-d
     trainer = make_trainer(other, [wrong.callback], logger=False, enable_progress_bar=False, max_steps=1)
-    trainer.fit(wrong.module, question_loader(other, wrong.data, wrong.tokenizer))
+    trainer.fit(wrong.module, train_loader(wrong))
     parts.holder.swap(wrong.holder.get())  # an 8-d snapshot under a 32-d query encoder
     with pytest.raises(SnapshotError, match=r"snapshot dim 8 does not match the query encoder's 32"):
-        parts.module.on_fit_start()
+        parts.module.training_step(next(iter(train_loader(parts))), 0)
 
 
 def _as_dict(cfg):
@@ -80,9 +80,9 @@ def test_long_questions_are_truncated_with_one_warning(caplog):
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.1])
-def test_generator_lr_scale(tmp_path, scale):
+def test_reader_lr_scale_sets_the_generators_rate(tmp_path, scale):
     cfg = tiny_recipe(tmp_path, model="rag", generator={"d_model": 32, "ffn": 64},
-                      rag={"n_docs": 2, "generator_lr_scale": scale}, train={"lr": 2e-3})
+                      reader={"n_docs": 2, "lr_scale": scale}, train={"lr": 2e-3})
     module = build_parts(cfg).module
     opt = module.configure_optimizers()["optimizer"]
     in_opt = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}

@@ -13,13 +13,13 @@ from openbook.models.realm import (
     IGNORE,
     RegexSpanFinder,
     doc_utility,
-    exclude_source,
     marginal_gain,
     mask_salient_span,
     realm_mlm_loss,
     span_marginal_nll,
 )
 from openbook.models.retriever import EncoderConfig, load_tokenizer
+from openbook.trainer.retrieval import exclude
 
 B, K, L, V = 2, 3, 6, 11
 
@@ -111,12 +111,12 @@ def test_span_marginal_against_brute_force():
         assert abs(float(got[b]) - (lse(total) - lse(gold))) < 1e-5
 
 
-def test_exclude_source_drops_the_query_document():
+def test_exclude_drops_the_query_document():
     rows = np.array([[5, 1, 2, 3], [0, 9, 8, 7]])
-    np.testing.assert_array_equal(exclude_source(rows, np.array([1, 7]), 3), [[5, 2, 3], [0, 9, 8]])
-    np.testing.assert_array_equal(exclude_source(rows, np.array([42, 0]), 3), [[5, 1, 2], [9, 8, 7]])
+    np.testing.assert_array_equal(exclude(rows, np.array([1, 7]), 3), [[5, 2, 3], [0, 9, 8]])
+    np.testing.assert_array_equal(exclude(rows, np.array([42, 0]), 3), [[5, 1, 2], [9, 8, 7]])
     with pytest.raises(ValueError, match="after excluding"):
-        exclude_source(np.array([[1, 2]]), np.array([1]), 2)
+        exclude(np.array([[1, 2]]), np.array([1]), 2)
 
 
 def test_regex_span_finder_finds_dates_numbers_and_names():
@@ -143,7 +143,7 @@ def test_realm_pretraining_runs_with_refresh(tmp_path, ray_session):
     """A short real run: finite falling loss, the utility is logged, the index refreshes."""
     import pytorch_lightning as pl
 
-    from openbook.trainer.train import build_parts, make_trainer, question_loader
+    from openbook.trainer.train import build_parts, make_trainer, train_loader
     from tests.helpers import tiny_recipe
 
     class Record(pl.Callback):
@@ -153,16 +153,16 @@ def test_realm_pretraining_runs_with_refresh(tmp_path, ray_session):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(float(outputs["loss"]))
             self.utility.append(float(trainer.callback_metrics["train/retrieval_utility"]))
-            rows, source = pl_module.last_retrieval  # trivial retrieval excluded: never its own passage
+            rows, source = outputs["rows"], batch["source_row"].numpy()  # trivial retrieval: never its own passage
             assert not (rows == source[:, None]).any() and rows.shape[1] == 3
 
     cfg = tiny_recipe(tmp_path, model="realm_pretrain",
-                      realm={"n_docs": 3, "max_length": 48, "reader_hidden": 32, "reader_ffn": 64},
+                      reader={"n_docs": 3, "max_context_length": 48}, realm={"reader_hidden": 32, "reader_ffn": 64},
                       train={"max_steps": 20, "batch_size": 8}, refresh={"schedule": "6", "mode": "sync"})
     parts = build_parts(cfg)
     rec = Record()
     trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     assert len(rec.losses) == 20 and all(np.isfinite(rec.losses + rec.utility))
     assert np.mean(rec.losses[-5:]) < np.mean(rec.losses[:5])
     assert parts.holder.version >= 2
@@ -179,10 +179,10 @@ def test_minilm_reader_starts_from_the_offline_encoder():
 
     ref = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).state_dict()
     cfg = RealmConfig(reader="minilm")
-    mlm, span = build_mlm_reader(cfg, 30522), build_span_reader(cfg, 30522)
+    mlm, span = build_mlm_reader(cfg, 30522, 96), build_span_reader(cfg, 30522, 96)
     for bert in (mlm.bert, span.bert):
         state = bert.state_dict()
         assert all(torch.equal(state[k], v) for k, v in ref.items())
     assert mlm.cls.predictions.decoder.weight.data_ptr() == mlm.bert.embeddings.word_embeddings.weight.data_ptr()
     with pytest.raises(ValueError, match="WordPieces"):
-        build_mlm_reader(cfg, 1000)
+        build_mlm_reader(cfg, 1000, 96)

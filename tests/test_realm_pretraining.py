@@ -63,7 +63,7 @@ def test_realm_pretraining_on_names_logs_what_retrieval_found(tmp_path, ray_sess
     passage as the reader sees it", recomputed here by tokenising the corpus text."""
     import pytorch_lightning as pl
 
-    from openbook.trainer.train import build_parts, make_trainer, question_loader
+    from openbook.trainer.train import build_parts, make_trainer, train_loader
     from tests.helpers import tiny_recipe
 
     class Check(pl.Callback):
@@ -72,7 +72,7 @@ def test_realm_pretraining_on_names_logs_what_retrieval_found(tmp_path, ray_sess
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.utility.append(float(trainer.callback_metrics["train/retrieval_utility"]))
-            rows, source = pl_module.last_retrieval
+            rows, source = outputs["rows"], batch["source_row"].numpy()
             assert not (rows == source[:, None]).any()
             corpus, tok, found = parts.data.corpus, parts.tokenizer, []
             for b, src in enumerate(source):
@@ -81,20 +81,20 @@ def test_realm_pretraining_on_names_logs_what_retrieval_found(tmp_path, ray_sess
                 docs = [tok(corpus[int(r)]["title"], corpus[int(r)]["text"], truncation=True,
                             max_length=cfg.retriever.doc_max_length)["input_ids"] for r in rows[b]]
                 found.append([any(d[i: i + len(span)] == span for i in range(len(d))) for d in docs])
-            np.testing.assert_array_equal(pl_module.last_span_found.numpy(), found)
+            np.testing.assert_array_equal(outputs["span_found"].numpy(), found)
             self.found.append(float(trainer.callback_metrics["train/span_in_docs"]))
-            in_top = [found[b][int(t)] for b, t in enumerate(pl_module.last_top)]  # the live-scored top passage
+            in_top = [found[b][int(t)] for b, t in enumerate(outputs["top"])]  # the live-scored top passage
             assert float(trainer.callback_metrics["train/span_in_top"]) == pytest.approx(np.mean(in_top))
 
     cfg = tiny_recipe(tmp_path, model="realm_pretrain", data={"world": {"num_passages": 100, "seed": 0}},
                       retriever={"doc_max_length": 48},
-                      realm={"salient_spans": "title_words", "n_docs": 6, "max_length": 64, "reader_hidden": 32,
-                             "reader_ffn": 64},
+                      reader={"n_docs": 6, "max_context_length": 64},
+                      realm={"salient_spans": "title_words", "reader_hidden": 32, "reader_ffn": 64},
                       train={"max_steps": 16, "batch_size": 8}, refresh={"schedule": "5", "mode": "sync"})
     parts = build_parts(cfg)
     check = Check()
     trainer = make_trainer(cfg, [parts.callback, check], logger=False, enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     assert len(check.utility) == 16 and np.isfinite(check.utility).all()
     assert 0.0 < np.mean(check.found) < 1.0  # 6 of 99 passages: the name's other passages are sometimes hit
     assert parts.holder.version >= 2
@@ -110,7 +110,7 @@ def test_retrieval_utility_rises_above_zero(tmp_path, ray_session):
     import pytorch_lightning as pl
 
     from openbook.recipe import load_recipe
-    from openbook.trainer.train import build_parts, make_trainer, question_loader, run_train
+    from openbook.trainer.train import build_parts, make_trainer, run_train, train_loader
 
     cache, ict_dir = tmp_path / "cache", tmp_path / "ict"
     ict = load_recipe(CONFIGS / "ict_tiny.yaml", [f"run_dir={ict_dir}", f"data.cache_dir={cache}",
@@ -122,11 +122,11 @@ def test_retrieval_utility_rises_above_zero(tmp_path, ray_session):
             self.utility, self.top_found = [], []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            u = pl_module.last_utility.numpy()
+            u = outputs["utility"].cpu().numpy()
             assert float(trainer.callback_metrics["train/retrieval_utility"]) == pytest.approx(u.mean(), abs=1e-5)
             self.utility.append(u)
-            top = pl_module.last_top.numpy()
-            self.top_found.append(pl_module.last_span_found.numpy()[np.arange(len(top)), top])
+            top = outputs["top"].numpy()
+            self.top_found.append(outputs["span_found"].numpy()[np.arange(len(top)), top])
 
     steps = 300
     cfg = load_recipe(CONFIGS / "realm_pretrain_tiny.yaml", [
@@ -134,7 +134,7 @@ def test_retrieval_utility_rises_above_zero(tmp_path, ray_session):
         f"train.max_steps={steps}"])
     parts, rec = build_parts(cfg), Record()
     trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     assert len(rec.utility) == steps and parts.holder.version >= 3  # refreshed snapshots were swapped in
     early, late = np.concatenate(rec.utility[:30]), np.concatenate(rec.utility[-100:])
     late_se = late.std() / np.sqrt(len(late))
@@ -147,13 +147,13 @@ def test_reader_lr_scale_gives_the_reader_its_own_rate(tmp_path):
     from openbook.trainer.train import build_parts
     from tests.helpers import tiny_recipe
 
-    cfg = tiny_recipe(tmp_path, model="realm_pretrain", realm={"reader_hidden": 32, "reader_ffn": 64,
-                                                               "reader_lr_scale": 30.0},
+    cfg = tiny_recipe(tmp_path, model="realm_pretrain", realm={"reader_hidden": 32, "reader_ffn": 64},
+                      reader={"lr_scale": 30.0},
                       train={"lr": 3e-5}, refresh={"enabled": False})
     module = build_parts(cfg).module
     opt = module.configure_optimizers()["optimizer"]
     rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert [rate[id(p)] for p in module.reader.parameters()] == pytest.approx([9e-4] * len(list(module.reader.parameters())))
     assert [rate[id(p)] for p in module.retriever.parameters()] == pytest.approx([3e-5] * len(list(module.retriever.parameters())))
-    with pytest.raises(ConfigError, match="reader_lr_scale"):
-        from_dict(RecipeConfig, {"realm": {"reader_lr_scale": -1}})
+    with pytest.raises(ConfigError, match="reader.warmup_steps and reader.lr_scale must be >= 0"):
+        from_dict(RecipeConfig, {"reader": {"lr_scale": -1}})

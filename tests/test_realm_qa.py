@@ -110,7 +110,8 @@ def test_no_valid_span_predicts_nothing():
 
 # ------------------------------------------------------------------------------ real runs
 
-READER = {"n_docs": 4, "max_length": 64, "reader_hidden": 64, "reader_ffn": 128}
+READER = {"reader_hidden": 64, "reader_ffn": 128}
+SHARED = {"n_docs": 4, "max_context_length": 64}
 
 
 def tb_scalars(run_dir, tag: str, steps: bool = False) -> list:
@@ -127,7 +128,7 @@ def test_realm_qa_fine_tuning_runs_with_refresh(tmp_path, ray_session):
     from openbook.trainer.train import run_train
     from tests.helpers import tiny_recipe
 
-    cfg = tiny_recipe(tmp_path, model="realm_qa", data={"world": {"num_passages": 300, "seed": 0}}, realm=READER,
+    cfg = tiny_recipe(tmp_path, model="realm_qa", data={"world": {"num_passages": 300, "seed": 0}}, realm=READER, reader=SHARED,
                       retriever={"doc_max_length": 48},  # whole passages: the gold one always holds the answer
                       train={"max_steps": 120, "batch_size": 16, "lr": 3e-3, "val_every_n_steps": 60,
                              "val_questions": 30},
@@ -148,20 +149,21 @@ def test_realm_qa_fine_tuning_runs_with_refresh(tmp_path, ray_session):
 def test_init_from_a_pretraining_run(tmp_path):
     """realm.init_from loads what a realm_pretrain run saved: retriever and reader encoder."""
     from openbook.errors import ConfigError
-    from openbook.trainer.train import build_parts, make_trainer, question_loader, save_final
+    from openbook.trainer.outputs import save_final
+    from openbook.trainer.train import build_parts, make_trainer, train_loader
     from tests.helpers import tiny_recipe
 
     cache = tmp_path / "cache"
     pre = tiny_recipe(tmp_path / "pre", cache, model="realm_pretrain", data={"world": {"num_passages": 100}},
-                      realm=READER, train={"max_steps": 2}, refresh={"enabled": False})
+                      realm=READER, reader=SHARED, train={"max_steps": 2}, refresh={"enabled": False})
     parts = build_parts(pre)
     make_trainer(pre, [parts.callback], logger=False, enable_progress_bar=False).fit(
-        parts.module, question_loader(pre, parts.data, parts.tokenizer))  # two real steps move the weights
+        parts.module, train_loader(parts))  # two real steps move the weights
     save_final(parts)
 
     def qa(**realm):
         return tiny_recipe(tmp_path / "qa", cache, model="realm_qa", data={"world": {"num_passages": 100}},
-                           realm={**READER, **realm}, refresh={"enabled": False})
+                           realm={**READER, **realm}, reader=SHARED, refresh={"enabled": False})
 
     loaded, fresh = build_parts(qa(init_from=pre.run_dir)).module, build_parts(qa()).module
     for name, want in parts.module.reader.bert.state_dict().items():

@@ -12,7 +12,7 @@ import torch
 from openbook.index import SnapshotStore
 from openbook.models.retriever import DocTowerSpec
 from openbook.refresher.encode import encode_rows, numpy_state
-from openbook.trainer.train import build_parts, make_trainer, question_loader
+from openbook.trainer.train import build_parts, make_trainer, train_loader
 from tests.helpers import tiny_recipe, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def _fit(cfg, keep_weights=True):
     rec = Recorder(keep_weights)
     trainer = make_trainer(cfg, [parts.callback, rec, Pace(parts.callback)], logger=False,
                            enable_progress_bar=False)
-    trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+    trainer.fit(parts.module, train_loader(parts))
     return parts, rec, trainer
 
 
@@ -118,7 +118,7 @@ def test_a_crashing_fit_cancels_the_refresh_and_kills_the_actors(tmp_path, ray_s
     crash = Crash(parts.callback, at_step=3)
     trainer = make_trainer(cfg, [parts.callback, crash], logger=False, enable_progress_bar=False)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+        trainer.fit(parts.module, train_loader(parts))
     assert parts.callback.coordinator is None and crash.pids
     alive = wait_gone(crash.pids)
     assert not alive, f"orphaned actor processes: {alive}"
@@ -145,7 +145,7 @@ def test_a_slowed_pool_gives_the_same_run(tmp_path, ray_session):
         parts = build_parts(cfg)
         rec = Recorder(keep_weights=False)
         trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
-        trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+        trainer.fit(parts.module, train_loader(parts))
         runs[name] = (rec.losses, [v for _, v in parts.callback.stats.versions], parts.callback.stats)
     (fast_loss, fast_v, fast_stats), (slow_loss, slow_v, slow_stats) = runs["fast"], runs["slow"]
     assert fast_v == slow_v == _planned_versions("5", 3, 24), (fast_v, slow_v)
@@ -173,7 +173,7 @@ def test_waits_for_a_late_refresh_are_counted_and_named(tmp_path, ray_session, c
 
     trainer = make_trainer(cfg, [parts.callback, Log()], logger=False, enable_progress_bar=False)
     with caplog.at_level(logging.WARNING, logger="openbook.trainer.refresh_callback"):
-        trainer.fit(parts.module, question_loader(cfg, parts.data, parts.tokenizer))
+        trainer.fit(parts.module, train_loader(parts))
     stats = parts.callback.stats
     assert [v for _, v in stats.versions] == _planned_versions("2", 1, 14)
     assert stats.waits == 6 and stats.wait_seconds >= 6 * 0.5

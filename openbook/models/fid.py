@@ -22,12 +22,7 @@ from openbook.config import opt
 
 @dataclass(kw_only=True)
 class FidConfig:
-    n_docs: int = opt(5, "passages per question, retrieved from the snapshot in use")
-    max_context_length: int = opt(80, "tokens per (question, passage) encoder input")
-    max_answer_length: int = opt(10, "answer tokens (labels and decoding)")
     num_beams: int = opt(1, "beam size at evaluation (1 = greedy)")
-    reader_warmup_steps: int = opt(0, "first steps train the reader on the gold passage alone (as rag.*)")
-    generator_lr_scale: float = opt(1.0, "reader learning rate = train.lr x this; 0 freezes the reader")
     distill: bool = opt(False, "FiD-KD: distil the reader's cross-attention over passages into the retriever")
     distill_weight: float = opt(1.0, "weight of the KL distillation loss")
     distill_temperature: float = opt(1.0, "temperature of the retriever's softmax in the KL loss")
@@ -35,8 +30,8 @@ class FidConfig:
                                   "logits on its tokens (0 = the paper's FiD, which ignores retrieval scores)")
 
     def __post_init__(self) -> None:
-        if self.n_docs < 1 or self.max_context_length < 4 or self.max_answer_length < 2:
-            raise ValueError("n_docs >= 1, max_context_length >= 4 and max_answer_length >= 2 are required")
+        if self.num_beams < 1:
+            raise ValueError(f"fid.num_beams must be >= 1, got {self.num_beams}")
         if self.distill_temperature <= 0:
             raise ValueError("distill_temperature must be > 0")
         if not 0 <= self.score_prior < math.inf:

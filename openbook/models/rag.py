@@ -85,26 +85,17 @@ def rag_sequence_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, target:
 @dataclass(kw_only=True)
 class RagConfig:
     variant: Literal["token", "sequence"] = opt("token", "RAG-Token (marginal per token) or RAG-Sequence")
-    n_docs: int = opt(5, "documents retrieved per question (k)")
     label_smoothing: float = opt(0.0, "epsilon of label smoothing (Hugging Face's formula)")
-    generator_lr_scale: float = opt(1.0, "generator learning rate = train.lr x this; 0 freezes the generator (a "
-                                          "pretrained reader kept fixed: only retrieval can lower the loss)")
-    reader_warmup_steps: int = opt(0, "first train the generator alone on each question's gold passage "
-                                   "(needs gold_ids) so it can read before it steers the retriever")
-    max_context_length: int = opt(96, "tokens of [CLS] question [SEP] title [SEP] passage [SEP]")
-    max_answer_length: int = opt(12, "answer tokens, including [CLS]/[SEP]")
     decoding: Literal["greedy", "beam"] = opt("greedy", "RAG-Token decoding over the marginal distribution")
     num_beams: int = opt(4, "beam width (RAG-Token beam; RAG-Sequence beams per doc)")
     sequence_decoding: Literal["thorough", "fast"] = opt("fast", "RAG-Sequence: rescore every hypothesis "
                                                          "under every doc (thorough) or only where it was found")
 
     def __post_init__(self) -> None:
-        if self.n_docs < 1 or self.num_beams < 1 or self.max_answer_length < 2:
-            raise ValueError("n_docs and num_beams must be >= 1, max_answer_length >= 2")
+        if self.num_beams < 1:
+            raise ValueError(f"rag.num_beams must be >= 1, got {self.num_beams}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.generator_lr_scale < 0:
-            raise ValueError(f"generator_lr_scale must be >= 0, got {self.generator_lr_scale}")
 
 
 def join_context(q_ids: torch.Tensor, q_mask: torch.Tensor, doc_ids: torch.Tensor, doc_mask: torch.Tensor,

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import numpy as np
 import torch
 
 from openbook.config import opt
@@ -102,18 +101,6 @@ def mask_salient_span(tokenizer, text: str, finder: SpanFinder, rng: random.Rand
 
 # ------------------------------------------------------------------------------ retrieval helpers
 
-def exclude_source(rows: np.ndarray, source: np.ndarray, k: int) -> np.ndarray:
-    """Top-``k`` rows per query without the query's own source passage (REALM's trivial retrieval:
-    a masked sentence would otherwise retrieve its own document). ``rows`` needs >= k+1 columns."""
-    out = np.empty((len(rows), k), dtype=np.int64)
-    for i, (row, src) in enumerate(zip(rows, source)):
-        kept = [r for r in row if r != src and r >= 0][:k]
-        if len(kept) < k:
-            raise ValueError(f"only {len(kept)} candidates left for query {i} after excluding its source")
-        out[i] = kept
-    return out
-
-
 def span_in_docs(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """[B, K] bool: does doc k of query b contain the query's masked tokens, contiguous and in order?
     (labels [B, L] with IGNORE elsewhere, doc_ids [B, K, Ld].) Whether retrieval found the evidence."""
@@ -200,11 +187,8 @@ def span_marginal_nll(start: torch.Tensor, end: torch.Tensor, doc_scores: torch.
 
 @dataclass(kw_only=True)
 class RealmConfig:
-    n_docs: int = opt(5, "retrieved documents per query (pretraining puts the null document on top)")
     null_doc: bool = opt(True, "pretraining: prepend an empty document, scored by the embedder like any other")
     max_query_length: int = opt(32, "pretraining: tokens of the masked sentence")
-    max_length: int = opt(96, "reader input: [CLS] masked query [SEP] doc [SEP] (pretraining) or "
-                          "[CLS] question [SEP] title [SEP] passage [SEP] (QA)")
     reader: Literal["tiny", "minilm"] = opt("tiny", "reader encoder: a random tiny BERT (sizes below) or the offline "
                                             "pretrained MiniLM (as REALM starts from BERT; MLM head tied to its "
                                             "word embeddings)")
@@ -213,8 +197,6 @@ class RealmConfig:
     reader_heads: int = opt(4, "tiny MLM reader: attention heads")
     reader_ffn: int = opt(256, "tiny MLM reader: feed-forward size")
     reader_seed: int = opt(0, "seed of the reader's random init")
-    reader_lr_scale: float = opt(1.0, "reader learning rate = train.lr x this (a random tiny reader wants a larger "
-                                 "rate than a pretrained embedder); 0 freezes the reader")
     salient_spans: Literal["regex", "title_words"] = opt("regex", "pretraining masks: dates, numbers and "
                                                          "capitalised runs (regex) or the passage title's words")
     max_span_width: int = opt(10, "open QA (model: realm_qa): longest answer span, in tokens")
@@ -222,17 +204,15 @@ class RealmConfig:
                                 "the reader's encoder (null: random init)")
 
     def __post_init__(self) -> None:
-        if self.n_docs < 1 or self.reader_hidden % self.reader_heads:
-            raise ValueError("realm.n_docs must be >= 1 and reader_hidden divisible by reader_heads")
-        if self.reader_lr_scale < 0:
-            raise ValueError(f"realm.reader_lr_scale must be >= 0, got {self.reader_lr_scale}")
+        if self.reader_hidden % self.reader_heads:
+            raise ValueError("realm.reader_hidden must be divisible by realm.reader_heads")
         if self.max_span_width < 1:
             raise ValueError(f"realm.max_span_width must be >= 1, got {self.max_span_width}")
 
 
-def reader_config(cfg: RealmConfig, vocab_size: int):
+def reader_config(cfg: RealmConfig, vocab_size: int, max_length: int):
     """The BERT config behind both readers (MLM for pretraining, span heads for QA): same shapes, so
-    a QA reader can start from a pretraining run's encoder."""
+    a QA reader can start from a pretraining run's encoder. ``max_length``: reader.max_context_length."""
     from transformers import BertConfig
 
     if cfg.reader == "minilm":
@@ -244,17 +224,17 @@ def reader_config(cfg: RealmConfig, vocab_size: int):
         return config
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.reader_hidden, num_hidden_layers=cfg.reader_layers,
                       num_attention_heads=cfg.reader_heads, intermediate_size=cfg.reader_ffn,
-                      max_position_embeddings=max(128, cfg.max_length))
+                      max_position_embeddings=max(128, max_length))
 
 
-def build_mlm_reader(cfg: RealmConfig, vocab_size: int) -> torch.nn.Module:
+def build_mlm_reader(cfg: RealmConfig, vocab_size: int, max_length: int) -> torch.nn.Module:
     """MLM reader; with ``reader: minilm`` the encoder is pretrained and the head's transform random
     (the sentence-embedding package ships no MLM head), its output layer tied to the word embeddings."""
     from transformers import BertForMaskedLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
-        model = BertForMaskedLM(reader_config(cfg, vocab_size))
+        model = BertForMaskedLM(reader_config(cfg, vocab_size, max_length))
         if cfg.reader == "minilm":
             load_minilm_encoder(model.bert)
         return model

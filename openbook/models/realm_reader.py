@@ -29,12 +29,12 @@ class SpanReader(nn.Module):
         return start, end
 
 
-def build_span_reader(cfg: RealmConfig, vocab_size: int) -> SpanReader:
+def build_span_reader(cfg: RealmConfig, vocab_size: int, max_length: int) -> SpanReader:
     from transformers import BertModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
-        reader = SpanReader(BertModel(reader_config(cfg, vocab_size), add_pooling_layer=False))
+        reader = SpanReader(BertModel(reader_config(cfg, vocab_size, max_length), add_pooling_layer=False))
     if cfg.reader == "minilm":
         load_minilm_encoder(reader.bert)
     return reader

@@ -18,6 +18,6 @@ def run_build_index(cfg: RecipeConfig, progress: bool = True, k: int = 10) -> di
     summary = {"snapshot": str(snap.path), "version": snap.version, "dim": snap.dim, **stats}
     if data.dev:
         q = encode_queries(model, tokenizer, [e.question for e in data.dev], cfg.retriever.query_max_length)
-        summary[f"dev_recall@{k}"] = recall_at_k(snap, q, [e.gold_ids for e in data.dev], k)
+        summary[f"dev_recall@{k}"] = recall_at_k(snap.index, snap.doc_ids, q, [e.gold_ids for e in data.dev], k)
         summary["dev_questions"] = len(data.dev)
     return summary

@@ -3,15 +3,18 @@
 The reader loss alone does not reach the retriever (FiD does not marginalise over passages). With
 ``fid.distill`` (FiD-KD) the reader's cross-attention mass over the K passages becomes the target of a
 KL loss on the retriever's scores, recomputed with the live encoders, so the retriever learns from the
-reader and the async refresh keeps the index near the doc encoder. Retrieval, the reader warm-up on
-gold passages and the evaluation metrics are shared with RAG (``RagModule``).
+reader and the async refresh keeps the index near the doc encoder. Retrieval, reader inputs, the
+warm-up on gold passages and the answer metrics are the shared pieces RAG uses too.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.index import IndexHolder
 from openbook.models.decoding import _decoder_step, beam_search
 from openbook.models.fid import (
     FidConfig,
@@ -22,51 +25,90 @@ from openbook.models.fid import (
     passage_attention,
     score_bias,
 )
-from openbook.trainer.common import gold_recall
-from openbook.trainer.rag_module import RagModule
+from openbook.models.generator import SpecialIds
+from openbook.models.reader import ReaderConfig
+from openbook.models.retriever import BiEncoder
+from openbook.models.vocab import VocabMap
+from openbook.trainer.common import configure_adamw
+from openbook.trainer.config import TrainConfig
+from openbook.trainer.rag_module import RagSpec
+from openbook.trainer.retrieval import RetrievalStep, Retrieved, gold_recall
+from openbook.trainer.seq2seq import (
+    Seq2SeqReader,
+    answer_metrics,
+    build_generator_for,
+    gold,
+    retrieve_and_read,
+    warmup_step,
+)
+from openbook.trainer.spec import Shared
 
 
-class FidModule(RagModule):
-    """``self.rag`` holds a ``FidConfig`` (it has the n_docs / max_context_length / reader_warmup_steps
-    fields the shared retrieval code reads)."""
-
-    def __init__(self, retriever, generator, tokens, holder, fid: FidConfig, train, ids, tokenizer, vocab=None):
-        super().__init__(retriever, generator, tokens, holder, fid, train, ids, tokenizer, vocab)
-        if not fid.distill:  # nothing trains the retriever: keep it fixed and skip the live re-encoding
+class FidModule(pl.LightningModule):
+    def __init__(self, retriever: BiEncoder, generator: torch.nn.Module, tokens: TokenizedCorpus,
+                 holder: IndexHolder, reader: ReaderConfig, fid: FidConfig, train: TrainConfig, ids: SpecialIds,
+                 tokenizer, vocab: VocabMap | None = None):
+        super().__init__()
+        self.retriever, self.generator, self.reader_cfg, self.fid, self.cfg = retriever, generator, reader, fid, train
+        self.seq2seq = Seq2SeqReader(generator, tokens, reader, ids, tokenizer, vocab, train.closed_book)
+        # without KD nothing trains the retriever: keep it fixed and score from the snapshot, no live re-encoding
+        self.retrieval = RetrievalStep(retriever, tokens, holder, live=fid.distill and not train.freeze_doc_encoder)
+        if vocab is not None:
+            self.register_buffer("generator_vocab", vocab.to_orig.clone())
+        if not fid.distill:
             self.retriever.requires_grad_(False)
-        elif hasattr(generator, "set_attn_implementation"):
+        elif train.freeze_doc_encoder:
+            self.retriever.doc_encoder.requires_grad_(False)
+        if fid.distill and hasattr(generator, "set_attn_implementation"):
             generator.set_attn_implementation("eager")  # fused kernels do not return attention weights
+        if reader.lr_scale == 0:
+            self.generator.requires_grad_(False)
 
-    def _scores_from_snapshot(self) -> bool:
-        return super()._scores_from_snapshot() or not self.rag.distill  # without KD the retriever is fixed
+    def forward_batch(self, batch: dict) -> tuple[Retrieved, torch.Tensor, torch.Tensor]:
+        return retrieve_and_read(self, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.global_step < self.rag.reader_warmup_steps:
-            return self._reader_warmup_step(batch)
-        scores, rows, ctx, mask = self._forward(batch)
-        labels = self._gen_ids(batch["labels"])
-        out = fid_forward(self.generator, ctx, mask, labels, self.rag.n_docs, attentions=self.rag.distill,
-                          scores=scores, score_prior=self.rag.score_prior)
-        nll = fid_nll(out.logits, labels[:, 1:], self.ids.pad).mean()
-        logs = {"train/reader_nll": nll.detach(),
-                f"train/recall@{self.rag.n_docs}": gold_recall(rows, batch["gold_row"].cpu().numpy(), self.rag.n_docs)}
+        if self.global_step < self.reader_cfg.warmup_steps:
+            return warmup_step(self, batch)
+        got, ctx, mask = self.forward_batch(batch)
+        labels, k, pad = self.seq2seq.labels(batch, self.device), self.reader_cfg.n_docs, self.seq2seq.ids.pad
+        out = fid_forward(self.generator, ctx, mask, labels, k, attentions=self.fid.distill, scores=got.scores,
+                          score_prior=self.fid.score_prior)
+        nll = fid_nll(out.logits, labels[:, 1:], pad).mean()
+        logs = {"train/reader_nll": nll.detach(), f"train/recall@{k}": gold_recall(got.rows, gold(batch), k)}
         loss = nll
-        if self.rag.distill:
-            att = passage_attention(out.cross_attentions, labels[:, 1:], self.ids.pad, self.rag.n_docs)
-            kl = distill_loss(scores, att, self.rag.distill_temperature).mean()
-            loss = nll + self.rag.distill_weight * kl
+        if self.fid.distill:
+            att = passage_attention(out.cross_attentions, labels[:, 1:], pad, k)
+            kl = distill_loss(got.scores, att, self.fid.distill_temperature).mean()
+            loss = nll + self.fid.distill_weight * kl
             logs["train/distill_kl"] = kl.detach()
         logs["train/loss"] = loss.detach()
-        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(rows))
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(got.rows))
         return loss
 
     @torch.no_grad()
     def generate(self, batch: dict) -> tuple[list[str], np.ndarray]:
-        scores, rows, ctx, mask = self._forward(batch)
-        enc, fused = fid_encode(self.generator, ctx, mask, self.rag.n_docs)
-        if self.rag.score_prior:
-            fused = score_bias(fused, scores, self.rag.score_prior, enc.dtype)
-        out = [beam_search(_decoder_step(self.generator, enc[i: i + 1], fused[i: i + 1], None), self.ids.bos,
-                           self.ids.eos, self.rag.num_beams, self.rag.max_answer_length)[0][0]
-               for i in range(len(enc))]
-        return self._decode(out), rows
+        got, ctx, mask = self.forward_batch(batch)
+        enc, fused = fid_encode(self.generator, ctx, mask, self.reader_cfg.n_docs)
+        if self.fid.score_prior:
+            fused = score_bias(fused, got.scores, self.fid.score_prior, enc.dtype)
+        ids = self.seq2seq.ids
+        out = [beam_search(_decoder_step(self.generator, enc[i: i + 1], fused[i: i + 1], None), ids.bos, ids.eos,
+                           self.fid.num_beams, self.reader_cfg.max_answer_length)[0][0] for i in range(len(enc))]
+        return self.seq2seq.decode(out), got.rows
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log_dict(answer_metrics(self, batch), on_step=False, on_epoch=True, batch_size=len(batch["answers"]))
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg, lr_scale={"generator.": self.reader_cfg.lr_scale})
+
+
+class FidSpec(RagSpec):
+    def build(self, s: Shared) -> FidModule:
+        generator, ids, vocab = build_generator_for(s)
+        c = s.cfg
+        return FidModule(s.model, generator, s.tokens, s.holder, c.reader, c.fid, c.train, ids, s.tokenizer, vocab)
+
+    def trains_doc_encoder(self, cfg) -> bool:
+        return cfg.fid.distill and not cfg.train.freeze_doc_encoder  # only FiD-KD trains the retriever

@@ -15,8 +15,10 @@ from torch.utils.data import Dataset
 from openbook.data import Corpus
 from openbook.models.ict import IctConfig, ict_loss, ict_pair
 from openbook.models.retriever import BiEncoder
+from openbook.trainer.batches import make_loader
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
+from openbook.trainer.spec import ModelSpec, Shared, check_full_batch
 
 
 class IctPassages(Dataset):
@@ -80,3 +82,15 @@ class IctModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return configure_adamw(self, self.cfg)
+
+
+class IctSpec(ModelSpec):
+    def build(self, s: Shared) -> IctModule:
+        return IctModule(s.model, s.cfg.train)
+
+    def train_loader(self, s: Shared):
+        """Corpus passages, each turned into a (sentence, rest of its passage) pair by the collator."""
+        ds, cfg = IctPassages(s.data.corpus), s.cfg
+        check_full_batch(len(ds), cfg.train.batch_size, "passages with text")
+        collate = IctCollator(s.tokenizer, cfg.ict, cfg.retriever.doc_max_length, cfg.train.seed)
+        return make_loader(ds, cfg.train.batch_size, collate, shuffle=True, seed=cfg.train.seed)

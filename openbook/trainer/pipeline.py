@@ -70,14 +70,31 @@ def encode_queries(model: BiEncoder, tokenizer, questions: list[str], max_length
     return encode_batches(model.query_encoder, batches)
 
 
-def recall_at_k(snapshot, query_emb: np.ndarray, gold: list[list[str]], k: int) -> float:
-    """Fraction of questions with a gold passage id among the top-k retrieved."""
+def recall_at_k(index, doc_ids, query_emb: np.ndarray, gold: list[list[str]], k: int) -> float:
+    """Fraction of questions with a gold passage id among the top-k that ``index`` returns (row i = doc_ids[i])."""
     if not gold:
         return float("nan")
-    rows, _ = snapshot.search(query_emb, k)
-    ids = snapshot.doc_ids
-    hits = [bool(set(g) & {str(ids[r]) for r in row if r >= 0}) for row, g in zip(rows, gold)]
+    rows, _ = index.search(query_emb, k)
+    hits = [bool(set(g) & {str(doc_ids[r]) for r in row if r >= 0}) for row, g in zip(rows, gold)]
     return float(np.mean(hits))
+
+
+def dev_recall(parts, snapshot=None) -> float:
+    """Dev gold-passage recall@k (k = train.eval_k) of ``parts``' retriever against ``snapshot``, or against a
+    fresh in-process encode of the corpus with the current doc encoder (the index a synchronous trainer
+    would have)."""
+    from openbook.index import IndexConfig, build_index
+
+    dev = [e for e in parts.data.dev if e.gold_ids]
+    if not dev:
+        return float("nan")
+    cfg = parts.cfg
+    q = encode_queries(parts.model, parts.tokenizer, [e.question for e in dev], cfg.retriever.query_max_length)
+    if snapshot is None:
+        emb = encode_rows(parts.model.doc_encoder, parts.tokens, 0, len(parts.tokens), cfg.encode.batch_size)
+        return recall_at_k(build_index(emb, IndexConfig()), parts.data.corpus.ids, q, [e.gold_ids for e in dev],
+                           cfg.train.eval_k)
+    return recall_at_k(snapshot.index, snapshot.doc_ids, q, [e.gold_ids for e in dev], cfg.train.eval_k)
 
 
 def set_threads(threads: int) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from functools import partial
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
@@ -15,20 +15,23 @@ from openbook.data import Corpus
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.index import IndexHolder
 from openbook.models.rag import join_context
+from openbook.models.reader import ReaderConfig
 from openbook.models.realm import (
     IGNORE,
     RealmConfig,
     SpanFinder,
     doc_utility,
-    exclude_source,
     marginal_gain,
     mask_salient_span,
     realm_mlm_loss,
     span_in_docs,
 )
 from openbook.models.retriever import BiEncoder
-from openbook.trainer.common import configure_adamw, retrieve
+from openbook.trainer.batches import make_loader
+from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
+from openbook.trainer.retrieval import RetrievalStep
+from openbook.trainer.spec import ModelSpec, Shared, check_full_batch
 
 
 class MaskedSentences(Dataset):
@@ -73,61 +76,38 @@ def collate_masked(batch: list[dict], pad_id: int) -> dict:
 
 
 class RealmPretrainModule(pl.LightningModule):
+    """``training_step`` returns, beside the loss, what retrieval found (Lightning hands it to callbacks as
+    ``outputs``): the rows, whether each holds the masked span, the live-scored top passage and its utility."""
+
     def __init__(self, retriever: BiEncoder, reader: torch.nn.Module, tokens: TokenizedCorpus, holder: IndexHolder,
-                 cfg: RealmConfig, train: TrainConfig, cls_id: int, sep_id: int, pad_id: int):
+                 reader_cfg: ReaderConfig, cfg: RealmConfig, train: TrainConfig, cls_id: int, sep_id: int, pad_id: int):
         super().__init__()
-        self.retriever, self.reader, self.tokens, self.holder = retriever, reader, tokens, holder
-        self.realm, self.cfg, self.pad_id = cfg, train, pad_id
+        self.retriever, self.reader, self.reader_cfg, self.realm, self.cfg = retriever, reader, reader_cfg, cfg, train
+        self.pad_id = pad_id
+        self.retrieval = RetrievalStep(retriever, tokens, holder, live=True)
         self.null = {"input_ids": torch.tensor([[cls_id, sep_id]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
 
-    def _docs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Token batch of the retrieved docs, with the null doc ([CLS] [SEP]) first per query."""
-        docs = self.tokens.batch(rows.reshape(-1))
-        if not self.realm.null_doc:
-            return docs
-        b, k = rows.shape
-        width = max(docs["input_ids"].shape[1], 2)
-        out = {}
-        for key in ("input_ids", "attention_mask"):
-            d = torch.nn.functional.pad(docs[key], (0, width - docs[key].shape[1]), value=0).view(b, k, width)
-            n = torch.nn.functional.pad(self.null[key], (0, width - 2), value=0)[None].expand(b, 1, width)
-            out[key] = torch.cat([n, d], 1).reshape(b * (k + 1), width)
-        return out
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         q = self.retriever.encode_queries(batch["query"])
-        snap = self.holder.get()
-        k = self.realm.n_docs
-        rows = exclude_source(retrieve(snap, q, k + 1), batch["source_row"].cpu().numpy(), k)
-        self.last_retrieval = (rows, batch["source_row"].cpu().numpy())  # for inspection and tests
-        docs = self._docs(rows)
-        n_docs = k + int(self.realm.null_doc)
-        d = self.retriever.encode_docs({key: v.to(self.device) for key, v in docs.items()})
-        scores = self.retriever.score(q, d.view(len(rows), n_docs, -1))
+        got = self.retrieval(q, self.reader_cfg.n_docs, own=batch["source_row"].cpu().numpy(),
+                             null_doc=self.null if self.realm.null_doc else None)
+        n_docs, first = got.scores.shape[1], int(self.realm.null_doc)
         ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
-                                 docs["input_ids"], docs["attention_mask"], n_docs, self.realm.max_length,
-                                 self.pad_id)
+                                 got.docs["input_ids"], got.docs["attention_mask"], n_docs,
+                                 self.reader_cfg.max_context_length, self.pad_id)
         logits, labels = self._masked_logits(ctx.to(self.device), mask.to(self.device), batch["labels"], n_docs)
-        loss = realm_mlm_loss(logits, scores, labels)
-        metrics = {"train/loss": loss.detach()}
-        ids = docs["input_ids"].view(len(rows), n_docs, -1)[:, int(self.realm.null_doc):]
-        self.last_span_found = span_in_docs(batch["labels"].cpu(), ids)  # [B, k], null doc left out
-        metrics["train/span_in_docs"] = self.last_span_found.any(1).float().mean()
-        top = scores.detach()[:, int(self.realm.null_doc):].argmax(1)  # the top retrieved passage, live scores
-        metrics["train/span_in_top"] = self.last_span_found.gather(1, top.cpu()[:, None]).float().mean()
+        loss = realm_mlm_loss(logits, got.scores, labels)
+        found = span_in_docs(batch["labels"].cpu(), got.docs["input_ids"].view(len(got.rows), n_docs, -1)[:, first:])
+        top = got.scores.detach()[:, first:].argmax(1).cpu()  # the top retrieved passage, live scores
+        out = {"loss": loss, "rows": got.rows, "span_found": found, "top": top}
+        metrics = {"train/loss": loss.detach(), "train/span_in_docs": found.any(1).float().mean(),
+                   "train/span_in_top": found.gather(1, top[:, None]).float().mean()}
         if self.realm.null_doc:
-            metrics.update(self._utility(logits.detach(), scores.detach(), labels))
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(rows))
-        return loss
-
-    def _utility(self, logits: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict:
-        """REALM's retrieval utility of the top-scored retrieved doc (live scores, null doc left out),
-        and the marginal's gain over the null doc; per query in ``last_utility`` / ``last_top``."""
-        top = scores[:, 1:].argmax(1)
-        self.last_top = top.cpu()  # index among the retrieved (non-null) docs
-        self.last_utility = doc_utility(logits, labels)[:, 1:].gather(1, top[:, None]).squeeze(1).cpu()
-        return {"train/retrieval_utility": self.last_utility.mean(),
-                "train/marginal_gain": marginal_gain(logits, scores, labels).mean()}
+            out["utility"] = doc_utility(logits.detach(), labels)[:, 1:].gather(1, top[:, None].to(self.device))[:, 0]
+            metrics["train/retrieval_utility"] = out["utility"].mean()
+            metrics["train/marginal_gain"] = marginal_gain(logits.detach(), got.scores.detach(), labels).mean()
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(got.rows))
+        return out
 
     def _masked_logits(self, ctx: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_docs: int):
         """MLM logits at the masked query positions only, [B, K, M, V], and their labels [B, M]
@@ -142,4 +122,25 @@ class RealmPretrainModule(pl.LightningModule):
         return self.reader.cls(hidden.gather(2, idx)), labels.gather(1, pos)
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.cfg, lr_scale={"reader.": self.realm.reader_lr_scale})
+        return configure_adamw(self, self.cfg, lr_scale={"reader.": self.reader_cfg.lr_scale})
+
+
+class RealmPretrainSpec(ModelSpec):
+    def build(self, s: Shared) -> RealmPretrainModule:
+        from openbook.models.realm import build_mlm_reader
+
+        c, tok = s.cfg, s.tokenizer
+        reader = build_mlm_reader(c.realm, len(tok), c.reader.max_context_length)
+        return RealmPretrainModule(s.model, reader, s.tokens, s.holder, c.reader, c.realm, c.train, tok.cls_token_id,
+                                   tok.sep_token_id, tok.pad_token_id)
+
+    def train_loader(self, s: Shared):
+        """Corpus sentences with a salient span masked (a fresh span per access, seeded)."""
+        from openbook.models.realm import make_span_finder
+
+        c = s.cfg
+        ds = MaskedSentences(s.data.corpus, s.tokenizer, partial(make_span_finder, c.realm.salient_spans),
+                             c.realm.max_query_length, c.train.seed)
+        check_full_batch(len(ds), c.train.batch_size, f"passages with a salient span ({c.realm.salient_spans})")
+        return make_loader(ds, c.train.batch_size, partial(collate_masked, pad_id=s.tokenizer.pad_token_id),
+                           shuffle=True, seed=c.train.seed)

@@ -20,11 +20,14 @@ from openbook.data.tokcache import TokenizedCorpus
 from openbook.errors import ConfigError
 from openbook.index import IndexHolder
 from openbook.models.rag import join_context
+from openbook.models.reader import ReaderConfig
 from openbook.models.realm import RealmConfig, span_marginal_nll
 from openbook.models.realm_reader import SpanReader, best_spans, decode_spans, gold_spans, passage_mask
 from openbook.models.retriever import BiEncoder
-from openbook.trainer.common import check_dim, configure_adamw, gold_recall, retrieve, snapshot_doc_scores
+from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
+from openbook.trainer.retrieval import RetrievalStep, gold_recall
+from openbook.trainer.spec import ModelSpec, Shared, qa_dev_loader
 
 
 def load_pretrained(run_dir: str, retriever: BiEncoder, reader: SpanReader) -> None:
@@ -47,40 +50,29 @@ def load_pretrained(run_dir: str, retriever: BiEncoder, reader: SpanReader) -> N
 
 class RealmQAModule(pl.LightningModule):
     def __init__(self, retriever: BiEncoder, reader: SpanReader, tokens: TokenizedCorpus, holder: IndexHolder,
-                 cfg: RealmConfig, train: TrainConfig, tokenizer):
+                 reader_cfg: ReaderConfig, cfg: RealmConfig, train: TrainConfig, tokenizer):
         super().__init__()
-        self.retriever, self.reader, self.tokens, self.holder = retriever, reader, tokens, holder
+        self.retriever, self.reader, self.reader_cfg = retriever, reader, reader_cfg
         self.realm, self.cfg, self.tokenizer = cfg, train, tokenizer
+        self.retrieval = RetrievalStep(retriever, tokens, holder, live=not train.freeze_doc_encoder)
         if train.freeze_doc_encoder:
             self.retriever.doc_encoder.requires_grad_(False)
 
-    def on_fit_start(self) -> None:
-        if self.holder.get() is not None:
-            check_dim(self.holder.get(), self.retriever.dim)
-
     def _forward(self, batch: dict) -> dict:
-        """Retrieved rows [B,K], live doc scores [B,K], reader inputs [B*K,L], evidence and logits [B,K,L]."""
-        q = self.retriever.encode_queries(batch["query"])
-        snap = self.holder.get()  # one reference for the whole step, even if a swap happens meanwhile
-        k = self.realm.n_docs
-        rows = retrieve(snap, q, k)
-        docs = self.tokens.batch(rows.reshape(-1))
-        if self.cfg.freeze_doc_encoder:
-            scores = snapshot_doc_scores(snap, q, rows)
-        else:
-            d = self.retriever.encode_docs({key: v.to(self.device) for key, v in docs.items()})
-            scores = self.retriever.score(q, d.view(*rows.shape, -1))
+        """Retrieved rows [B,K], their scores [B,K], reader inputs [B*K,L], evidence and logits [B,K,L]."""
+        k = self.reader_cfg.n_docs
+        got = self.retrieval(self.retriever.encode_queries(batch["query"]), k)
         ctx, mask = join_context(batch["query"]["input_ids"].cpu(), batch["query"]["attention_mask"].cpu(),
-                                 docs["input_ids"], docs["attention_mask"], k, self.realm.max_length,
-                                 self.tokenizer.pad_token_id)
+                                 got.docs["input_ids"], got.docs["attention_mask"], k,
+                                 self.reader_cfg.max_context_length, self.tokenizer.pad_token_id)
         evidence = passage_mask(ctx, mask, self.tokenizer.sep_token_id)
         start, end = self.reader(ctx.to(self.device), mask.to(self.device))
-        shape = (len(rows), k, ctx.shape[1])
-        return {"rows": rows, "scores": scores, "ctx": ctx, "evidence": evidence.view(shape),
+        shape = (len(got.rows), k, ctx.shape[1])
+        return {"rows": got.rows, "scores": got.scores, "ctx": ctx, "evidence": evidence.view(shape),
                 "start": start.view(shape), "end": end.view(shape)}
 
     def _gold(self, out: dict, answers: list[list[str]]) -> torch.Tensor:
-        return gold_spans(out["ctx"], out["evidence"].flatten(0, 1), answers, self.realm.n_docs, self.tokenizer,
+        return gold_spans(out["ctx"], out["evidence"].flatten(0, 1), answers, self.reader_cfg.n_docs, self.tokenizer,
                           self.realm.max_span_width)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -94,7 +86,7 @@ class RealmQAModule(pl.LightningModule):
             loss = nll.mean()
         else:  # nothing to learn from: a zero loss that still touches every trainable weight
             loss = out["scores"].sum() * 0.0 + (out["start"].sum() + out["end"].sum()) * 0.0
-        k = self.realm.n_docs
+        k = self.reader_cfg.n_docs
         self.log_dict({"train/loss": loss.detach(), "train/answer_in_docs": ok.float().mean(),
                        f"train/recall@{k}": gold_recall(out["rows"], batch["gold_row"].cpu().numpy(), k)},
                       on_step=True, on_epoch=False, prog_bar=True, batch_size=len(ok))
@@ -109,7 +101,7 @@ class RealmQAModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         preds, out = self.predict_answers(batch)
-        k = self.realm.n_docs
+        k = self.reader_cfg.n_docs
         em = float(np.mean([exact_match(p, a) for p, a in zip(preds, batch["answers"])]))
         in_docs = self._gold(out, batch["answers"]).flatten(1).any(1).float().mean()
         self.log_dict({"val/em": em, "val/answer_in_docs": in_docs,
@@ -117,4 +109,18 @@ class RealmQAModule(pl.LightningModule):
                       on_step=False, on_epoch=True, batch_size=len(preds))
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.cfg, lr_scale={"reader.": self.realm.reader_lr_scale})
+        return configure_adamw(self, self.cfg, lr_scale={"reader.": self.reader_cfg.lr_scale})
+
+
+class RealmQASpec(ModelSpec):
+    def build(self, s: Shared) -> RealmQAModule:
+        from openbook.models.realm_reader import build_span_reader
+
+        c = s.cfg
+        reader = build_span_reader(c.realm, len(s.tokenizer), c.reader.max_context_length)
+        if c.realm.init_from:  # before the initial index is built, so it is built with these weights
+            load_pretrained(c.realm.init_from, s.model, reader)
+        return RealmQAModule(s.model, reader, s.tokens, s.holder, c.reader, c.realm, c.train, s.tokenizer)
+
+    def dev_loader(self, s: Shared):
+        return qa_dev_loader(s)

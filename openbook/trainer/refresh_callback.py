@@ -20,18 +20,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from openbook.errors import OpenbookError
-from openbook.index import IndexHolder, IndexSnapshot, SnapshotStore
+from openbook.index import IndexConfig, IndexHolder, IndexSnapshot, SnapshotStore
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.encode import numpy_state
 from openbook.refresher.schedule import RefreshSchedule
-from openbook.trainer.swap import Pending, Prefetch, Published, RefreshEvent, RefreshStats
+from openbook.trainer.swap import Pending, Prefetch, Published, RefresherState, RefreshEvent, RefreshStats
 
 log = logging.getLogger(__name__)
 __all__ = ["IndexRefreshCallback", "Published", "RefreshEvent", "RefreshStats"]
@@ -47,8 +46,11 @@ class IndexRefreshCallback(pl.Callback):
 
     def __init__(self, cfg: RefreshConfig, holder: IndexHolder, make_coordinator: Callable[[], object] | None,
                  build_initial: Callable[[pl.LightningModule, int], Published] | None = None,
-                 doc_encoder: Callable[[pl.LightningModule], torch.nn.Module] = lambda m: m.retriever.doc_encoder):
-        self.cfg, self.holder = cfg, holder
+                 doc_encoder: Callable[[pl.LightningModule], torch.nn.Module] = lambda m: m.retriever.doc_encoder,
+                 index_cfg: IndexConfig | None = None):
+        """``index_cfg``: the recipe's search parameters (nprobe, efSearch) and device for every snapshot
+        loaded, a resumed run's included (None: each snapshot's own)."""
+        self.cfg, self.holder, self.index_cfg = cfg, holder, index_cfg
         self.schedule = RefreshSchedule(cfg.schedule if cfg.enabled else "0")
         self.lag = cfg.lag  # steps from trigger to swap; None = asap
         self.make_coordinator, self.build_initial, self.doc_encoder = make_coordinator, build_initial, doc_encoder
@@ -67,7 +69,7 @@ class IndexRefreshCallback(pl.Callback):
         self._step = 0  # global step after the last finished batch (checkpoints record it)
         self._last_refresh_step = -1  # the schedule's position: step of the last trigger
         self._base = {"skipped": 0, "failures": 0, "published": 0}  # counts from before a resume
-        self._resume: dict | None = None  # state_dict of a checkpoint, applied at fit start
+        self._resume: RefresherState | None = None  # a checkpoint's state, applied at fit start
 
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -101,8 +103,11 @@ class IndexRefreshCallback(pl.Callback):
 
     def preinstall(self, pub: Published) -> None:
         """Use ``pub`` as the snapshot in use; fit then starts from it instead of building one."""
-        self.holder.swap(IndexSnapshot.load(pub.path))
+        self.holder.swap(self._load(pub.path))
         self._in_use = pub
+
+    def _load(self, path: str) -> IndexSnapshot:
+        return IndexSnapshot.load(path, index_cfg=self.index_cfg)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shutdown()
@@ -127,44 +132,54 @@ class IndexRefreshCallback(pl.Callback):
             pending = None
         self.metrics_counts()
         self._collect_queue(self._step)
-        return {"step": self._step, "in_use": asdict(self._in_use) if self._in_use else None,
-                "pending": asdict(pending) if pending else None, "last_refresh_step": self._last_refresh_step,
-                "skipped": self.stats.skipped, "failures": self.stats.failures,
-                "published": self._base["published"] + len(self.stats.events), "schedule": self.schedule.spec,
-                "mode": self.cfg.mode, "queue": [p.to_state() for p in self._queue],
-                "in_flight": bool(self.coordinator is not None and self.coordinator.busy)}
+        return RefresherState(
+            step=self._step, last_refresh_step=self._last_refresh_step, skipped=self.stats.skipped,
+            failures=self.stats.failures, published=self._base["published"] + len(self.stats.events),
+            schedule=self.schedule.spec, mode=self.cfg.mode, in_use=self._in_use, pending=pending, queue=self._queue,
+            in_flight=bool(self.coordinator is not None and self.coordinator.busy)).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Called by Lightning (with the weights already restored) before ``on_fit_start``."""
-        self._resume = dict(state)
-        self._step, self._last_refresh_step = int(state["step"]), int(state["last_refresh_step"])
-        self._base = {k: int(state[k]) for k in ("skipped", "failures", "published")}
-        self.stats.skipped, self.stats.failures = self._base["skipped"], self._base["failures"]
+        self._resume = RefresherState.from_dict(state)
+        self._step, self._last_refresh_step = self._resume.step, self._resume.last_refresh_step
+        self._base = {"skipped": self._resume.skipped, "failures": self._resume.failures,
+                      "published": self._resume.published}
+        self.stats.skipped, self.stats.failures = self._resume.skipped, self._resume.failures
 
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resume: the checkpoint's snapshot if it still loads and verifies (no re-encode), else a rebuild
         with the restored weights; then the refreshes waiting for their swap, and the schedule goes on."""
         state, self._resume = self._resume, None
         step = self._step  # trainer.global_step is restored only after on_fit_start
-        self._restore_in_use(trainer, pl_module, state, step)
+        self._report_changes(state, step)
+        self._restore_in_use(trainer, pl_module, state.in_use, step)
         if self.lag is not None:
-            self._queue = [Pending.from_state(d) for d in state.get("queue") or []]
+            self._queue = state.queue
             for p in self._queue:
                 self._reattach(p)
-        elif state.get("pending"):
-            self._pending = Published(**state["pending"])  # published but not yet swapped: swap at step 1
+        elif state.pending is not None:
+            self._pending = state.pending  # published but not yet swapped: swap at step 1
         # A refresh due at the saved step but not triggered (it was the last step then) is triggered now,
         # with the restored weights, which are that step's. Under asap, so is one that was in flight.
         missed = self.schedule.due(step) and self._last_refresh_step < step
-        if self.refreshing and (missed or (self.lag is None and state.get("in_flight"))):
+        if self.refreshing and (missed or (self.lag is None and state.in_flight)):
             self._trigger(trainer, pl_module, step)
 
-    def _restore_in_use(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict, step: int) -> None:
-        pub = Published(**state["in_use"]) if state.get("in_use") else None
+    def _report_changes(self, state: RefresherState, step: int) -> None:
+        if state.schedule != self.schedule.spec:
+            log.warning("resume: refresh.schedule is %r, the checkpoint's run used %r: triggers follow %r from "
+                        "step %d", self.schedule.spec, state.schedule, self.schedule.spec, step)
+        if state.mode != self.cfg.mode:
+            log.warning("resume: refresh.mode is %r, the checkpoint's run used %r: refreshes it had waiting for "
+                        "their swap are %s", self.cfg.mode, state.mode,
+                        "dropped" if self.lag is None else "swapped in at their recorded steps")
+
+    def _restore_in_use(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pub: Published | None,
+                        step: int) -> None:
         snap, why = None, "the checkpoint records none"
         if pub is not None:
             try:
-                snap = IndexSnapshot.load(pub.path)
+                snap = self._load(pub.path)
             except Exception as e:  # noqa: BLE001 - any unusable snapshot is rebuilt
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
         if snap is not None and (snap.encoder_step, snap.weights_time) != (pub.encoder_step, pub.weights_time):
@@ -175,7 +190,7 @@ class IndexRefreshCallback(pl.Callback):
             log.warning("resume: snapshot %s unusable (%s); rebuilding the index with the restored weights "
                         "at step %d before training", pub.path if pub else "-", why, step)
             pub = self._initial_snapshot(trainer, pl_module, step)
-            snap = IndexSnapshot.load(pub.path)
+            snap = self._load(pub.path)
         else:
             log.info("resume: index v%d (encoder_step %d) from %s, not re-encoded", pub.version,
                      pub.encoder_step, pub.path)
@@ -301,7 +316,8 @@ class IndexRefreshCallback(pl.Callback):
                             "sequence now differs from a failure-free run", p.encoder_step, p.error, p.swap_step,
                             self._in_use.version if self._in_use else -1)
             return
-        pre = self._prefetch if self._prefetch is not None and self._prefetch.pub == pub else Prefetch(pub)
+        pre = (self._prefetch if self._prefetch is not None and self._prefetch.pub == pub
+               else Prefetch(pub, self.index_cfg))
         self._prefetch = None
         pre.join()
         if self._all_ranks(trainer, pre.error is None):
@@ -318,7 +334,7 @@ class IndexRefreshCallback(pl.Callback):
         if trainer.world_size > 1:
             pub = trainer.strategy.broadcast(pub, src=0)
         if pub is not None and (self._prefetch is None or self._prefetch.pub != pub):
-            self._prefetch = Prefetch(pub)
+            self._prefetch = Prefetch(pub, self.index_cfg)
 
     def _note_wait(self, waited: bool, seconds: float) -> None:
         now = time.perf_counter()
@@ -348,7 +364,7 @@ class IndexRefreshCallback(pl.Callback):
         if target is None or (self._in_use and target.version <= self._in_use.version):
             return
         if self._prefetch is None or self._prefetch.pub.version != target.version:
-            self._prefetch = Prefetch(target)  # a newer target supersedes an unfinished load
+            self._prefetch = Prefetch(target, self.index_cfg)  # a newer target supersedes an unfinished load
         # every rank has it loaded (1), one is still loading (0) or one failed (-1): all act alike
         state = (1.0 if self._prefetch.error is None else -1.0) if self._prefetch.done else 0.0
         if trainer.world_size > 1:

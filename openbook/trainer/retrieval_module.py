@@ -1,9 +1,9 @@
 """Dense-retrieval training with hard negatives from the (stale) index — the ANCE/REALM pattern.
 
-Candidates come from the snapshot in use; their scores are recomputed with the *current* towers,
-so gradients reach both the query and the doc encoder and the index drifts out of date — which
-is what the asynchronous refresh repairs. The reader-based recipes (RAG, REALM, FiD) reuse the
-same pieces: a ``retriever`` attribute and an ``IndexHolder``.
+Candidates come from the snapshot in use (the gold passage first, then the top non-gold ones as hard
+negatives); their scores are recomputed with the *current* towers by the shared retrieval step, so
+gradients reach both the query and the doc encoder and the index drifts out of date — which is what
+the asynchronous refresh repairs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from torch.nn import functional as F
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder
-from openbook.trainer.common import configure_adamw, gold_recall, retrieve
+from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
+from openbook.trainer.retrieval import RetrievalStep, gold_recall
+from openbook.trainer.spec import ModelSpec, Shared
 
 
 def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
@@ -35,24 +37,30 @@ def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
 class DenseRetrievalModule(pl.LightningModule):
     def __init__(self, retriever: BiEncoder, tokens: TokenizedCorpus, holder: IndexHolder, cfg: TrainConfig):
         super().__init__()
-        self.retriever, self.tokens, self.holder, self.cfg = retriever, tokens, holder, cfg
+        self.retriever, self.cfg = retriever, cfg
+        self.retrieval = RetrievalStep(retriever, tokens, holder, live=True)
         if cfg.freeze_doc_encoder:
             self.retriever.doc_encoder.requires_grad_(False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.retriever.encode_queries(batch["query"])
-        snap = self.holder.get()  # one reference for the whole step, even if a swap happens meanwhile
-        rows = retrieve(snap, q, max(self.cfg.negatives + 1, self.cfg.eval_k))
+        snap = self.retrieval.snapshot(q.shape[-1])
+        rows = self.retrieval.search(snap, q, max(self.cfg.negatives + 1, self.cfg.eval_k))
         gold = batch["gold_row"].cpu().numpy()
-        recall = gold_recall(rows, gold, self.cfg.eval_k)
         cand = candidates(rows, gold, self.cfg.negatives)
-        docs = self.tokens.batch(cand.reshape(-1))
-        d = self.retriever.encode_docs({k_: v.to(self.device) for k_, v in docs.items()})
-        scores = self.retriever.score(q, d.view(len(gold), cand.shape[1], -1))
+        scores, _ = self.retrieval.score(snap, q, cand)  # live: the doc tower trains (ANCE/REALM)
         loss = F.cross_entropy(scores, torch.zeros(len(gold), dtype=torch.long, device=self.device))
-        self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.cfg.eval_k}": recall},
+        self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.cfg.eval_k}": gold_recall(rows, gold, self.cfg.eval_k)},
                       on_step=True, on_epoch=False, prog_bar=True, batch_size=len(gold))
         return loss
 
     def configure_optimizers(self):
         return configure_adamw(self, self.cfg)
+
+
+class DenseRetrievalSpec(ModelSpec):
+    def build(self, s: Shared) -> DenseRetrievalModule:
+        return DenseRetrievalModule(s.model, s.tokens, s.holder, s.cfg.train)
+
+    def needs_gold(self, cfg) -> bool:
+        return True  # the gold passage is the positive

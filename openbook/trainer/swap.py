@@ -4,9 +4,9 @@ background loads and the run's refresh statistics. Plain data, no Lightning."""
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from openbook.index import IndexSnapshot
+from openbook.index import IndexConfig, IndexSnapshot
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,14 @@ class RefreshEvent:
 class Prefetch:
     """Loads one snapshot on a background thread so the swap itself is only a reference change."""
 
-    def __init__(self, pub: Published):
-        self.pub, self.snapshot, self.error = pub, None, None
+    def __init__(self, pub: Published, index_cfg: IndexConfig | None = None):
+        self.pub, self.index_cfg, self.snapshot, self.error = pub, index_cfg, None, None
         self._thread = threading.Thread(target=self._load, name=f"openbook-load-v{pub.version}", daemon=True)
         self._thread.start()
 
     def _load(self) -> None:
         try:
-            self.snapshot = IndexSnapshot.load(self.pub.path)
+            self.snapshot = IndexSnapshot.load(self.pub.path, index_cfg=self.index_cfg)
         except Exception as e:  # noqa: BLE001 - reported at the step boundary that wants it
             self.error = e
 
@@ -97,3 +97,33 @@ class RefreshStats:
     events: list[RefreshEvent] = field(default_factory=list)
     stalls: list[float] = field(default_factory=list)  # seconds the loop waited, per step
     versions: list[tuple[int, int]] = field(default_factory=list)  # (global step, version in use)
+
+
+@dataclass
+class RefresherState:
+    """The refresher's position, as a checkpoint carries it (plain data inside the Lightning checkpoint)."""
+
+    step: int  # global step after the last finished batch
+    last_refresh_step: int  # the schedule's position: the step of the last trigger
+    skipped: int
+    failures: int
+    published: int
+    schedule: str
+    mode: str
+    in_use: Published | None = None
+    pending: Published | None = None  # asap: published, not yet swapped in
+    queue: list[Pending] = field(default_factory=list)  # async/sync: triggered, waiting for their swap step
+    in_flight: bool = False
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_use", "pending", "queue")},
+                "in_use": asdict(self.in_use) if self.in_use else None,
+                "pending": asdict(self.pending) if self.pending else None,
+                "queue": [p.to_state() for p in self.queue]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RefresherState:
+        pub = {k: Published(**d[k]) if d.get(k) else None for k in ("in_use", "pending")}
+        return cls(int(d["step"]), int(d["last_refresh_step"]), int(d["skipped"]), int(d["failures"]),
+                   int(d["published"]), str(d.get("schedule", "")), str(d.get("mode", "asap")), **pub,
+                   queue=[Pending.from_state(q) for q in d.get("queue") or []], in_flight=bool(d.get("in_flight")))

@@ -1,0 +1,146 @@
+"""What RAG and FiD share on the generator side: building the generator (with its compact vocabulary),
+reader inputs from the token cache, answer labels, decoding to text, the gold-passage warm-up and check,
+the answer metrics, and saving the generator as a Hugging Face directory.
+
+The LightningModule owns the generator (its weights stay under ``generator.*``); a ``Seq2SeqReader``
+only holds references to it and the settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openbook.data.qa import exact_match, f1
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.models.decoding import rag_token_generate
+from openbook.models.generator import SpecialIds
+from openbook.models.rag import join_context, rag_token_nll, seq2seq_logits
+from openbook.models.reader import ReaderConfig
+from openbook.models.vocab import VocabMap
+from openbook.trainer.retrieval import gold_recall
+
+
+class Seq2SeqReader:
+    def __init__(self, generator: torch.nn.Module, tokens: TokenizedCorpus, cfg: ReaderConfig, ids: SpecialIds,
+                 tokenizer, vocab: VocabMap | None, closed_book: bool):
+        """``ids`` are in the generator's id space: compact ids when ``vocab`` is given."""
+        self.generator, self.tokens, self.cfg, self.ids = generator, tokens, cfg, ids
+        self.tokenizer, self.vocab, self.closed_book = tokenizer, vocab, closed_book
+
+    def context(self, query: dict, docs: dict, n_docs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator inputs for every (question, passage): ids and mask [B*K, L] on ``device``."""
+        if self.closed_book:  # keep only each passage's leading [CLS], which join_context drops
+            docs = {k: v[:, :1] for k, v in docs.items()}
+        ctx, mask = join_context(query["input_ids"].cpu(), query["attention_mask"].cpu(), docs["input_ids"],
+                                 docs["attention_mask"], n_docs, self.cfg.max_context_length,
+                                 self.tokenizer.pad_token_id)
+        return self.gen_ids(ctx).to(device), mask.to(device)
+
+    def gold_context(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each question with its gold passage alone (needs gold_ids)."""
+        gold = batch["gold_row"].cpu().numpy()
+        if (gold < 0).any():
+            raise ValueError("reader.warmup_steps and the gold-passage check need gold_ids for every question")
+        return self.context(batch["query"], self.tokens.batch(gold), 1, device)
+
+    def gen_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids -> the generator's ids (identity without a compact vocabulary)."""
+        return ids if self.vocab is None else self.vocab.encode(ids)
+
+    def labels(self, batch: dict, device) -> torch.Tensor:
+        return self.gen_ids(batch["labels"]).to(device)
+
+    def decode(self, seqs: list[list[int]]) -> list[str]:
+        seqs = seqs if self.vocab is None else self.vocab.decode(seqs)
+        return self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+
+    def warmup_loss(self, batch: dict, device, epsilon: float = 0.0) -> torch.Tensor:
+        """Oracle retrieval: the gold passage as the only doc; the retriever gets no gradient. With one
+        doc the RAG-Token and RAG-Sequence losses (and FiD's) are the same sequence NLL."""
+        ctx, mask = self.gold_context(batch, device)
+        logits, target = seq2seq_logits(self.generator, ctx, mask, self.labels(batch, device), 1)
+        scores = torch.zeros(len(ctx), 1, device=device)
+        return rag_token_nll(logits, scores, target, self.ids.pad, epsilon=epsilon).mean()
+
+    def gold_em(self, batch: dict, device) -> float | None:
+        """EM of the reader given the gold passage alone (None without gold passages): the ceiling
+        retrieval can reach, and what tells a reader problem from a retriever problem."""
+        if (batch["gold_row"] < 0).any():
+            return None
+        ctx, mask = self.gold_context(batch, device)
+        out = rag_token_generate(self.generator, ctx, mask, torch.zeros(len(ctx), 1, device=device), self.ids.bos,
+                                 self.ids.eos, self.cfg.max_answer_length)
+        return em(self.decode(out), batch["answers"])
+
+
+def em(preds: list[str], answers: list[list[str]]) -> float:
+    return float(np.mean([exact_match(p, a) for p, a in zip(preds, answers)]))
+
+
+def warmup_step(module, batch: dict, epsilon: float = 0.0) -> torch.Tensor:
+    """A reader warm-up step of ``module`` (RAG or FiD): the gold passage alone, logged as such."""
+    loss = module.seq2seq.warmup_loss(batch, module.device, epsilon)
+    module.log("train/reader_warmup_loss", loss.detach(), on_step=True, prog_bar=True,
+               batch_size=len(batch["gold_row"]))
+    return loss
+
+
+def retrieve_and_read(module, batch: dict):
+    """Retrieval for the batch's questions, and the generator inputs for every (question, passage)."""
+    n = module.reader_cfg.n_docs
+    got = module.retrieval(module.retriever.encode_queries(batch["query"]), n)
+    return (got, *module.seq2seq.context(batch["query"], got.docs, n, module.device))
+
+
+def gold(batch: dict) -> np.ndarray:
+    return batch["gold_row"].cpu().numpy()
+
+
+def answer_metrics(module, batch: dict) -> dict[str, float]:
+    """EM, F1 and gold recall of a generating module's answers; the reader's EM on the gold passage alone."""
+    preds, rows = module.generate(batch)
+    k = module.reader_cfg.n_docs
+    logs = {"val/em": em(preds, batch["answers"]),
+            "val/f1": float(np.mean([f1(p, a) for p, a in zip(preds, batch["answers"])])),
+            f"val/recall@{k}": gold_recall(rows, gold(batch), k)}
+    on_gold = module.seq2seq.gold_em(batch, module.device)
+    if on_gold is not None:
+        logs["val/reader_em_gold"] = on_gold
+    return logs
+
+
+VOCAB_FILE = "vocab.json"
+
+
+def build_generator_for(s) -> tuple[torch.nn.Module, SpecialIds, VocabMap | None]:
+    """The recipe's generator for the shared parts ``s``: a saved one keeps its compact vocabulary
+    (``vocab.json`` beside it); a tiny one with ``generator.vocab: corpus`` gets the corpus's WordPieces."""
+    from openbook.models.generator import build_generator, special_ids
+    from openbook.models.vocab import corpus_vocab
+
+    cfg, vocab = s.cfg, None
+    if (Path(cfg.generator.source) / VOCAB_FILE).is_file():
+        vocab = VocabMap.load(Path(cfg.generator.source) / VOCAB_FILE)
+    elif cfg.generator.vocab == "corpus":
+        train = s.data.train
+        vocab = corpus_vocab(s.tokens, s.tokenizer, [e.question for e in train] + [a for e in train for a in e.answers])
+    return build_generator(cfg.generator, s.tokenizer, vocab), special_ids(s.tokenizer, vocab), vocab
+
+
+def save_generator(generator, path: Path, vocab: VocabMap | None = None) -> None:
+    """A Hugging Face directory another recipe can load (``generator.source: <path>``), with the compact
+    vocabulary (``vocab.json``) when the generator has one; swapped in whole."""
+    import shutil
+
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generator.save_pretrained(tmp)
+    if vocab is not None:
+        vocab.save(tmp / VOCAB_FILE)
+    if path.exists():
+        path.replace(old)
+    tmp.replace(path)
+    shutil.rmtree(old, ignore_errors=True)
