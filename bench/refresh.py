@@ -46,10 +46,10 @@ def bench_throughput(tmp: Path, passages: int, encoder: str, repeats: int = 3) -
     """(a) pool (1 actor) vs plain loop, same encoder/weights/batches/threads; alternated ``repeats``
     times and compared by median, because a 2-core machine running Ray's own daemons is noisy."""
     from openbook.data import tokenize_corpus
+    from openbook.data.bundle import prepare_data
     from openbook.models.retriever import build_retriever
     from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
     from openbook.refresher.encode import numpy_state
-    from openbook.trainer.pipeline import prepare_data
 
     cfg = recipe(tmp / encoder, passages, retriever={"encoder": {"source": encoder}, "pooling": "mean"})
     data = prepare_data(cfg.data)

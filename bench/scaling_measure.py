@@ -39,8 +39,8 @@ class Corpus:
 def prepare(cfg: RecipeConfig) -> Corpus:
     """The world and its token cache (generated once, then read from the cache) and an untrained encoder."""
     from openbook.data import tokenize_corpus
+    from openbook.data.bundle import prepare_data
     from openbook.models.retriever import build_retriever
-    from openbook.trainer.pipeline import prepare_data
 
     t0 = time.perf_counter()
     data = prepare_data(cfg.data)

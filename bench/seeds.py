@@ -63,7 +63,7 @@ class Job:
 
     def resolved(self) -> str:
         """The recipe this run trains, every field resolved: a cached result counts only if it matches."""
-        from openbook.trainer.outputs import config_yaml
+        from openbook.trainer.train import config_yaml
 
         return config_yaml(load_recipe(ROOT / self.config, self.overrides))
 

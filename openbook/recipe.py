@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from openbook.config import apply_overrides, from_dict, load_yaml, opt
-from openbook.data.world import WorldConfig
+from openbook.data.bundle import DataConfig
 from openbook.errors import ConfigError
 from openbook.index.faiss_index import IndexConfig
 from openbook.models.fid import FidConfig
@@ -25,22 +24,6 @@ from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.schedule import RefreshSchedule
 from openbook.registry import MODELS, model_names
 from openbook.trainer.config import MonitorConfig, TrainConfig
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    corpus: str | None = opt(None, "corpus file (JSONL/Parquet) or datasets Arrow dir; null = the built-in `source`")
-    source: Literal["world", "pydoc"] = opt("world", "built-in corpus when corpus is null: the generated world "
-                                            "(with QA) or Python's help topics (real text, no QA)")
-    pydoc_words: int = opt(64, "source pydoc: longest passage, in words (longer paragraphs are cut)")
-    qa_train: str | None = opt(None, "train QA JSONL (question, answers, gold_ids); defaults to the world's train split")
-    qa_dev: str | None = opt(None, "dev QA JSONL for evaluation (defaults to the world's dev split)")
-    world: WorldConfig = opt(WorldConfig(), "the generated demo world (used when corpus is null)")
-    cache_dir: str = opt(".openbook_cache", "Arrow copies of corpora, token caches, generated worlds")
-
-    def __post_init__(self) -> None:
-        if self.pydoc_words < 8:
-            raise ValueError(f"data.pydoc_words must be >= 8, got {self.pydoc_words}")
 
 
 @dataclass(kw_only=True)

@@ -14,8 +14,7 @@ import yaml
 from openbook.cli import main
 from openbook.index import SnapshotStore
 from openbook.trainer.checkpoints import CKPT_FILE, CONFIG_FILE, list_checkpoints, resolve_checkpoint
-from openbook.trainer.outputs import config_yaml
-from openbook.trainer.train import build_parts, fit, make_trainer, train_loader
+from openbook.trainer.train import build_parts, config_yaml, fit, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 
 
@@ -239,3 +238,23 @@ def test_resume_continues_the_deterministic_swap_plan(tmp_path, ray_session, sna
     assert sorted(resumed) == list(range(1, 17))
     for step, loss in full_loss.items():
         assert loss == pytest.approx(resumed[step], abs=1e-4), step
+
+
+def test_resume_takes_the_recipes_search_params_and_reports_a_changed_schedule(tmp_path, ray_session, caplog):
+    """Search parameters come from the recipe at every load, a resumed run's too (the manifest holds those the
+    index was built with); a refresh schedule other than the checkpoint's is named at resume."""
+    from openbook.recipe import load_recipe
+
+    cfg = tiny_recipe(tmp_path, index={"factory": "IVF16,Flat", "nprobe": 2},
+                      train={"max_steps": 2, "checkpoint_every_n_steps": 2}, refresh={"schedule": "100"})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(config_yaml(cfg))
+    first, _, _ = _run(load_recipe(path))
+    assert first.holder.get().index.search_params == {"nprobe": 2}
+    with caplog.at_level(logging.WARNING, logger="openbook.trainer.refresh_callback"):
+        second, _, _ = _run(load_recipe(path, ["train.max_steps=4", "index.nprobe=7", "refresh.schedule=50"]),
+                            resume="last")
+    assert second.holder.get().version == 1  # the checkpoint's snapshot, not re-encoded ...
+    assert second.holder.get().index.search_params == {"nprobe": 7}  # ... searched as the recipe says now
+    (line,) = [r.getMessage() for r in caplog.records if "schedule" in r.getMessage()]
+    assert "refresh.schedule is '50', the checkpoint's run used '100'" in line

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from openbook.data.bundle import prepare_data
 from openbook.data.tokcache import tokenize_corpus
 from openbook.models.retriever import EncoderConfig, load_tokenizer
 from openbook.models.vocab import VocabMap, corpus_vocab
-from openbook.trainer.pipeline import prepare_data
 from openbook.trainer.train import build_parts, dev_loader, make_trainer, train_loader
 from tests.helpers import tiny_recipe
 from tests.test_rag_training import Losses
@@ -71,7 +71,7 @@ def test_compact_vocab_round_trips_the_corpus(tmp_path):
 def test_a_saved_generator_loads_as_generator_source(tmp_path):
     from openbook.errors import ConfigError
     from openbook.models.generator import GeneratorConfig, build_generator
-    from openbook.trainer.seq2seq import save_generator
+    from openbook.trainer.rag_module import save_generator
 
     tok = load_tokenizer(EncoderConfig())
     gen = build_generator(GeneratorConfig(source="tiny-t5", d_model=32, ffn=64, seed=7), tok)
@@ -112,3 +112,15 @@ def test_fid_score_prior_reaches_the_loss_and_the_decoder(tmp_path):
     assert torch.allclose(strong[0], one[0], atol=1e-4) and not torch.allclose(strong[0], plain[0], atol=1e-3)
     assert strong[1][0] == one[1][0] and np.array_equal(strong[1][1][:, :1], one[1][1])
     assert plain[1][0] != one[1][0]  # without the prior the 3-passage answers differ: the check can fail
+
+
+def test_reader_max_answer_length_reaches_fids_labels(tmp_path):
+    """FiD's answer labels are cut at reader.max_answer_length (before, at rag.max_answer_length whatever
+    FiD's own max_answer_length said)."""
+    cfg = tiny_recipe(tmp_path, model="fid", generator={"source": "tiny-t5", "d_model": 32, "ffn": 64},
+                      reader={"n_docs": 2, "max_context_length": 48, "max_answer_length": 4},
+                      train={"batch_size": 16}, refresh={"enabled": False})
+    parts = build_parts(cfg)
+    full = [len(parts.tokenizer(e.answers[0])["input_ids"]) for e in parts.data.train[:200]]
+    assert max(full) > 4  # some answers are longer: the cut is visible
+    assert {next(iter(train_loader(parts)))["labels"].shape[1] for _ in range(3)} == {4}

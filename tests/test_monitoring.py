@@ -17,8 +17,7 @@ import pytorch_lightning as pl
 from prometheus_client.parser import text_string_to_metric_families
 
 from openbook.trainer.metrics_exporter import COUNTERS, GAUGES, STEP, exported_names
-from openbook.trainer.outputs import save_history
-from openbook.trainer.train import build_parts, make_trainer, train_loader
+from openbook.trainer.train import build_parts, make_trainer, save_history, train_loader
 from tests.helpers import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from openbook.config import from_dict
+from openbook.data.bundle import prepare_data
 from openbook.data.pydoc_corpus import build_pydoc_corpus, chunk_words
 from openbook.errors import ConfigError
 from openbook.models.realm import IGNORE, TitleWordFinder, mask_salient_span
 from openbook.models.retriever import EncoderConfig, load_tokenizer
 from openbook.recipe import RecipeConfig
-from openbook.trainer.pipeline import prepare_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

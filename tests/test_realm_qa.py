@@ -149,8 +149,7 @@ def test_realm_qa_fine_tuning_runs_with_refresh(tmp_path, ray_session):
 def test_init_from_a_pretraining_run(tmp_path):
     """realm.init_from loads what a realm_pretrain run saved: retriever and reader encoder."""
     from openbook.errors import ConfigError
-    from openbook.trainer.outputs import save_final
-    from openbook.trainer.train import build_parts, make_trainer, train_loader
+    from openbook.trainer.train import build_parts, make_trainer, save_final, train_loader
     from tests.helpers import tiny_recipe
 
     cache = tmp_path / "cache"

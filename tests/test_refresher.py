@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from openbook.data import tokenize_corpus
+from openbook.data.bundle import prepare_data
 from openbook.index import SnapshotStore
 from openbook.models.retriever import DocTowerSpec, build_retriever
 from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
 from openbook.refresher.encode import encode_rows, numpy_state
-from openbook.trainer.pipeline import prepare_data
 from tests.helpers import tiny_recipe, wait_gone
 
 

@@ -4,6 +4,7 @@ token batch to vectors and says its ``dim``; how to build one is the model's enc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -28,18 +29,38 @@ def numpy_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().to("cpu", copy=True).numpy() for k, v in module.state_dict().items()}
 
 
+@contextmanager
+def evaluating(module: torch.nn.Module):
+    """Eval mode for the block; callers in the training loop get their dropout back afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.inference_mode()
 def encode_rows(encoder: torch.nn.Module, tokens: TokenizedCorpus, start: int, end: int, batch_size: int,
                 device: str = "cpu") -> np.ndarray:
     """Embeddings of corpus rows [start, end) as float16 [end-start, d] (the snapshot's dtype)."""
-    was_training = encoder.training
-    encoder.eval()
     out = np.empty((end - start, encoder.dim), dtype=np.float16)
-    try:
+    with evaluating(encoder):
         for lo in range(start, end, batch_size):
             hi = min(lo + batch_size, end)
             batch = {k: v.to(device) for k, v in tokens.batch(slice(lo, hi)).items()}
             out[lo - start:hi - start] = encoder(**batch).float().cpu().numpy().astype(np.float16)
-    finally:
-        encoder.train(was_training)  # callers in the training loop must get their dropout back
     return out
+
+
+@torch.inference_mode()
+def encode_texts(encoder: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
+                 batch_size: int = 256) -> np.ndarray:
+    """Embeddings float32 [N, d] of raw texts (questions) with ``encoder``, truncated to ``max_length`` tokens."""
+    chunks = []
+    with evaluating(encoder):
+        for lo in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[lo:lo + batch_size], truncation=True, max_length=max_length, padding=True,
+                              return_tensors="pt")
+            chunks.append(encoder(**batch).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)

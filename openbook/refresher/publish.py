@@ -1,17 +1,22 @@
-"""The index-build step: concatenate shards, build FAISS, publish the snapshot atomically.
+"""The index-build step: concatenate shards, build the index, publish the snapshot atomically.
 
-Runs inside an EncoderWorker (idle once encoding is done), so a refresh needs no resources
-beyond the pool's own: a separate task would wait forever on a cluster the pool fills.
+A refresh runs it inside an EncoderWorker (idle once encoding is done), so it needs no resources
+beyond the pool's own: a separate task would wait forever on a cluster the pool fills. Runs without
+the pool (refresh off, ``openbook build-index``) encode and publish in-process with the same loop.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from openbook.index import IndexConfig, SnapshotStore
+from openbook.data.tokcache import TokenizedCorpus
+from openbook.index import IndexConfig, IndexSnapshot, SnapshotStore
+from openbook.refresher.encode import encode_rows
 
 
 @dataclass(frozen=True)
@@ -31,3 +36,32 @@ def publish_shards(target: IndexTarget, encoder_step: int, weights_time: float, 
     snap = store.publish(embeddings, doc_ids, encoder_step=encoder_step, index_cfg=target.index,
                          weights_time=weights_time, meta=target.meta, protect=protect)
     return {"version": snap.version, "path": str(snap.path)}
+
+
+def encode_corpus(encoder, tokens: TokenizedCorpus, batch_size: int, progress: bool = True) -> np.ndarray:
+    """All doc embeddings [N, d] (float16, the snapshot dtype) with ``encoder``, with a progress bar.
+    Uses the actors' own loop, so in-process and Ray-built snapshots hold the same numbers."""
+    n = len(tokens)
+    chunk = batch_size * 16
+    bar = tqdm(total=n, desc="encode", unit="doc", disable=not progress, mininterval=1.0)
+    parts = []
+    for lo in range(0, n, chunk):
+        parts.append(encode_rows(encoder, tokens, lo, min(lo + chunk, n), batch_size))
+        bar.update(parts[-1].shape[0])
+    bar.close()
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float16)
+
+
+def publish_in_process(target: IndexTarget, encoder, tokens: TokenizedCorpus, doc_ids: np.ndarray,
+                       encoder_step: int, batch_size: int, progress: bool = False) -> tuple[IndexSnapshot, dict]:
+    """Encode every passage here (no actor pool) and publish a snapshot; returns (snapshot, stats)."""
+    weights_time = time.time()
+    t0 = time.perf_counter()
+    emb = encode_corpus(encoder, tokens, batch_size, progress)
+    encode_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    snap = SnapshotStore(target.root, keep=target.keep).publish(
+        emb, doc_ids, encoder_step=encoder_step, index_cfg=target.index, weights_time=weights_time, meta=target.meta)
+    stats = {"docs": len(tokens), "encode_seconds": encode_s, "docs_per_second": len(tokens) / max(encode_s, 1e-9),
+             "publish_seconds": time.perf_counter() - t1}
+    return snap, stats

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from openbook.data.bundle import prepare_data
 from openbook.models.retriever import build_retriever
 from openbook.recipe import RecipeConfig
-from openbook.trainer.pipeline import build_and_publish, encode_queries, prepare_data, recall_at_k
+from openbook.trainer.pipeline import build_and_publish, encode_queries, recall_at_k
 
 
 def run_build_index(cfg: RecipeConfig, progress: bool = True, k: int = 10) -> dict:

@@ -10,11 +10,8 @@ warm-up on gold passages and the answer metrics are the shared pieces RAG uses t
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
-from openbook.data.tokcache import TokenizedCorpus
-from openbook.index import IndexHolder
 from openbook.models.decoding import _decoder_step, beam_search
 from openbook.models.fid import (
     FidConfig,
@@ -25,51 +22,32 @@ from openbook.models.fid import (
     passage_attention,
     score_bias,
 )
-from openbook.models.generator import SpecialIds
-from openbook.models.reader import ReaderConfig
 from openbook.models.retriever import BiEncoder
-from openbook.models.vocab import VocabMap
-from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
 from openbook.trainer.rag_module import RagSpec
-from openbook.trainer.retrieval import RetrievalStep, Retrieved, gold_recall
+from openbook.trainer.retrieval import RetrievalStep, gold_recall
 from openbook.trainer.seq2seq import (
+    GeneratingModule,
     Seq2SeqReader,
-    answer_metrics,
-    build_generator_for,
     gold,
-    retrieve_and_read,
-    warmup_step,
+    reader_for,
 )
 from openbook.trainer.spec import Shared
 
 
-class FidModule(pl.LightningModule):
-    def __init__(self, retriever: BiEncoder, generator: torch.nn.Module, tokens: TokenizedCorpus,
-                 holder: IndexHolder, reader: ReaderConfig, fid: FidConfig, train: TrainConfig, ids: SpecialIds,
-                 tokenizer, vocab: VocabMap | None = None):
-        super().__init__()
-        self.retriever, self.generator, self.reader_cfg, self.fid, self.cfg = retriever, generator, reader, fid, train
-        self.seq2seq = Seq2SeqReader(generator, tokens, reader, ids, tokenizer, vocab, train.closed_book)
-        # without KD nothing trains the retriever: keep it fixed and score from the snapshot, no live re-encoding
-        self.retrieval = RetrievalStep(retriever, tokens, holder, live=fid.distill and not train.freeze_doc_encoder)
-        if vocab is not None:
-            self.register_buffer("generator_vocab", vocab.to_orig.clone())
+class FidModule(GeneratingModule):
+    def __init__(self, retriever: BiEncoder, seq2seq: Seq2SeqReader, retrieval: RetrievalStep, fid: FidConfig,
+                 train: TrainConfig):
+        super().__init__(retriever, seq2seq, retrieval, train)
+        self.fid = fid
         if not fid.distill:
             self.retriever.requires_grad_(False)
-        elif train.freeze_doc_encoder:
-            self.retriever.doc_encoder.requires_grad_(False)
-        if fid.distill and hasattr(generator, "set_attn_implementation"):
-            generator.set_attn_implementation("eager")  # fused kernels do not return attention weights
-        if reader.lr_scale == 0:
-            self.generator.requires_grad_(False)
-
-    def forward_batch(self, batch: dict) -> tuple[Retrieved, torch.Tensor, torch.Tensor]:
-        return retrieve_and_read(self, batch)
+        if fid.distill and hasattr(self.generator, "set_attn_implementation"):
+            self.generator.set_attn_implementation("eager")  # fused kernels do not return attention weights
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.global_step < self.reader_cfg.warmup_steps:
-            return warmup_step(self, batch)
+            return self.warmup_step(batch)
         got, ctx, mask = self.forward_batch(batch)
         labels, k, pad = self.seq2seq.labels(batch, self.device), self.reader_cfg.n_docs, self.seq2seq.ids.pad
         out = fid_forward(self.generator, ctx, mask, labels, k, attentions=self.fid.distill, scores=got.scores,
@@ -97,18 +75,12 @@ class FidModule(pl.LightningModule):
                            self.fid.num_beams, self.reader_cfg.max_answer_length)[0][0] for i in range(len(enc))]
         return self.seq2seq.decode(out), got.rows
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log_dict(answer_metrics(self, batch), on_step=False, on_epoch=True, batch_size=len(batch["answers"]))
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.cfg, lr_scale={"generator.": self.reader_cfg.lr_scale})
-
 
 class FidSpec(RagSpec):
     def build(self, s: Shared) -> FidModule:
-        generator, ids, vocab = build_generator_for(s)
-        c = s.cfg
-        return FidModule(s.model, generator, s.tokens, s.holder, c.reader, c.fid, c.train, ids, s.tokenizer, vocab)
+        # without KD nothing trains the retriever: keep it fixed and score from the snapshot, no live re-encoding
+        retrieval = RetrievalStep(s.model, s.tokens, s.holder, live=self.trains_doc_encoder(s.cfg))
+        return FidModule(s.model, reader_for(s), retrieval, s.cfg.fid, s.cfg.train)
 
     def trains_doc_encoder(self, cfg) -> bool:
         return cfg.fid.distill and not cfg.train.freeze_doc_encoder  # only FiD-KD trains the retriever

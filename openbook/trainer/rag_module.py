@@ -10,53 +10,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
-from openbook.data.tokcache import TokenizedCorpus
-from openbook.index import IndexHolder
 from openbook.models.decoding import rag_sequence_generate, rag_token_generate
-from openbook.models.generator import SpecialIds
 from openbook.models.rag import RagConfig, rag_loss, seq2seq_logits
-from openbook.models.reader import ReaderConfig
 from openbook.models.retriever import BiEncoder
 from openbook.models.vocab import VocabMap
-from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import RetrievalStep, Retrieved, gold_recall
+from openbook.trainer.retrieval import RetrievalStep, gold_recall
 from openbook.trainer.seq2seq import (
+    VOCAB_FILE,
+    GeneratingModule,
     Seq2SeqReader,
-    answer_metrics,
-    build_generator_for,
     gold,
-    retrieve_and_read,
-    save_generator,
-    warmup_step,
+    reader_for,
 )
 from openbook.trainer.spec import ModelSpec, Shared, qa_dev_loader
 
 
-class RagModule(pl.LightningModule):
-    def __init__(self, retriever: BiEncoder, generator: torch.nn.Module, tokens: TokenizedCorpus,
-                 holder: IndexHolder, reader: ReaderConfig, rag: RagConfig, train: TrainConfig, ids: SpecialIds,
-                 tokenizer, vocab: VocabMap | None = None):
-        super().__init__()
-        self.retriever, self.generator, self.reader_cfg, self.rag, self.cfg = retriever, generator, reader, rag, train
-        self.seq2seq = Seq2SeqReader(generator, tokens, reader, ids, tokenizer, vocab, train.closed_book)
-        self.retrieval = RetrievalStep(retriever, tokens, holder, live=not train.freeze_doc_encoder)
-        if vocab is not None:  # saved with the weights, so a checkpoint knows its generator's vocabulary
-            self.register_buffer("generator_vocab", vocab.to_orig.clone())
-        if train.freeze_doc_encoder:
-            self.retriever.doc_encoder.requires_grad_(False)
-        if reader.lr_scale == 0:
-            self.generator.requires_grad_(False)
-
-    def forward_batch(self, batch: dict) -> tuple[Retrieved, torch.Tensor, torch.Tensor]:
-        return retrieve_and_read(self, batch)
+class RagModule(GeneratingModule):
+    def __init__(self, retriever: BiEncoder, seq2seq: Seq2SeqReader, retrieval: RetrievalStep, rag: RagConfig,
+                 train: TrainConfig):
+        super().__init__(retriever, seq2seq, retrieval, train)
+        self.rag = rag
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.global_step < self.reader_cfg.warmup_steps:
-            return warmup_step(self, batch, self.rag.label_smoothing)
+            return self.warmup_step(batch, self.rag.label_smoothing)
         got, ctx, mask = self.forward_batch(batch)
         labels = self.seq2seq.labels(batch, self.device)
         logits, target = seq2seq_logits(self.generator, ctx, mask, labels, self.reader_cfg.n_docs)
@@ -78,18 +58,11 @@ class RagModule(pl.LightningModule):
                                         r.num_beams, thorough=r.sequence_decoding == "thorough")
         return self.seq2seq.decode(out), got.rows
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log_dict(answer_metrics(self, batch), on_step=False, on_epoch=True, batch_size=len(batch["answers"]))
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.cfg, lr_scale={"generator.": self.reader_cfg.lr_scale})
-
 
 class RagSpec(ModelSpec):
     def build(self, s: Shared) -> RagModule:
-        generator, ids, vocab = build_generator_for(s)
-        c = s.cfg
-        return RagModule(s.model, generator, s.tokens, s.holder, c.reader, c.rag, c.train, ids, s.tokenizer, vocab)
+        retrieval = RetrievalStep(s.model, s.tokens, s.holder, live=not s.cfg.train.freeze_doc_encoder)
+        return RagModule(s.model, reader_for(s), retrieval, s.cfg.rag, s.cfg.train)
 
     def dev_loader(self, s: Shared):
         return qa_dev_loader(s)
@@ -100,3 +73,19 @@ class RagSpec(ModelSpec):
     def save(self, module: RagModule, run_dir: Path) -> None:
         super().save(module, run_dir)
         save_generator(module.generator, run_dir / "generator", module.seq2seq.vocab)
+
+
+def save_generator(generator, path: Path, vocab: VocabMap | None = None) -> None:
+    """A Hugging Face directory another recipe can load (``generator.source: <path>``), with the compact
+    vocabulary (``vocab.json``) when the generator has one; swapped in whole."""
+    import shutil
+
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generator.save_pretrained(tmp)
+    if vocab is not None:
+        vocab.save(tmp / VOCAB_FILE)
+    if path.exists():
+        path.replace(old)
+    tmp.replace(path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from openbook.data.bundle import prepare_data
 from openbook.errors import SnapshotError
 from openbook.models.retriever import build_retriever
 from openbook.recipe import load_recipe
-from openbook.trainer.pipeline import encode_queries, prepare_data
+from openbook.trainer.pipeline import encode_queries
 
 
 def run_search(config: str, overrides: list[str], query: str, k: int) -> list[str]:

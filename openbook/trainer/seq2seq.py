@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 
 from openbook.data.qa import exact_match, f1
@@ -19,7 +20,10 @@ from openbook.models.decoding import rag_token_generate
 from openbook.models.generator import SpecialIds
 from openbook.models.rag import join_context, rag_token_nll, seq2seq_logits
 from openbook.models.reader import ReaderConfig
+from openbook.models.retriever import BiEncoder
 from openbook.models.vocab import VocabMap
+from openbook.trainer.common import configure_adamw
+from openbook.trainer.config import TrainConfig
 from openbook.trainer.retrieval import gold_recall
 
 
@@ -80,21 +84,6 @@ def em(preds: list[str], answers: list[list[str]]) -> float:
     return float(np.mean([exact_match(p, a) for p, a in zip(preds, answers)]))
 
 
-def warmup_step(module, batch: dict, epsilon: float = 0.0) -> torch.Tensor:
-    """A reader warm-up step of ``module`` (RAG or FiD): the gold passage alone, logged as such."""
-    loss = module.seq2seq.warmup_loss(batch, module.device, epsilon)
-    module.log("train/reader_warmup_loss", loss.detach(), on_step=True, prog_bar=True,
-               batch_size=len(batch["gold_row"]))
-    return loss
-
-
-def retrieve_and_read(module, batch: dict):
-    """Retrieval for the batch's questions, and the generator inputs for every (question, passage)."""
-    n = module.reader_cfg.n_docs
-    got = module.retrieval(module.retriever.encode_queries(batch["query"]), n)
-    return (got, *module.seq2seq.context(batch["query"], got.docs, n, module.device))
-
-
 def gold(batch: dict) -> np.ndarray:
     return batch["gold_row"].cpu().numpy()
 
@@ -115,6 +104,48 @@ def answer_metrics(module, batch: dict) -> dict[str, float]:
 VOCAB_FILE = "vocab.json"
 
 
+def reader_for(s) -> Seq2SeqReader:
+    """The recipe's generator and the shared reader pieces around it, for the shared parts ``s``."""
+    generator, ids, vocab = build_generator_for(s)
+    return Seq2SeqReader(generator, s.tokens, s.cfg.reader, ids, s.tokenizer, vocab, s.cfg.train.closed_book)
+
+
+class GeneratingModule(pl.LightningModule):
+    """What RAG and FiD modules share: a retriever and the retrieval step, a seq2seq generator read through
+    :class:`Seq2SeqReader`, the reader warm-up, the answer metrics and the optimiser. Subclasses write the
+    loss (``training_step``) and the decoding (``generate``)."""
+
+    def __init__(self, retriever: BiEncoder, seq2seq: Seq2SeqReader, retrieval, train: TrainConfig):
+        super().__init__()
+        self.retriever, self.seq2seq, self.retrieval, self.cfg = retriever, seq2seq, retrieval, train
+        self.generator, self.reader_cfg = seq2seq.generator, seq2seq.cfg
+        if seq2seq.vocab is not None:  # saved with the weights, so a checkpoint knows its generator's vocabulary
+            self.register_buffer("generator_vocab", seq2seq.vocab.to_orig.clone())
+        if self.reader_cfg.lr_scale == 0:
+            self.generator.requires_grad_(False)
+        if train.freeze_doc_encoder:
+            self.retriever.doc_encoder.requires_grad_(False)
+
+    def forward_batch(self, batch: dict):
+        """Retrieval for the batch's questions, and the generator inputs for every (question, passage)."""
+        n = self.reader_cfg.n_docs
+        got = self.retrieval(self.retriever.encode_queries(batch["query"]), n)
+        return (got, *self.seq2seq.context(batch["query"], got.docs, n, self.device))
+
+    def warmup_step(self, batch: dict, epsilon: float = 0.0) -> torch.Tensor:
+        """A reader warm-up step: the gold passage alone, logged as such."""
+        loss = self.seq2seq.warmup_loss(batch, self.device, epsilon)
+        self.log("train/reader_warmup_loss", loss.detach(), on_step=True, prog_bar=True,
+                 batch_size=len(batch["gold_row"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log_dict(answer_metrics(self, batch), on_step=False, on_epoch=True, batch_size=len(batch["answers"]))
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg, lr_scale={"generator.": self.reader_cfg.lr_scale})
+
+
 def build_generator_for(s) -> tuple[torch.nn.Module, SpecialIds, VocabMap | None]:
     """The recipe's generator for the shared parts ``s``: a saved one keeps its compact vocabulary
     (``vocab.json`` beside it); a tiny one with ``generator.vocab: corpus`` gets the corpus's WordPieces."""
@@ -128,19 +159,3 @@ def build_generator_for(s) -> tuple[torch.nn.Module, SpecialIds, VocabMap | None
         train = s.data.train
         vocab = corpus_vocab(s.tokens, s.tokenizer, [e.question for e in train] + [a for e in train for a in e.answers])
     return build_generator(cfg.generator, s.tokenizer, vocab), special_ids(s.tokenizer, vocab), vocab
-
-
-def save_generator(generator, path: Path, vocab: VocabMap | None = None) -> None:
-    """A Hugging Face directory another recipe can load (``generator.source: <path>``), with the compact
-    vocabulary (``vocab.json``) when the generator has one; swapped in whole."""
-    import shutil
-
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    generator.save_pretrained(tmp)
-    if vocab is not None:
-        vocab.save(tmp / VOCAB_FILE)
-    if path.exists():
-        path.replace(old)
-    tmp.replace(path)
-    shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from openbook.data.bundle import DataBundle
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.errors import ConfigError
 from openbook.index import IndexHolder
@@ -23,7 +24,6 @@ from openbook.models.retriever import BiEncoder
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import EncoderSpec
 from openbook.trainer.batches import QACollator, make_loader, with_gold_rows
-from openbook.trainer.pipeline import DataBundle
 
 RETRIEVER_WEIGHTS = "retriever.pt"
 MODULE_WEIGHTS = "model.pt"

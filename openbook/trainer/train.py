@@ -8,6 +8,7 @@ Lightning Trainer. Nothing here knows one model from another.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,15 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
+from openbook.config import to_dict
 from openbook.data import tokenize_corpus
+from openbook.data.bundle import prepare_data
 from openbook.index import IndexHolder
 from openbook.models.retriever import build_retriever
 from openbook.recipe import RecipeConfig
+from openbook.refresher.publish import publish_in_process
 from openbook.registry import model_spec
-from openbook.trainer.outputs import config_yaml, save_final, save_history
-from openbook.trainer.pipeline import dev_recall, encode_and_publish, prepare_data, snapshot_meta
+from openbook.trainer.pipeline import dev_recall, index_target
 from openbook.trainer.refresh_callback import IndexRefreshCallback, Published
 from openbook.trainer.spec import ModelSpec, Shared
 
@@ -69,14 +73,16 @@ def refresh_callback(s: Shared, spec: ModelSpec) -> IndexRefreshCallback:
         log.info("refresh off: the doc encoder does not train (train.freeze_doc_encoder, or FiD without distill)")
         refresh = dataclasses.replace(refresh, enabled=False)
 
-    def make_coordinator():
-        from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
+    target = index_target(cfg, s.data.corpus)
 
-        target = IndexTarget(cfg.snapshot_dir, cfg.index, cfg.snapshots.keep, snapshot_meta(cfg, s.data.corpus))
+    def make_coordinator():
+        from openbook.refresher.coordinator import RefreshCoordinator
+
         return RefreshCoordinator(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target)
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
-        snap, _ = encode_and_publish(cfg, spec.doc_encoder(module), s.tokens, s.data.corpus, step)
+        snap, _ = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
+                                     cfg.encode.batch_size)
         return Published(snap.version, str(snap.path), step, snap.manifest.weights_time)
 
     return IndexRefreshCallback(refresh, s.holder, make_coordinator, build_initial, spec.doc_encoder, cfg.index)
@@ -126,13 +132,14 @@ def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> 
         log.info("resuming from %s", ckpt)
     parts = build_parts(cfg)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
-    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
-    start = dev_recall(parts) if has_gold else None
-    dev = dev_loader(parts)
+    dev = parts.spec.dev_loader(parts)
     at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
                 else {})
+    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
+    start = dev_recall(parts) if has_gold else None
     t0 = time.time()
-    fit(trainer, parts, train_loader(parts), ckpt, val_dataloaders=dev if cfg.train.val_every_n_steps else None)
+    fit(trainer, parts, parts.spec.train_loader(parts), ckpt, val_dataloaders=dev if cfg.train.val_every_n_steps
+        else None)
     seconds = time.time() - t0
     save_history(parts, trainer.global_rank)
     if not trainer.is_global_zero:  # rank 0 saves and reports for the run
@@ -160,3 +167,25 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
             "tensorboard": str(Path(parts.cfg.run_dir) / "tb")}
+
+
+def config_yaml(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_final(parts) -> None:
+    """The resolved recipe and the weights the model's spec saves (``openbook search`` and later stages load them)."""
+    run = Path(parts.cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(config_yaml(parts.cfg))
+    parts.spec.save(parts.module, run)
+
+
+def save_history(parts, rank: int) -> Path:
+    """Per rank: the index version in use after every step and each refresh's timeline (JSON)."""
+    stats = parts.callback.stats
+    path = Path(parts.cfg.run_dir) / f"refresh_history_rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"versions": stats.versions, "events": [dataclasses.asdict(e) for e in stats.events],
+                                "skipped": stats.skipped, "failures": stats.failures, "waits": stats.waits}))
+    return path
