@@ -17,7 +17,7 @@ def run_search(config: str, overrides: list[str], query: str, k: int) -> list[st
     from openbook.index import SnapshotStore
 
     cfg = load_recipe(config, overrides)
-    snap = SnapshotStore(cfg.snapshot_dir, keep=cfg.snapshots.keep).latest()
+    snap = SnapshotStore(cfg.snapshot_dir, keep=cfg.snapshots.keep, index_cfg=cfg.index).latest()  # the recipe's nprobe etc.
     if snap is None:
         raise SnapshotError(f"{cfg.snapshot_dir}: no valid snapshot; run `openbook build-index --config {config}`")
     model, tokenizer = build_retriever(cfg.retriever)
