@@ -213,3 +213,7 @@ def lag_sweep(sweep: Sweep, seeds: int, parallel: int, quick: bool, flags: str) 
     write_section(f"seeds:{sweep.name}", body)
     print(body)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
