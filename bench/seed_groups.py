@@ -160,6 +160,9 @@ class Sweep:
 
 
 LAG_SWEEP = Sweep("lag_sweep", "configs/rag_token_tiny.yaml", (1, 5, 10, 25, 50), quick_sets=RAG_QUICK)
+LAG_SWEEP_RANDOM = Sweep("lag_sweep_random_init", "configs/rag_token_tiny.yaml", (1, 5, 10, 25, 50),
+                         sets=RANDOM_RETRIEVER, quick_sets=RAG_QUICK)
+SWEEPS = (LAG_SWEEP, LAG_SWEEP_RANDOM)
 
 
 def finite(values: list[float]) -> list[float]:

@@ -11,7 +11,8 @@ reused while its command is unchanged, so an interrupted benchmark picks up wher
     python -m bench.seeds --only rag_token,lag_sweep    # some of them
     python -m bench.seeds --quick                       # 2 seeds, short runs (BENCHMARKS.quick.md)
 
-The lag sweep: RAG-Token's dev recall@5 after 600 steps for each ``refresh.swap_lag`` in LAG_SWEEP, 3 seeds.
+The lag sweeps: RAG-Token's dev recall@5 after 600 steps for each ``refresh.swap_lag``, 3 seeds, from the
+recipe's ICT-pretrained retriever (``lag_sweep``) and from a random one (``lag_sweep_random_init``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from bench.common import ROOT, machine, write_section
 from bench.plots import PLOTS, line_panels, link
-from bench.seed_groups import GROUPS, LAG_SWEEP, Group
+from bench.seed_groups import GROUPS, SWEEPS, Group, Sweep
 from bench.stages import ensure_stages
 from openbook.recipe import load_recipe
 
@@ -150,7 +151,7 @@ def sweep_text(results: dict[int, list[dict]], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(by_lag: dict[int, list[dict]], quick: bool) -> Path:
+def plot_sweep(sweep: Sweep, by_lag: dict[int, list[dict]], quick: bool) -> Path:
     """Dev recall@5 over training, median over seeds, one line per swap lag; and each seed's final value."""
     from bench.seed_groups import RAG_STEPS, final_recall, val_at
 
@@ -162,14 +163,15 @@ def plot_sweep(by_lag: dict[int, list[dict]], quick: bool) -> Path:
         curves[f"swap_lag {lag}"] = (steps, med)
     finals = {f"seed {i}": (sorted(by_lag), [final_recall(by_lag[lag][i]) for lag in sorted(by_lag)])
               for i in range(min(len(rs) for rs in by_lag.values()))}
-    path = PLOTS / f"lag_sweep{'_quick' if quick else ''}.png"
-    return line_panels(path, "RAG-Token: dev recall@5 vs refresh.swap_lag",
+    path = PLOTS / f"{sweep.name}{'_quick' if quick else ''}.png"
+    start = "a random retriever" if sweep.sets else "the recipe's ICT-pretrained retriever"
+    return line_panels(path, f"RAG-Token from {start}: dev recall@5 vs refresh.swap_lag",
                        [("dev recall@5 (median over seeds)", "step", curves),
                         ("dev recall@5 after training", "refresh.swap_lag (steps)", finals)], logx=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    names_known = [g.name for g in GROUPS] + [LAG_SWEEP.name]
+    names_known = [g.name for g in GROUPS] + [s.name for s in SWEEPS]
     ap = argparse.ArgumentParser(prog="python -m bench.seeds", description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help=f"some of: {', '.join(names_known)}")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per group (default 5, the sweep 3; --quick 2)")
@@ -190,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         body = f"`python -m bench.seeds --only {g.name}{flags}` on {machine()}.\n\n{group_text(g, mine)}"
         write_section(f"seeds:{g.name}", body)
         print(group_text(g, mine), flush=True)
-    if LAG_SWEEP.name in names:
-        lag_sweep(min(seeds, 3), args.jobs, args.quick, flags)
+    for sweep in SWEEPS:
+        if sweep.name in names:
+            lag_sweep(sweep, min(seeds, 3), args.jobs, args.quick, flags)
     return 0
 
 
-def lag_sweep(seeds: int, parallel: int, quick: bool, flags: str) -> int:
-    sweep = LAG_SWEEP
+def lag_sweep(sweep: Sweep, seeds: int, parallel: int, quick: bool, flags: str) -> int:
     extra = sweep.quick_sets if quick else []
     jobs = [Job(sweep.name, sweep.config, seed, [*sweep.sets, f"refresh.swap_lag={lag}", *extra], f"lag{lag}")
             for lag in sweep.lags for seed in range(seeds)]
@@ -204,10 +206,11 @@ def lag_sweep(seeds: int, parallel: int, quick: bool, flags: str) -> int:
     by_lag: dict[int, list[dict]] = {}
     for job, res in zip(jobs, results):
         by_lag.setdefault(int(job.tag[3:]), []).append(res)
-    body = (f"`python -m bench.seeds --only lag_sweep{flags}` on {machine()}: `{sweep.config}`, refresh every 25 steps, "
-            f"each refresh swapped in `refresh.swap_lag` steps after its trigger; {seeds} seeds per lag.\n\n"
-            + sweep_text(by_lag, seeds) + "\n\n" + link(plot_sweep(by_lag, quick), "dev recall@5 vs steps per swap lag"))
-    write_section("seeds:lag_sweep", body)
+    sets = "".join(f" --set {s}" for s in sweep.sets)
+    body = (f"`python -m bench.seeds --only {sweep.name}{flags}` on {machine()}: `{sweep.config}`{sets}, refresh every "
+            f"25 steps, each refresh swapped in `refresh.swap_lag` steps after its trigger; {seeds} seeds per lag.\n\n"
+            + sweep_text(by_lag, seeds) + "\n\n" + link(plot_sweep(sweep, by_lag, quick), "dev recall@5 vs steps per lag"))
+    write_section(f"seeds:{sweep.name}", body)
     print(body)
     return 0
 
