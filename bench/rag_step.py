@@ -265,7 +265,7 @@ Target: ratio <= 1.0 (openbook no slower). First-step losses, eval mode, before 
 {_agreement(checks)}
 
 With its own contexts, the Hugging Face loss can differ only through the generator's inputs: it decodes the question ids back to text, re-tokenises "title / text // question" strings at
-every step and pads them to `max_combined_length` (= openbook's `rag.max_context_length`, {MAX_CONTEXT});
+every step and pads them to `max_combined_length` (= openbook's `reader.max_context_length`, {MAX_CONTEXT});
 openbook joins cached token ids as "[CLS] question [SEP] title [SEP] text [SEP]" and pads to the
 longest in the batch. The two first-step losses agree closely even so, and RAG-Token's loss is close to
 RAG-Sequence's: a randomly initialised generator hardly depends on its context, so every doc gives
