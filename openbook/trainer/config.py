@@ -15,7 +15,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(0, "linear warm-up steps")
     negatives: int = opt(8, "hard negatives per question, from the (stale) index's top-k")
-    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); refresh is then pointless")
+    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); turns the refresh off")
     closed_book: bool = opt(False, "rag/fid: the reader sees the question alone, no passage (the no-retrieval "
                             "baseline); retrieval still runs but nothing of it reaches the reader")
     eval_k: int = opt(5, "k of the logged retrieval recall@k")
