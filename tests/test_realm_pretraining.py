@@ -131,7 +131,7 @@ def test_retrieval_utility_rises_above_zero(tmp_path, ray_session):
     steps = 300
     cfg = load_recipe(CONFIGS / "realm_pretrain_tiny.yaml", [
         f"run_dir={tmp_path / 'realm'}", f"data.cache_dir={cache}", f"retriever.init_from={ict_dir}",
-        f"train.max_steps={steps}"])
+        f"train.max_steps={steps}", "refresh.start_timeout_seconds=600"])  # a loaded CI machine starts actors slowly
     parts, rec = build_parts(cfg), Record()
     trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
     trainer.fit(parts.module, train_loader(parts))
