@@ -140,13 +140,17 @@ def group_text(group: Group, results: list[dict]) -> str:
 
 
 def sweep_text(results: dict[int, list[dict]], seeds: int) -> str:
-    from bench.seed_groups import final_recall, mean_lag, waits
+    from bench.seed_groups import final_recall, mean_lag, summary, val_at, waits
 
-    lines = ["| refresh.swap_lag | dev recall@5 at 600, median [min–max] | per seed | mean index lag (steps) "
-             "| trainer waits |", "|---|---|---|---|---|"]
+    early = (100, 200, 300)
+    lines = ["| refresh.swap_lag | " + " | ".join(f"dev recall@5 at {s}" for s in early)
+             + " | dev recall@5 at 600 | per seed | dev EM at 600 | mean index lag (steps) | trainer waits |",
+             "|---|" + "---|" * (len(early) + 5)]
     for lag, rs in sorted(results.items()):
         vals = [final_recall(r) for r in rs]
-        lines.append(f"| {lag} | {spread(vals)} | {' / '.join(f'{v:.2f}' for v in vals)} | "
+        at = " | ".join(spread([val_at("val/recall@5", s)(r) for r in rs]) for s in early)
+        lines.append(f"| {lag} | {at} | {spread(vals)} | {' / '.join(f'{v:.2f}' for v in vals)} | "
+                     f"{spread([summary('dev_em')(r) for r in rs])} | "
                      f"{statistics.median(mean_lag(r) for r in rs):.1f} | {sum(waits(r) for r in rs):g} |")
     return "\n".join(lines)
 
