@@ -77,6 +77,8 @@ def run_job(job: Job) -> dict:
     if done.exists():
         cached = json.loads(done.read_text())
         if cached.get("key") == key:
+            if (ROOT / job.run_dir / "tb").is_dir():  # figures added since the run read its TensorBoard log again
+                cached["scalars"] = scalars(ROOT / job.run_dir)
             return cached
     log.warning("running %s", job.name)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -92,7 +94,8 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     from bench.study_runs import all_scalars
 
     found = all_scalars(run_dir / "tb") if (run_dir / "tb").is_dir() else {}
-    keep = ("val/", "train/retrieval_utility", "train/span_in_docs", "index/lag_steps", "refresh/waits")
+    keep = ("val/", "train/retrieval_utility", "train/span_in_docs", "train/span_in_top", "index/lag_steps",
+            "refresh/waits")
     return {tag: {str(s): v for s, v in zip(*series)} for tag, series in found.items() if tag.startswith(keep)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -64,6 +65,9 @@ def test_a_run_is_cached_under_its_resolved_recipe(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_run)
     assert run_job(job) == first  # same resolved recipe: the cached result
+    done = job.run_dir / "bench_result.json"  # a figure tag added since the run: read from its log again
+    done.write_text(json.dumps({**first, "scalars": {}}))
+    assert first["scalars"] and run_job(job)["scalars"] == first["scalars"]
     with pytest.raises(AssertionError, match="ran again"):
         run_job(Job("tiny", str(recipe), seed=1, sets=["train.max_steps=5"], root=tmp_path / "seeds"))
 
