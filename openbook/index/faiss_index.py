@@ -208,6 +208,21 @@ class FaissIndex:
         return index.with_config(cfg)
 
     @classmethod
+    def trained(cls, sample: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> FaissIndex:
+        """An empty index of ``cfg.factory`` whose quantizer (IVF/PQ) is trained on ``sample``: shards add
+        their rows to copies of it (:meth:`empty_copy`), so every shard quantizes alike."""
+        arr = np.asarray(sample)
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.dtype.kind not in "fiu":
+            raise SnapshotError(f"index training: expected a non-empty 2-D float sample, got {arr.dtype} {arr.shape}")
+        return cls(_new_index(arr, cfg, metric), IndexConfig(factory=cfg.factory, device="cpu"), metric)
+
+    def empty_copy(self) -> FaissIndex:
+        """A copy with the same training (quantizer, codebooks) and no vectors."""
+        clone = faiss.clone_index(self.cpu)
+        clone.reset()
+        return FaissIndex(clone, self.cfg, self.metric)
+
+    @classmethod
     def load(cls, path: Path, cfg: IndexConfig, metric: Metric = "ip") -> FaissIndex:
         """An index saved by :meth:`save` (memory-mapped where faiss can); ``cfg`` sets search params and device."""
         return cls(_read(Path(path)), cfg, metric, where=str(path))

@@ -44,11 +44,21 @@ import numpy as np
 from openbook.errors import SnapshotError
 from openbook.index.atomic import file_entry, fsync_path, rmtree, save_npy, sha256_file, write_json
 from openbook.index.faiss_index import IndexConfig, one_line
+from openbook.index.shards import (
+    Rows,
+    ShardEntry,
+    ShardSet,
+    check_rows,
+    check_shards,
+    load_shard,
+    read_shard_entry,
+)
 from openbook.index.vector_index import VectorIndex, build_index, load_index
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 1  # what publish() writes: one index over all rows
+FORMAT_SHARDED = 2  # what publish_shards() writes: S shard dirs under one manifest (openbook/index/shards.py)
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -75,6 +85,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "weights_time": (int, float), "dim": (int,), "count": (int,), "factory": (str,), "files": (dict,),
     "checksum": (str,), "meta": (dict,), "index_config": (dict,),
 }
+_OPTIONAL: dict[str, tuple[type, ...]] = {"shards": (list,)}  # format 2 only
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class Manifest:
     checksum: str
     meta: dict[str, Any]
     index_config: dict[str, Any]  # the IndexConfig used to build (search params default to it)
+    shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # format 2: ShardEntry dicts
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,18 +119,34 @@ class Manifest:
                 raise SnapshotError(f"{where}: missing key '{key}'")
             if not isinstance(data[key], types) or isinstance(data[key], bool):
                 raise SnapshotError(f"{where}: key '{key}' has the wrong type ({type(data[key]).__name__})")
-        if data["format"] > FORMAT:
-            raise SnapshotError(f"{where}: format {data['format']} is newer than supported ({FORMAT})")
+        if data["format"] > FORMAT_SHARDED:
+            raise SnapshotError(f"{where}: format {data['format']} is newer than supported ({FORMAT_SHARDED})")
+        for key, types in _OPTIONAL.items():
+            if key in data and not isinstance(data[key], types):
+                raise SnapshotError(f"{where}: key '{key}' has the wrong type ({type(data[key]).__name__})")
+        if data["format"] == FORMAT_SHARDED and not data.get("shards"):
+            raise SnapshotError(f"{where}: format 2 without a shards list")
         for name, entry in data["files"].items():
             if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
                     and isinstance(entry.get("sha256"), str)):
                 raise SnapshotError(f"{where}: files['{name}'] needs an int 'size' and a str 'sha256'")
-        return cls(**{k: data[k] for k in _MANIFEST_TYPES})
+        return cls(**{k: data[k] for k in (*_MANIFEST_TYPES, *_OPTIONAL) if k in data})
+
+    def shard_entries(self, where: str) -> list[ShardEntry]:
+        entries = [ShardEntry.from_json(s, where) for s in self.shards]
+        check_shards(entries, self.count, where)
+        return entries
 
 
 def files_checksum(files: dict[str, dict[str, Any]]) -> str:
     """sha256 over the files' sha256 hex digests concatenated in file-name order."""
     return hashlib.sha256("".join(files[n]["sha256"] for n in sorted(files)).encode()).hexdigest()
+
+
+def shards_checksum(shards: list[dict[str, Any]]) -> str:
+    """Format 2: sha256 over each shard's name, row range and files checksum, in shard order."""
+    parts = [f"{s['name']}:{s['lo']}:{s['hi']}:{files_checksum(s['files'])}" for s in shards]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------- file helpers
@@ -150,6 +178,10 @@ def _read_manifest(path: Path) -> Manifest:
 
 def _check_files(path: Path, m: Manifest, verify: bool) -> None:
     """Sizes always (cheap; catches truncation); sha256 of every byte only when ``verify``."""
+    if m.format == FORMAT_SHARDED:
+        if shards_checksum(m.shards) != m.checksum:
+            raise SnapshotError(f"{path / MANIFEST}: checksum does not match its shards list (manifest corrupt)")
+        return  # each shard's files are checked as it loads
     if sorted(m.files) != sorted(PAYLOAD):
         raise SnapshotError(f"{path / MANIFEST}: lists files {sorted(m.files)}, expected {sorted(PAYLOAD)}")
     if files_checksum(m.files) != m.checksum:
@@ -164,6 +196,13 @@ def _check_files(path: Path, m: Manifest, verify: bool) -> None:
             raise SnapshotError(f"{p}: size {size} != manifest {want['size']} ({why})")
         if verify and sha256_file(p) != want["sha256"]:
             raise SnapshotError(f"{p}: checksum mismatch (file corrupt)")
+
+
+def _shard_dim(shard_dir: Path) -> int:
+    emb = _load_npy(shard_dir / EMBEDDINGS_FILE)
+    if emb.ndim != 2:
+        raise SnapshotError(f"{shard_dir / EMBEDDINGS_FILE}: expected [n, d], got shape {emb.shape}")
+    return int(emb.shape[1])
 
 
 def _load_npy(p: Path) -> np.ndarray:
@@ -206,6 +245,8 @@ class IndexSnapshot:
         if named and int(named.group(1)) != m.version:
             raise SnapshotError(f"{path / MANIFEST}: version {m.version} does not match directory {path.name}")
         _check_files(path, m, verify)
+        if m.format == FORMAT_SHARDED:
+            return cls._load_shards(path, m, verify, index_cfg or _index_cfg_from(m))
         emb, ids = _load_npy(path / EMBEDDINGS_FILE), _load_npy(path / DOC_IDS_FILE)
         if emb.dtype != np.float16 or emb.shape != (m.count, m.dim):
             raise SnapshotError(f"{path / EMBEDDINGS_FILE}: {emb.dtype} {emb.shape} != manifest float16 "
@@ -217,6 +258,14 @@ class IndexSnapshot:
             raise SnapshotError(f"{path / INDEX_FILE}: index has {index.ntotal} vectors of dim {index.dim}, "
                                 f"manifest {m.count} of dim {m.dim}")
         return cls(path, m, emb, ids, index)
+
+    @classmethod
+    def _load_shards(cls, path: Path, m: Manifest, verify: bool, index_cfg: IndexConfig) -> IndexSnapshot:
+        """Format 2, every shard (replicated placement): one snapshot whose index searches all shards."""
+        shards = [load_shard(path / e.name, e, m.dim, verify, index_cfg) for e in m.shard_entries(str(path / MANIFEST))]
+        starts = [s.lo for s in shards]
+        return cls(path, m, Rows([s.embeddings for s in shards], starts), Rows([s.doc_ids for s in shards], starts),
+                   ShardSet(shards, m.dim))
 
     @property
     def version(self) -> int:
@@ -249,7 +298,7 @@ class IndexSnapshot:
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Doc id strings for ``rows`` (same shape); "" where a row is -1 (publish refuses empty ids)."""
         r = np.asarray(rows, dtype=np.int64)
-        out = np.asarray(self.doc_ids)[np.where(r >= 0, r, 0)]
+        out = self.doc_ids[np.where(r >= 0, r, 0)]
         return np.where(r >= 0, out, "")
 
     def __repr__(self) -> str:
@@ -257,24 +306,6 @@ class IndexSnapshot:
 
 
 # ------------------------------------------------------------------------------------------ the store
-
-def _check_inputs(embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fp16 C-contiguous embeddings and a unicode id array, or a one-line SnapshotError."""
-    emb = np.asarray(embeddings)
-    if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
-        raise SnapshotError(f"publish: embeddings must be a non-empty [N, d] array, got shape {emb.shape}")
-    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
-        emb16 = np.ascontiguousarray(emb, dtype=np.float16)
-    if not np.isfinite(emb16).all():
-        raise SnapshotError("publish: embeddings contain NaN/inf (after float16 conversion; |x| > 65504?)")
-    ids = np.asarray(doc_ids)
-    ids = ids if ids.dtype.kind == "U" else ids.astype(str)  # object/bytes/int ids -> numpy unicode
-    if ids.shape != (emb.shape[0],):
-        raise SnapshotError(f"publish: doc ids of shape {ids.shape} for {emb.shape[0]} embeddings")
-    if (np.char.str_len(ids) == 0).any():
-        raise SnapshotError("publish: empty doc id (ids must be non-empty strings)")
-    return emb16, ids
-
 
 class SnapshotStore:
     """The ``vNNNNNN`` snapshots under ``root``: publish, list, load the newest good one, prune, clean up.
@@ -343,7 +374,7 @@ class SnapshotStore:
         The index is built from the float16-rounded embeddings, so index scores and stored embeddings
         agree exactly. A passed ``index`` must hold row i = embeddings[i].
         """
-        emb16, ids = _check_inputs(embeddings, doc_ids)
+        emb16, ids = check_rows(embeddings, doc_ids)
         if index is None:
             index = build_index(emb16, index_cfg)
         if index.ntotal != emb16.shape[0] or index.dim != emb16.shape[1]:
@@ -367,6 +398,54 @@ class SnapshotStore:
         self._last_good = version
         log.info("published snapshot %s (%d docs, encoder_step %d)", self.path(version), body["count"],
                  encoder_step)
+        self.prune(protect)
+        self.cleanup()
+        return self.load(version, verify=False)
+
+    def stage(self) -> Path:
+        """A new hidden staging dir for a format-2 snapshot: shard writers (:func:`write_shard`) fill it,
+        :meth:`publish_shards` makes it a version. A writer killed meanwhile leaves it for :meth:`cleanup`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def publish_shards(self, staging: Path, *, encoder_step: int, index_cfg: IndexConfig, count: int | None = None,
+                       weights_time: float | None = None, meta: dict | None = None,
+                       protect: Iterable[int] = ()) -> IndexSnapshot:
+        """Publish the shards written into ``staging`` as one format-2 snapshot: check that they tile the rows
+        (``count`` of them, if given) and that their files are whole, write the manifest, claim the version.
+        Shard contents are not re-hashed here (their writers recorded the sha256; a full load verifies)."""
+        try:
+            entries = sorted((read_shard_entry(d) for d in staging.iterdir() if d.name.startswith("shard-")),
+                             key=lambda e: e.lo)
+            if not entries:
+                raise SnapshotError(f"{staging}: no shards written")
+            check_shards(entries, entries[-1].hi if count is None else count, str(staging))
+            dims = {_shard_dim(staging / e.name) for e in entries}
+            if len(dims) != 1:
+                raise SnapshotError(f"{staging}: shards have different dims {sorted(dims)}")
+            shards = [e.to_json() for e in entries]
+            created = time.time()
+            body = {"format": FORMAT_SHARDED, "version": 0, "encoder_step": int(encoder_step), "created_at": created,
+                    "weights_time": float(created if weights_time is None else weights_time), "dim": dims.pop(),
+                    "count": entries[-1].hi, "factory": index_cfg.factory, "files": {},
+                    "checksum": shards_checksum(shards), "meta": dict(meta or {}),
+                    "index_config": dataclasses.asdict(index_cfg), "shards": shards}
+            for e in entries:  # sizes only: a truncated shard file fails here, before the version exists
+                for name, want in e.files.items():
+                    if not (staging / e.name / name).is_file():
+                        raise SnapshotError(f"{staging / e.name / name}: file missing")
+                    size = (staging / e.name / name).stat().st_size
+                    if size != want["size"]:
+                        raise SnapshotError(f"{staging / e.name / name}: size {size} != shard.json {want['size']}")
+            version = self._claim(staging, body)
+        except BaseException:
+            rmtree(staging)
+            raise
+        self._last_good = version
+        log.info("published sharded snapshot %s (%d docs in %d shards, encoder_step %d)", self.path(version),
+                 body["count"], len(entries), encoder_step)
         self.prune(protect)
         self.cleanup()
         return self.load(version, verify=False)

@@ -39,6 +39,10 @@ class VectorIndex(Protocol):
         """The same index with other search parameters (nprobe, efSearch) or device."""
         ...
 
+    def empty_copy(self) -> VectorIndex:
+        """The same training (quantizer, codebooks) without any vectors."""
+        ...
+
 
 def build_index(x: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> VectorIndex:
     """A trained index of ``cfg.factory`` holding the rows of ``x``."""
@@ -48,3 +52,8 @@ def build_index(x: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> Vecto
 def load_index(path: Path, cfg: IndexConfig, metric: Metric = "ip") -> VectorIndex:
     """An index saved with ``save``; ``cfg`` sets its search parameters and device."""
     return FaissIndex.load(path, cfg, metric)
+
+
+def train_index(sample: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> VectorIndex:
+    """An empty index of ``cfg.factory`` trained (IVF/PQ) on ``sample``, for shards to add their rows to."""
+    return FaissIndex.trained(sample, cfg, metric)
