@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -28,10 +29,10 @@ def setup(tmp_path_factory, ray_session):
     return cfg, data, model, tok, tokens
 
 
-def _coordinator(setup, root, batch_size: int = 64, **refresh):
+def _coordinator(setup, root, batch_size: int = 64, shards: int = 0, **refresh):
     cfg, data, model, tok, tokens = setup
     rcfg = type(cfg.refresh)(**{**vars(cfg.refresh), **refresh})
-    target = IndexTarget(root, cfg.index, 3, {"test": True})
+    target = IndexTarget(root, dataclasses.replace(cfg.index, shards=shards), 3, {"test": True})
     encode = type(cfg.encode)(batch_size=batch_size)
     return RefreshCoordinator(rcfg, encode, model.doc_tower_spec(), tokens, data.corpus.ids, target).start()
 
@@ -83,7 +84,7 @@ def test_trigger_while_busy_is_skipped_not_queued(setup, tmp_path):
 def test_actor_killed_mid_refresh_is_replaced_and_its_shard_retried(setup, tmp_path):
     import ray
 
-    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shard_size=25, batch_size=8)
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=60, batch_size=8)
     try:
         state = _perturbed_state(setup[2], 3)
         pids = ray.get([a.pid.remote() for a in coord.actors])
@@ -120,7 +121,7 @@ def test_failed_refresh_is_counted_and_the_last_good_snapshot_stays(setup, tmp_p
 def test_shutdown_cancels_in_flight_work_and_leaves_no_orphans(setup, tmp_path):
     import ray
 
-    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shard_size=10, batch_size=4)
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=150, batch_size=4)
     pids = ray.get([a.pid.remote() for a in coord.actors])
     assert coord.submit(numpy_state(setup[2].doc_encoder), 1)
     while coord.shards_done < 2 and coord.busy:

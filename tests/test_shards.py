@@ -35,7 +35,7 @@ def _publish(store: SnapshotStore, x: np.ndarray, ids: np.ndarray, bounds: list[
     staging = store.stage()
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         write_shard(staging, i, lo, x[lo:hi], ids[lo:hi], cfg, trained)
-    return store.publish_shards(staging, encoder_step=step, index_cfg=cfg, count=len(x))
+    return store.load(store.publish_shards(staging, encoder_step=step, index_cfg=cfg, count=len(x)), verify=False)
 
 
 def test_sharded_flat_search_equals_exact_search_with_ties(tmp_path):
@@ -103,8 +103,10 @@ def test_a_redone_shard_replaces_the_first_attempt_whole(tmp_path):
     write_shard(staging, 0, 0, x[:150], ids[:150], FLAT)
     write_shard(staging, 1, 150, x[150:], ids[150:], FLAT)
     assert sorted(p.name for p in staging.iterdir()) == [shard_name(0), shard_name(1)]  # no .part/.trash left
-    snap = store.publish_shards(staging, encoder_step=0, index_cfg=FLAT, count=300)
-    np.testing.assert_array_equal(np.asarray(store.load(snap.version).embeddings), x)
+    (staging / ".part-shard-00001-1-deadbeef").mkdir()  # left by a writer killed mid-shard
+    version = store.publish_shards(staging, encoder_step=0, index_cfg=FLAT, count=300)
+    assert sorted(p.name for p in store.path(version).iterdir()) == ["manifest.json", shard_name(0), shard_name(1)]
+    np.testing.assert_array_equal(np.asarray(store.load(version).embeddings), x)
 
 
 def test_a_tampered_shard_list_fails_the_manifest_checksum(tmp_path):

@@ -87,6 +87,31 @@ class TokenizedCorpus:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """The corpus ids of the rows (memory-mapped ``doc_ids.npy``, written by :meth:`keep_doc_ids`)."""
+        path = self.path / "doc_ids.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no doc ids beside the token cache (keep_doc_ids was not called)")
+        return np.load(path, mmap_mode="r")
+
+    def keep_doc_ids(self, ids: np.ndarray) -> None:
+        """Store the rows' corpus ids beside the tokens once (write-then-rename), so whoever encodes rows by
+        path (refresh actors, on any node of a shared filesystem) reads their ids the same way."""
+        ids = np.asarray(ids)
+        ids = ids if ids.dtype.kind == "U" else ids.astype(str)
+        if ids.shape != (len(self),):
+            raise ValueError(f"{len(ids)} doc ids for {len(self)} tokenised rows")
+        path = self.path / "doc_ids.npy"
+        if path.is_file() and np.array_equal(np.load(path, mmap_mode="r"), ids):
+            return
+        tmp = path.with_name(f".doc_ids.{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
+        with open(tmp, "wb") as f:
+            np.save(f, ids, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
     def __repr__(self) -> str:
         return f"TokenizedCorpus({str(self.path)!r}, rows={len(self)}, max_length={self.max_length})"
 

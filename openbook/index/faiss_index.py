@@ -39,10 +39,14 @@ class IndexConfig:
                                                         "GPU is visible (auto), or force cpu/gpu")
     train_size: int = opt(100_000, "max vectors sampled (deterministically) to train IVF/PQ indexes")
     seed: int = opt(0, "seed of the training sample")
+    shards: int = opt(0, "index shards per refresh snapshot, each written by the actor that encodes it "
+                         "(0: one per encoder actor)")
 
     def __post_init__(self) -> None:
         if not self.factory.strip():
             raise ValueError("index.factory must be a non-empty faiss index_factory string")
+        if self.shards < 0:
+            raise ValueError(f"index.shards must be >= 0 (0: one per encoder actor), got {self.shards}")
         for name in ("nprobe", "ef_search", "train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index.{name} must be >= 1, got {getattr(self, name)}")
@@ -215,6 +219,21 @@ class FaissIndex:
         if arr.ndim != 2 or arr.shape[0] == 0 or arr.dtype.kind not in "fiu":
             raise SnapshotError(f"index training: expected a non-empty 2-D float sample, got {arr.dtype} {arr.shape}")
         return cls(_new_index(arr, cfg, metric), IndexConfig(factory=cfg.factory, device="cpu"), metric)
+
+    @staticmethod
+    def needs_training(factory: str, dim: int) -> bool:
+        try:
+            return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+        except RuntimeError as e:
+            raise ConfigError(f"index.factory {factory!r} is invalid for dim {dim}: {one_line(e)}") from None
+
+    def to_bytes(self) -> np.ndarray:
+        """The CPU index serialised (uint8), to ship a trained quantizer to the shard writers."""
+        return faiss.serialize_index(self.cpu)
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> FaissIndex:
+        return cls(faiss.deserialize_index(np.asarray(data, dtype=np.uint8)), cfg, metric)
 
     def empty_copy(self) -> FaissIndex:
         """A copy with the same training (quantizer, codebooks) and no vectors."""

@@ -412,11 +412,15 @@ class SnapshotStore:
 
     def publish_shards(self, staging: Path, *, encoder_step: int, index_cfg: IndexConfig, count: int | None = None,
                        weights_time: float | None = None, meta: dict | None = None,
-                       protect: Iterable[int] = ()) -> IndexSnapshot:
-        """Publish the shards written into ``staging`` as one format-2 snapshot: check that they tile the rows
-        (``count`` of them, if given) and that their files are whole, write the manifest, claim the version.
-        Shard contents are not re-hashed here (their writers recorded the sha256; a full load verifies)."""
+                       protect: Iterable[int] = ()) -> int:
+        """Publish the shards written into ``staging`` as one format-2 snapshot and return its version: check
+        that they tile the rows (``count`` of them, if given) and that their files are whole, write the
+        manifest, claim the version. Shard contents are not re-hashed here (their writers recorded the
+        sha256; a full load verifies), and nothing is loaded: the committing process may hold no shard."""
         try:
+            for p in staging.iterdir():  # a shard writer killed mid-write left its hidden part dir
+                if p.name.startswith((".part-", ".trash-")):
+                    rmtree(p)
             entries = sorted((read_shard_entry(d) for d in staging.iterdir() if d.name.startswith("shard-")),
                              key=lambda e: e.lo)
             if not entries:
@@ -448,7 +452,7 @@ class SnapshotStore:
                  body["count"], len(entries), encoder_step)
         self.prune(protect)
         self.cleanup()
-        return self.load(version, verify=False)
+        return version
 
     @staticmethod
     def _write_payload(tmp: Path, emb16: np.ndarray, ids: np.ndarray, index: VectorIndex) -> dict:

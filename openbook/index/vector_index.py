@@ -57,3 +57,16 @@ def load_index(path: Path, cfg: IndexConfig, metric: Metric = "ip") -> VectorInd
 def train_index(sample: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> VectorIndex:
     """An empty index of ``cfg.factory`` trained (IVF/PQ) on ``sample``, for shards to add their rows to."""
     return FaissIndex.trained(sample, cfg, metric)
+
+
+def needs_training(factory: str, dim: int) -> bool:
+    """Whether ``factory`` (IVF, PQ, ...) must be trained on a sample before vectors are added."""
+    return FaissIndex.needs_training(factory, dim)
+
+
+def index_to_bytes(index: VectorIndex) -> np.ndarray:
+    return index.to_bytes()
+
+
+def index_from_bytes(data: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> VectorIndex:
+    return FaissIndex.from_bytes(data, cfg, metric)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -22,6 +23,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.errors import OpenbookError
+from openbook.index import SnapshotStore
+from openbook.index.atomic import rmtree
 from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.encode import EncoderSpec
 from openbook.refresher.pool import ActorPool, ShardFailed, run_shards
@@ -94,7 +97,6 @@ class RefreshCoordinator:
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._tag = 0
-        self._doc_ids_ref = None
         self._started_ray = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -111,7 +113,7 @@ class RefreshCoordinator:
                    "refresh.start_timeout_seconds" if have >= need else f"Ray has {have:g} free")
             raise OpenbookError(f"refresh pool did not start within {self.cfg.start_timeout_seconds:.0f}s: "
                                 f"{self.cfg.num_workers} actors need {need:g} CPUs; {why}") from None
-        self._doc_ids_ref = ray.put(np.asarray(self.doc_ids))
+        self.tokens.keep_doc_ids(np.asarray(self.doc_ids))  # actors read their rows' ids by path
         return self
 
     @property
@@ -230,43 +232,61 @@ class RefreshCoordinator:
 
     def _refresh(self, tag: int, state: dict, encoder_step: int, weights_time: float,
                  protect: tuple) -> RefreshResult:
+        """Each actor encodes its row ranges and writes them as shards straight into the staging dir of the
+        next snapshot (format 2); this thread then commits it (checks, manifest, one rename). No process
+        holds all N embeddings, and only the weights and small shard entries pass the object store."""
         t0 = time.time()
         deadline = t0 + self.cfg.timeout_seconds
         weights = ray.put(state)
-        shard_refs, retried = self._encode_all(tag, weights, deadline)
-        encode_s = time.time() - t0
-        info = self._publish(encoder_step, weights_time, protect, shard_refs, deadline)
-        return RefreshResult(version=info["version"], path=info["path"], encoder_step=encoder_step,
+        store = SnapshotStore(self.target.root, keep=self.target.keep)
+        staging = store.stage()
+        try:
+            trained = self._train_quantizer(tag, weights, deadline)
+            retried = self._write_shards(tag, weights, staging, trained, deadline)
+            encode_s = time.time() - t0
+            version = store.publish_shards(staging, encoder_step=encoder_step, index_cfg=self.target.index,
+                                           count=len(self.tokens), weights_time=weights_time,
+                                           meta=self.target.meta, protect=protect)
+        except BaseException:
+            rmtree(staging)
+            raise
+        return RefreshResult(version=version, path=str(store.path(version)), encoder_step=encoder_step,
                              weights_time=weights_time, duration=time.time() - t0, encode_seconds=encode_s,
                              docs=len(self.tokens), retried_shards=retried)
 
-    def _encode_all(self, tag: int, weights, deadline: float) -> tuple[list, int]:
-        n, size = len(self.tokens), self.cfg.shard_size
-        shards = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
-        done: dict[int, ray.ObjectRef] = {}
+    def shard_ranges(self) -> list[tuple[int, int, int]]:
+        """(shard, first row, end row) of each index shard: ``index.shards`` of them (0: one per actor)."""
+        n = len(self.tokens)
+        count = min(self.target.index.shards or self.cfg.num_workers, n)
+        bounds = np.linspace(0, n, count + 1).round().astype(int)
+        return [(s, int(lo), int(hi)) for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+
+    def _train_quantizer(self, tag: int, weights, deadline: float):
+        """IVF/PQ: one actor encodes a seeded sample with the new weights and trains the quantizer once, so
+        every shard quantizes alike; None for factories without training (Flat, HNSW)."""
+        cfg, n = self.target.index, len(self.tokens)
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=min(n, cfg.train_size), replace=False))
+        for attempt in range(self.cfg.max_shard_retries + 1):
+            try:
+                return self._await(self.actors[0].train_quantizer.remote(tag, weights, rows, cfg), deadline)
+            except RayActorError:
+                log.warning("actor died training the index quantizer (attempt %d); retrying", attempt + 1)
+                self.pool.replace(0, self.actors[0])
+        raise RefreshFailed("index training failed: its actor kept dying")
+
+    def _write_shards(self, tag: int, weights, staging: Path, trained, deadline: float) -> int:
         self.shards_done = 0
 
         def finished(i: int, ref: ray.ObjectRef) -> None:
-            done[i] = ref
             self.shards_done += 1
 
-        retried = run_shards(self.pool, shards, lambda actor, shard: actor.encode.remote(tag, weights, *shard),
-                             finished, self.cfg.max_shard_retries, lambda refs: self._check(deadline, refs))
+        cfg = self.target.index
+        retried = run_shards(
+            self.pool, self.shard_ranges(),
+            lambda actor, s: actor.encode_shard.remote(tag, weights, str(staging), *s, cfg, trained),
+            finished, self.cfg.max_shard_retries, lambda refs: self._check(deadline, refs))
         self.retried_shards += retried
-        return [done[i] for i in range(len(shards))], retried
-
-    def _publish(self, encoder_step: int, weights_time: float, protect: tuple, shard_refs: list,
-                 deadline: float) -> dict:
-        """Build + publish on a pool actor; if that actor dies, on a fresh one (bounded retries)."""
-        for attempt in range(self.cfg.max_shard_retries + 1):
-            ref = self.actors[0].publish.remote(self.target, encoder_step, weights_time, protect,
-                                                self._doc_ids_ref, *shard_refs)
-            try:
-                return self._await(ref, deadline)
-            except RayActorError:
-                log.warning("publishing actor died (attempt %d); retrying on a fresh actor", attempt + 1)
-                self.pool.replace(0, self.actors[0])
-        raise RefreshFailed("index build failed: publishing actor kept dying")
+        return retried
 
     def _check(self, deadline: float, inflight) -> None:
         if self._cancel.is_set() or time.time() > deadline:

@@ -54,6 +54,19 @@ def encode_rows(encoder: torch.nn.Module, tokens: TokenizedCorpus, start: int, e
 
 
 @torch.inference_mode()
+def encode_row_ids(encoder: torch.nn.Module, tokens: TokenizedCorpus, rows: np.ndarray, batch_size: int,
+                   device: str = "cpu") -> np.ndarray:
+    """Embeddings of the given corpus rows (a sample, e.g. to train an IVF/PQ quantizer), float16 [len(rows), d]."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), encoder.dim), dtype=np.float16)
+    with evaluating(encoder):
+        for lo in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in tokens.batch(rows[lo:lo + batch_size]).items()}
+            out[lo:lo + batch_size] = encoder(**batch).float().cpu().numpy().astype(np.float16)
+    return out
+
+
+@torch.inference_mode()
 def encode_texts(encoder: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
                  batch_size: int = 256) -> np.ndarray:
     """Embeddings float32 [N, d] of raw texts (questions) with ``encoder``, truncated to ``max_length`` tokens."""

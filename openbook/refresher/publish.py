@@ -1,8 +1,6 @@
-"""The index-build step: concatenate shards, build the index, publish the snapshot atomically.
-
-A refresh runs it inside an EncoderWorker (idle once encoding is done), so it needs no resources
-beyond the pool's own: a separate task would wait forever on a cluster the pool fills. Runs without
-the pool (refresh off, ``openbook build-index``) encode and publish in-process with the same loop.
+"""In-process encoding and publishing, for runs without the actor pool (refresh off, ``openbook build-index``):
+the same encoding loop as the actors, so both produce the same numbers. (A refresh writes its shards from
+the actors: ``EncoderWorker.encode_shard``.)
 """
 
 from __future__ import annotations
@@ -27,15 +25,6 @@ class IndexTarget:
     index: IndexConfig
     keep: int
     meta: dict
-
-
-def publish_shards(target: IndexTarget, encoder_step: int, weights_time: float, protect: tuple,
-                   doc_ids: np.ndarray, shards: list[np.ndarray]) -> dict:
-    embeddings = np.concatenate(shards)
-    store = SnapshotStore(target.root, keep=target.keep)
-    snap = store.publish(embeddings, doc_ids, encoder_step=encoder_step, index_cfg=target.index,
-                         weights_time=weights_time, meta=target.meta, protect=protect)
-    return {"version": snap.version, "path": str(snap.path)}
 
 
 def encode_corpus(encoder, tokens: TokenizedCorpus, batch_size: int, progress: bool = True) -> np.ndarray:

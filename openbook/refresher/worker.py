@@ -1,17 +1,21 @@
-"""``EncoderWorker``: a Ray actor that encodes corpus shards with the weights it is handed."""
+"""``EncoderWorker``: a Ray actor that encodes corpus rows with the weights it is handed and writes them as
+index shards of the snapshot being staged (format 2), or trains the index quantizer on a sample."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from openbook.data.tokcache import TokenizedCorpus
-from openbook.refresher.encode import EncoderSpec, encode_rows, load_numpy_state
-from openbook.refresher.publish import IndexTarget, publish_shards
+from openbook.index import IndexConfig
+from openbook.index.shards import write_shard
+from openbook.index.vector_index import index_from_bytes, index_to_bytes, needs_training, train_index
+from openbook.refresher.encode import EncoderSpec, encode_row_ids, encode_rows, load_numpy_state
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -32,16 +36,30 @@ class EncoderWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def encode(self, tag: int, state: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
+    def _weights(self, tag: int, state: dict[str, np.ndarray]) -> None:
         # ``state`` arrives from the object store (zero-copy numpy); load it once per refresh.
         if self.delay:
             time.sleep(self.delay)
         if tag != self.weights_tag:
             load_numpy_state(self.encoder, state)
             self.weights_tag = tag
-        return encode_rows(self.encoder, self.tokens, start, end, self.batch_size, self.device)
 
-    def publish(self, target: IndexTarget, encoder_step: int, weights_time: float, protect: tuple,
-                doc_ids: np.ndarray, *shards: np.ndarray) -> dict:
-        """Build the index from the gathered shards and publish it (shards arrive zero-copy)."""
-        return publish_shards(target, encoder_step, weights_time, protect, doc_ids, list(shards))
+    def train_quantizer(self, tag: int, state: dict[str, np.ndarray], rows: np.ndarray,
+                        cfg: IndexConfig) -> np.ndarray | None:
+        """An empty index trained on the given rows' new embeddings (serialised), or None for a factory
+        that needs no training (Flat, HNSW): every shard then adds its rows to a copy of it."""
+        if not needs_training(cfg.factory, self.encoder.dim):
+            return None
+        self._weights(tag, state)
+        sample = encode_row_ids(self.encoder, self.tokens, rows, self.batch_size, self.device)
+        return index_to_bytes(train_index(sample, cfg))
+
+    def encode_shard(self, tag: int, state: dict[str, np.ndarray], staging: str, shard: int, start: int, end: int,
+                     cfg: IndexConfig, trained: np.ndarray | None) -> dict:
+        """Encode rows [start, end) and write them as shard ``shard`` straight into ``staging`` (format 2):
+        only the shard's small entry comes back, never its embeddings."""
+        self._weights(tag, state)
+        emb = encode_rows(self.encoder, self.tokens, start, end, self.batch_size, self.device)
+        base = None if trained is None else index_from_bytes(trained, IndexConfig(factory=cfg.factory, device="cpu"))
+        entry = write_shard(Path(staging), shard, start, emb, self.tokens.doc_ids[start:end], cfg, base)
+        return entry.to_json()
