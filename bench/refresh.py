@@ -35,7 +35,7 @@ def recipe(tmp: Path, passages: int, **sections) -> RecipeConfig:
         "retriever": {"encoder": {"source": "tiny"}, "pooling": "mean", "doc_max_length": 48},
         "train": {"batch_size": 16, "negatives": 8, "lr": 3e-4},
         "encode": {"batch_size": 256, "threads": THREADS},
-        "refresh": {"num_workers": 1, "shard_size": 2000, "start_timeout_seconds": 600},  # a loaded machine starts actors slowly
+        "refresh": {"num_workers": 1, "start_timeout_seconds": 600},  # a loaded machine starts actors slowly
     }
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)

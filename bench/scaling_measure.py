@@ -23,7 +23,8 @@ def recipe(tmp: Path, passages: int, encoder: str, workers: int, cache: Path = C
         "retriever": {"encoder": {"source": encoder}, "pooling": "mean", "doc_max_length": 48},
         "snapshots": {"keep": 2},
         "encode": {"batch_size": 256, "threads": 1},
-        "refresh": {"num_workers": workers, "cpus_per_worker": 1, "shard_size": 5000 if encoder == "tiny" else 500}})
+        "refresh": {"num_workers": workers, "cpus_per_worker": 1},
+        "index": {"shards": 0}})
 
 
 @dataclass

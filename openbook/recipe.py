@@ -99,16 +99,27 @@ MOVED_KEYS = {
     "rag.generator_lr_scale": "reader.lr_scale", "fid.generator_lr_scale": "reader.lr_scale",
     "realm.reader_lr_scale": "reader.lr_scale",
 }
+REMOVED_KEYS = {
+    "refresh.shard_size": "a refresh task is now one index shard: set index.shards (0 = one per encoder actor)",
+}
+
+
+def _lookup(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def check_moved_keys(data: dict, where: str) -> None:
     for old, new in MOVED_KEYS.items():
-        node = data
-        for part in old.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = _lookup(data, old)
         if node is not None:
             why = next(text for prefix, text in _SHARED.items() if new.startswith(prefix))
             raise ConfigError(f"{where}: {old} is now {new} ({why}): set {new}: {node!r}")
+    for old, why in REMOVED_KEYS.items():
+        if _lookup(data, old) is not None:
+            raise ConfigError(f"{where}: {old} was removed ({why})")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:

@@ -21,7 +21,8 @@ def tiny_recipe(tmp: Path, cache: Path | None = None, **sections) -> RecipeConfi
         "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-3, "negatives": 4, "num_threads": 1},
         # a loaded CI machine can take minutes to start an actor: fail on that only after 10 minutes
         "encode": {"batch_size": 64},
-        "refresh": {"schedule": "5", "shard_size": 100, "start_timeout_seconds": 600},
+        "refresh": {"schedule": "5", "start_timeout_seconds": 600},
+        "index": {"shards": 3},  # format-2 snapshots of several shards on every test path
     }
     for name, value in sections.items():
         if isinstance(value, dict):

@@ -81,6 +81,9 @@ def test_moved_keys_fail_with_one_line_naming_the_new_key(tmp_path):
             load_recipe(CONFIGS[0], [f"{old}={value}"])
         assert f"{old} is now {new}" in str(e.value) and f"set {new}: {value}" in str(e.value)
         assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"refresh.shard_size was removed \(a refresh task is now one index shard: "
+                                          r"set index.shards"):
+        load_recipe(CONFIGS[0], ["refresh.shard_size=500"])
     with pytest.raises(ConfigError, match="model 'colbert' is not one of dense_retriever, ict"):
         load_recipe(CONFIGS[0], ["model=colbert"])
 

@@ -55,8 +55,8 @@ def _fit(cfg, keep_weights=True):
 
 def test_index_refreshes_under_a_running_trainer(tmp_path, ray_session):
     # Small shards make each refresh span several steps, so overlap with training is observable.
-    cfg = tiny_recipe(tmp_path, train={"max_steps": 40}, refresh={"schedule": "5", "shard_size": 20},
-                      encode={"batch_size": 8})
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 40}, refresh={"schedule": "5"},
+                      index={"shards": 20}, encode={"batch_size": 8})
     parts, rec, trainer = _fit(cfg)
     stats = parts.callback.stats
     versions = [v for _, v in stats.versions]
@@ -113,8 +113,8 @@ class Crash(pl.Callback):
 
 def test_a_crashing_fit_cancels_the_refresh_and_kills_the_actors(tmp_path, ray_session):
 
-    cfg = tiny_recipe(tmp_path, train={"max_steps": 30}, refresh={"schedule": "100", "shard_size": 10},
-                      encode={"batch_size": 4})
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 30}, refresh={"schedule": "100"},
+                      index={"shards": 30}, encode={"batch_size": 4})
     parts = build_parts(cfg)
     crash = Crash(parts.callback, at_step=3)
     trainer = make_trainer(cfg, [parts.callback, crash], logger=False, enable_progress_bar=False)
@@ -141,8 +141,8 @@ def test_a_slowed_pool_gives_the_same_run(tmp_path, ray_session):
     runs = {}
     for name, delay in (("fast", 0.0), ("slow", 0.6)):
         cfg = tiny_recipe(tmp_path / name, cache=tmp_path / "cache", train={"max_steps": 24, "seed": 5},
-                          refresh={"schedule": "5", "swap_lag": 3, "shard_size": 300,
-                                   "inject_delay_seconds": delay})
+                          refresh={"schedule": "5", "swap_lag": 3, "inject_delay_seconds": delay},
+                          index={"shards": 2})
         parts = build_parts(cfg)
         rec = Recorder(keep_weights=False)
         trainer = make_trainer(cfg, [parts.callback, rec], logger=False, enable_progress_bar=False)
@@ -164,7 +164,7 @@ def test_waits_for_a_late_refresh_are_counted_and_named(tmp_path, ray_session, c
     import logging
 
     cfg = tiny_recipe(tmp_path, train={"max_steps": 14}, refresh={
-        "schedule": "2", "swap_lag": 1, "shard_size": 600, "inject_delay_seconds": 0.5})
+        "schedule": "2", "swap_lag": 1, "inject_delay_seconds": 0.5}, index={"shards": 1})
     parts = build_parts(cfg)
     logged = []
 

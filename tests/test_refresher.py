@@ -68,7 +68,7 @@ def test_pool_encodes_like_a_direct_loop(setup, tmp_path):
 
 
 def test_trigger_while_busy_is_skipped_not_queued(setup, tmp_path):
-    coord = _coordinator(setup, tmp_path / "snaps", num_workers=1, shard_size=50, batch_size=16)
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=1, shards=12, batch_size=16)
     try:
         state = numpy_state(setup[2].doc_encoder)
         assert coord.submit(state, 1)

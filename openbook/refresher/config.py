@@ -39,7 +39,6 @@ class RefreshConfig:
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor (its torch threads unless encode.threads is set)")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
-    shard_size: int = opt(1000, "passages per task; a dead actor's shard is retried elsewhere")
     max_shard_retries: int = opt(3, "attempts per shard before the refresh is declared failed")
     timeout_seconds: float = opt(3600.0, "a refresh running longer is cancelled and counted as failed")
     start_timeout_seconds: float = opt(120.0, "the pool must be up by then (else: not enough cluster resources)")
@@ -55,8 +54,8 @@ class RefreshConfig:
 
     def __post_init__(self) -> None:
         RefreshSchedule(self.schedule)  # raises ValueError with the bad piece named
-        if self.num_workers < 1 or self.shard_size < 1:
-            raise ValueError("num_workers and shard_size must be >= 1")
+        if self.num_workers < 1:
+            raise ValueError(f"refresh.num_workers must be >= 1, got {self.num_workers}")
         if self.check_every_n_steps < 1:
             raise ValueError("check_every_n_steps must be >= 1")
         if self.swap_lag < 1:
