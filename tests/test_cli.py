@@ -170,3 +170,34 @@ def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
     assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
     # the step-8 refresh (triggered at resume) is in use from step 10, the step-12 one from 14
     assert [v for _, v in h0["versions"]] == [2] + [3] * 4 + [4] * 3
+
+
+@pytest.mark.slow
+def test_two_process_sharded_index_trains_as_the_replicated_one(tmp_path):
+    """index.placement sharded under 2-process DDP (gloo): each rank holds 2 of the 4 shards, searches are
+    all-gathered and merged; with a Flat index every step's loss and index version equal those of the
+    replicated placement. The sharded run then resumes in one process (another world size): the shards are
+    re-assigned (this process holds all 4) and training carries on from the checkpoint's snapshot."""
+    wd = _workdir(tmp_path)
+    sets = ["train.max_steps=12", "refresh.schedule=4", "refresh.swap_lag=2", "data.world.num_passages=600",
+            "index.shards=4", "train.checkpoint_every_n_steps=4"]
+    runs = {}
+    for placement in ("replicated", "sharded"):
+        proc = ddp_train(wd, "configs/default.yaml", [*sets, f"run_dir=runs/{placement}",
+                                                      f"index.placement={placement}"], "--quiet")
+        h0, h1 = rank_histories(wd / "runs" / placement)
+        assert h0["versions"] == h1["versions"]
+        summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+        runs[placement] = ([v for _, v in h0["versions"]], tb_scalars(wd / "runs" / placement, "train/loss"), summary)
+    (rv, rloss, rsum), (sv, sloss, ssum) = runs["replicated"], runs["sharded"]
+    assert rv == sv == [1] * 5 + [2] * 4 + [3] * 3  # triggers after 4 and 8, each in use from s + 2
+    assert len(sloss) == 12 and sloss == rloss
+    assert ssum["dev_recall@5_index_in_use"] == rsum["dev_recall@5_index_in_use"]  # dev search over both ranks
+    shard_dirs = sorted(p.name for p in (wd / "runs" / "sharded" / "snapshots" / "v000003").glob("shard-*"))
+    assert shard_dirs == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
+    resumed = run(["train", "--config", "configs/default.yaml", "--resume", "last", "--quiet",
+                   *[a for s in [*sets[1:], "train.max_steps=16", "run_dir=runs/sharded", "index.placement=sharded",
+                                 "refresh.start_timeout_seconds=600"] for a in ("--set", s)]], wd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not re-encoded" in resumed.stderr
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == 16

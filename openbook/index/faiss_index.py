@@ -41,6 +41,10 @@ class IndexConfig:
     seed: int = opt(0, "seed of the training sample")
     shards: int = opt(0, "index shards per refresh snapshot, each written by the actor that encodes it "
                          "(0: one per encoder actor)")
+    placement: Literal["replicated", "sharded"] = opt(
+        "replicated", "across the trainer's ranks: replicated = every rank loads every shard; sharded = rank r "
+                      "holds shards r, r+W, ... and searches are all-gathered and merged (each rank holds ~1/W; "
+                      "exact for Flat; use index.shards a multiple of the world size)")
 
     def __post_init__(self) -> None:
         if not self.factory.strip():
@@ -50,6 +54,8 @@ class IndexConfig:
         for name in ("nprobe", "ef_search", "train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index.{name} must be >= 1, got {getattr(self, name)}")
+        if self.placement not in ("replicated", "sharded"):
+            raise ValueError(f"index.placement must be replicated or sharded, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"index.device must be one of auto/cpu/gpu, got {self.device!r}")
 

@@ -147,19 +147,20 @@ class Shard:
     """One loaded shard: rows [lo, hi) of the snapshot."""
 
     entry: ShardEntry
-    embeddings: np.ndarray
+    embeddings: np.ndarray | None  # None: held by another rank (sharded placement)
     doc_ids: np.ndarray
-    index: VectorIndex
+    index: VectorIndex | None
 
     @property
     def lo(self) -> int:
         return self.entry.lo
 
 
-def load_shard(path: Path, entry: ShardEntry, dim: int, verify: bool, index_cfg: IndexConfig) -> Shard:
+def load_shard(path: Path, entry: ShardEntry, dim: int, verify: bool, index_cfg: IndexConfig | None) -> Shard:
     """Load one shard dir and check it against the snapshot manifest's ``entry`` (sizes always, sha256 when
-    ``verify``); any problem is a one-line SnapshotError naming the shard's file."""
-    for name in SHARD_FILES:
+    ``verify``); any problem is a one-line SnapshotError naming the shard's file. ``index_cfg`` None: only
+    the doc ids are read (memory-mapped; a shard another rank searches), its index and embeddings are not."""
+    for name in SHARD_FILES if index_cfg is not None else (DOC_IDS_FILE,):
         p, want = path / name, entry.files[name]
         if not p.is_file():
             raise SnapshotError(f"{p}: file missing")
@@ -170,20 +171,26 @@ def load_shard(path: Path, entry: ShardEntry, dim: int, verify: bool, index_cfg:
         if verify and sha256_file(p) != want["sha256"]:
             raise SnapshotError(f"{p}: checksum mismatch (file corrupt)")
     n = entry.hi - entry.lo
-    try:
-        emb = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-        ids = np.load(path / DOC_IDS_FILE, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise SnapshotError(f"{path}: unreadable .npy ({' '.join(str(e).split())[:200]})") from None
-    if emb.dtype != np.float16 or emb.shape != (n, dim):
-        raise SnapshotError(f"{path / EMBEDDINGS_FILE}: {emb.dtype} {emb.shape} != manifest float16 {(n, dim)}")
+    ids = _load_npy(path / DOC_IDS_FILE)
     if ids.dtype.kind != "U" or ids.shape != (n,):
         raise SnapshotError(f"{path / DOC_IDS_FILE}: {ids.dtype} {ids.shape} != manifest unicode ({n},)")
+    if index_cfg is None:
+        return Shard(entry, None, ids, None)
+    emb = _load_npy(path / EMBEDDINGS_FILE)
+    if emb.dtype != np.float16 or emb.shape != (n, dim):
+        raise SnapshotError(f"{path / EMBEDDINGS_FILE}: {emb.dtype} {emb.shape} != manifest float16 {(n, dim)}")
     index = load_index(path / INDEX_FILE, index_cfg)
     if index.ntotal != n or index.dim != dim:
         raise SnapshotError(f"{path / INDEX_FILE}: index has {index.ntotal} vectors of dim {index.dim}, "
                             f"manifest {n} of dim {dim}")
     return Shard(entry, emb, ids, index)
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SnapshotError(f"{p}: unreadable .npy ({' '.join(str(e).split())[:200]})") from None
 
 
 def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: Metric = "ip"
@@ -219,7 +226,7 @@ class ShardSet:
         return dict(getattr(self.shards[0].index, "search_params", {})) if self.shards else {}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = []
+        parts = [(np.full((len(queries), k), -1, np.int64), np.full((len(queries), k), np.nan, np.float32))]
         for s in self.shards:
             rows, scores = s.index.search(queries, k)
             parts.append((np.where(rows >= 0, rows + s.lo, -1), scores))
@@ -257,7 +264,7 @@ class Rows:
         for i in np.unique(which):
             sel = which == i
             out[sel] = self.parts[i][flat[sel] - self.starts[i]]
-        return out.reshape(*r.shape, *self.shape[1:])
+        return out.reshape(r.shape + tuple(self.shape[1:]))[()]  # an int row gives one element, as numpy does
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.concatenate([np.asarray(p) for p in self.parts])

@@ -44,6 +44,7 @@ import numpy as np
 from openbook.errors import SnapshotError
 from openbook.index.atomic import file_entry, fsync_path, rmtree, save_npy, sha256_file, write_json
 from openbook.index.faiss_index import IndexConfig, one_line
+from openbook.index.placement import DistributedShardSet, Part
 from openbook.index.shards import (
     Rows,
     ShardEntry,
@@ -232,10 +233,14 @@ class IndexSnapshot:
         self.index = index
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, index_cfg: IndexConfig | None = None) -> IndexSnapshot:
+    def load(cls, path: str | Path, verify: bool = True, index_cfg: IndexConfig | None = None,
+             part: Part | None = None) -> IndexSnapshot:
         """Load and check a snapshot dir; ``verify`` hashes every file (cost ~ its size).
 
-        ``index_cfg`` sets search params/device; by default the config it was built with.
+        ``index_cfg`` sets search params/device; by default the config it was built with. ``part``: this
+        rank's part of a sharded placement (format 2, world > 1): only its shards' indexes and embeddings
+        are loaded (and verified); searches are then collectives over the ranks. A format-1 snapshot is one
+        index: every rank loads it whole.
         """
         path = Path(path)
         if not path.is_dir():
@@ -246,7 +251,7 @@ class IndexSnapshot:
             raise SnapshotError(f"{path / MANIFEST}: version {m.version} does not match directory {path.name}")
         _check_files(path, m, verify)
         if m.format == FORMAT_SHARDED:
-            return cls._load_shards(path, m, verify, index_cfg or _index_cfg_from(m))
+            return cls._load_shards(path, m, verify, index_cfg or _index_cfg_from(m), part)
         emb, ids = _load_npy(path / EMBEDDINGS_FILE), _load_npy(path / DOC_IDS_FILE)
         if emb.dtype != np.float16 or emb.shape != (m.count, m.dim):
             raise SnapshotError(f"{path / EMBEDDINGS_FILE}: {emb.dtype} {emb.shape} != manifest float16 "
@@ -260,12 +265,19 @@ class IndexSnapshot:
         return cls(path, m, emb, ids, index)
 
     @classmethod
-    def _load_shards(cls, path: Path, m: Manifest, verify: bool, index_cfg: IndexConfig) -> IndexSnapshot:
-        """Format 2, every shard (replicated placement): one snapshot whose index searches all shards."""
-        shards = [load_shard(path / e.name, e, m.dim, verify, index_cfg) for e in m.shard_entries(str(path / MANIFEST))]
+    def _load_shards(cls, path: Path, m: Manifest, verify: bool, index_cfg: IndexConfig,
+                     part: Part | None) -> IndexSnapshot:
+        """Format 2: every shard (replicated) or this rank's (sharded; the doc ids of all, memory-mapped)."""
+        entries = m.shard_entries(str(path / MANIFEST))
+        mine = [part is None or part.world == 1 or part.owns(i) for i in range(len(entries))]
+        shards = [load_shard(path / e.name, e, m.dim, verify, index_cfg if own else None)
+                  for e, own in zip(entries, mine)]
         starts = [s.lo for s in shards]
-        return cls(path, m, Rows([s.embeddings for s in shards], starts), Rows([s.doc_ids for s in shards], starts),
-                   ShardSet(shards, m.dim))
+        ids = Rows([s.doc_ids for s in shards], starts)
+        if all(mine):
+            return cls(path, m, Rows([s.embeddings for s in shards], starts), ids, ShardSet(shards, m.dim))
+        local = [s for s, own in zip(shards, mine) if own]
+        return cls(path, m, None, ids, DistributedShardSet(local, part.exchange, m.count, m.dim))
 
     @property
     def version(self) -> int:
@@ -294,6 +306,18 @@ class IndexSnapshot:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows int64 [Q, k], scores float32 [Q, k]); rows index ``doc_ids``/``embeddings``, -1 = none."""
         return self.index.search(queries, k)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32 embeddings of ``rows`` (any shape); under a sharded placement a collective that fetches
+        them from the ranks holding them (``embeddings`` is then None)."""
+        if isinstance(self.index, DistributedShardSet):
+            return self.index.vectors(rows)
+        return np.asarray(self.embeddings[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+
+    @property
+    def sharded(self) -> bool:
+        """True when this process holds only its part of the snapshot (searches are collectives)."""
+        return isinstance(self.index, DistributedShardSet)
 
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Doc id strings for ``rows`` (same shape); "" where a row is -1 (publish refuses empty ids)."""

@@ -27,6 +27,7 @@ import torch
 
 from openbook.errors import OpenbookError
 from openbook.index import IndexConfig, IndexHolder, IndexSnapshot, SnapshotStore
+from openbook.index.placement import Part
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.encode import numpy_state
 from openbook.refresher.schedule import RefreshSchedule
@@ -56,6 +57,8 @@ class IndexRefreshCallback(pl.Callback):
         self.make_coordinator, self.build_initial, self.doc_encoder = make_coordinator, build_initial, doc_encoder
         self.refreshing = cfg.enabled and make_coordinator is not None  # the same on every rank
         self.coordinator = None
+        self.part: Part | None = None  # this rank's shards under index.placement sharded (set at fit start)
+        self._warned_part = False
         self.stats = RefreshStats()
         self._queue: list[Pending] = []  # deterministic swap: triggered, not yet swapped (every rank)
         self._pending: Published | None = None  # asap, rank 0: newest published, not yet swapped
@@ -73,6 +76,7 @@ class IndexRefreshCallback(pl.Callback):
 
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.part = self._part(trainer)
         if trainer.is_global_zero and self.refreshing:
             self.coordinator = self.make_coordinator().start()
         if self._resume is not None:
@@ -106,8 +110,24 @@ class IndexRefreshCallback(pl.Callback):
         self.holder.swap(self._load(pub.path))
         self._in_use = pub
 
+    def _part(self, trainer: pl.Trainer) -> Part | None:
+        """index.placement sharded under DDP: this rank's part (re-assigned from the world size at every fit
+        start, so a run resumed with another world size re-distributes the shards)."""
+        if self.index_cfg is None or self.index_cfg.placement != "sharded" or trainer.world_size == 1:
+            return None
+        from openbook.trainer.exchange import TorchExchange
+
+        return Part(trainer.global_rank, trainer.world_size, TorchExchange())
+
     def _load(self, path: str) -> IndexSnapshot:
-        return IndexSnapshot.load(path, index_cfg=self.index_cfg)
+        snap = IndexSnapshot.load(path, index_cfg=self.index_cfg, part=self.part)
+        shards = len(snap.manifest.shards or [])
+        if self.part is not None and self.part.rank == 0 and shards % self.part.world and not self._warned_part:
+            self._warned_part = True
+            log.warning("%s: %d shards over %d ranks (index.placement sharded): ranks hold unequal parts%s; set "
+                        "index.shards to a multiple of the world size", path, shards, self.part.world,
+                        " (a format-1 snapshot: every rank holds all of it)" if not shards else "")
+        return snap
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shutdown()
@@ -317,7 +337,7 @@ class IndexRefreshCallback(pl.Callback):
                             self._in_use.version if self._in_use else -1)
             return
         pre = (self._prefetch if self._prefetch is not None and self._prefetch.pub == pub
-               else Prefetch(pub, self.index_cfg))
+               else Prefetch(pub, self._load))
         self._prefetch = None
         pre.join()
         if self._all_ranks(trainer, pre.error is None):
@@ -334,7 +354,7 @@ class IndexRefreshCallback(pl.Callback):
         if trainer.world_size > 1:
             pub = trainer.strategy.broadcast(pub, src=0)
         if pub is not None and (self._prefetch is None or self._prefetch.pub != pub):
-            self._prefetch = Prefetch(pub, self.index_cfg)
+            self._prefetch = Prefetch(pub, self._load)
 
     def _note_wait(self, waited: bool, seconds: float) -> None:
         now = time.perf_counter()
@@ -364,7 +384,7 @@ class IndexRefreshCallback(pl.Callback):
         if target is None or (self._in_use and target.version <= self._in_use.version):
             return
         if self._prefetch is None or self._prefetch.pub.version != target.version:
-            self._prefetch = Prefetch(target, self.index_cfg)  # a newer target supersedes an unfinished load
+            self._prefetch = Prefetch(target, self._load)  # a newer target supersedes an unfinished load
         # every rank has it loaded (1), one is still loading (0) or one failed (-1): all act alike
         state = (1.0 if self._prefetch.error is None else -1.0) if self._prefetch.done else 0.0
         if trainer.world_size > 1:

@@ -75,7 +75,7 @@ class RetrievalStep:
             return self.retriever.score(q, d.view(len(q), -1, d.shape[-1])), docs
         if docs["input_ids"].shape[0] != rows.size:
             raise ValueError("scores from the snapshot exist for retrieved passages only (no null document)")
-        emb = torch.from_numpy(np.asarray(snap.embeddings[rows.reshape(-1)], dtype=np.float32))
+        emb = torch.from_numpy(snap.vectors(rows.reshape(-1)))
         return torch.einsum("bd,bkd->bk", q, emb.to(q.device).view(*rows.shape, -1)), docs
 
     def __call__(self, q: torch.Tensor, k: int, own: np.ndarray | None = None,

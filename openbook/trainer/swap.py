@@ -4,9 +4,10 @@ background loads and the run's refresh statistics. Plain data, no Lightning."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
-from openbook.index import IndexConfig, IndexSnapshot
+from openbook.index import IndexSnapshot
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,14 @@ class RefreshEvent:
 class Prefetch:
     """Loads one snapshot on a background thread so the swap itself is only a reference change."""
 
-    def __init__(self, pub: Published, index_cfg: IndexConfig | None = None):
-        self.pub, self.index_cfg, self.snapshot, self.error = pub, index_cfg, None, None
+    def __init__(self, pub: Published, load: Callable[[str], IndexSnapshot]):
+        self.pub, self.load, self.snapshot, self.error = pub, load, None, None
         self._thread = threading.Thread(target=self._load, name=f"openbook-load-v{pub.version}", daemon=True)
         self._thread.start()
 
     def _load(self) -> None:
         try:
-            self.snapshot = IndexSnapshot.load(self.pub.path, index_cfg=self.index_cfg)
+            self.snapshot = self.load(self.pub.path)
         except Exception as e:  # noqa: BLE001 - reported at the step boundary that wants it
             self.error = e
 

@@ -142,6 +142,8 @@ def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> 
         else None)
     seconds = time.time() - t0
     save_history(parts, trainer.global_rank)
+    snap = parts.holder.get()
+    in_use = dev_recall(parts, snap) if has_gold and snap.sharded else None  # a search over ranks: all of them take part
     if not trainer.is_global_zero:  # rank 0 saves and reports for the run
         return {}
     save_final(parts)
@@ -149,7 +151,7 @@ def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> 
     if has_gold:
         k = cfg.train.eval_k
         summary.update({f"dev_recall@{k}_at_start": start,
-                        f"dev_recall@{k}_index_in_use": dev_recall(parts, parts.holder.get()),
+                        f"dev_recall@{k}_index_in_use": dev_recall(parts, snap) if in_use is None else in_use,
                         f"dev_recall@{k}_fresh_encode": dev_recall(parts)})
     if dev is not None:  # answer quality with the final weights and the snapshot in use
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
