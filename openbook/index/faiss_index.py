@@ -41,6 +41,10 @@ class IndexConfig:
     seed: int = opt(0, "seed of the training sample")
     shards: int = opt(0, "index shards per refresh snapshot, each written by the actor that encodes it "
                          "(0: one per encoder actor)")
+    gpu_device: int = opt(-1, "the GPU that searches: -1 = a replica on every visible GPU (one process); a DDP "
+                              "trainer sets each rank's local device itself")
+    gpu_float16: bool = opt(False, "store the GPU copy of the index in float16 (half the GPU memory; scores "
+                                   "change by ~1e-3 relative)")
     placement: Literal["replicated", "sharded"] = opt(
         "replicated", "across the trainer's ranks: replicated = every rank loads every shard; sharded = rank r "
                       "holds shards r, r+W, ... and searches are all-gathered and merged (each rank holds ~1/W; "
@@ -163,15 +167,30 @@ def to_device(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
     if any(isinstance(layer, faiss.IndexHNSW) for layer in _layers(index)):
         log.info("HNSW indexes have no faiss GPU implementation; searching on CPU")
         return index
-    co = faiss.GpuMultipleClonerOptions()
-    co.shard = False  # replicate: every GPU holds the whole index, queries are split between them
     try:
+        if cfg.gpu_device >= 0:  # a trainer rank: its own GPU only
+            co = faiss.GpuClonerOptions()
+            co.useFloat16 = cfg.gpu_float16
+            return faiss.index_cpu_to_gpu(_gpu_resources(), cfg.gpu_device, index, co)
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = False  # replicate: every GPU holds the whole index, queries are split between them
+        co.useFloat16 = cfg.gpu_float16
         return faiss.index_cpu_to_all_gpus(index, co=co)
     except RuntimeError as e:
         if cfg.device == "gpu":
             raise ConfigError(f"index {cfg.factory!r}: cannot copy to GPU: {one_line(e)}") from None
         log.warning("index %r: cannot copy to GPU (%s); searching on CPU", cfg.factory, one_line(e))
         return index
+
+
+_GPU_RESOURCES: list = []
+
+
+def _gpu_resources():
+    """One StandardGpuResources per process (scratch memory and streams), made on first use."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
 
 
 def _is_gpu_index(index: faiss.Index) -> bool:

@@ -4,7 +4,7 @@ token batch to vectors and says its ``dim``; how to build one is the model's enc
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Protocol
 
 import numpy as np
@@ -40,29 +40,35 @@ def evaluating(module: torch.nn.Module):
         module.train(was_training)
 
 
-@torch.inference_mode()
 def encode_rows(encoder: torch.nn.Module, tokens: TokenizedCorpus, start: int, end: int, batch_size: int,
                 device: str = "cpu") -> np.ndarray:
     """Embeddings of corpus rows [start, end) as float16 [end-start, d] (the snapshot's dtype)."""
-    out = np.empty((end - start, encoder.dim), dtype=np.float16)
-    with evaluating(encoder):
-        for lo in range(start, end, batch_size):
-            hi = min(lo + batch_size, end)
-            batch = {k: v.to(device) for k, v in tokens.batch(slice(lo, hi)).items()}
-            out[lo - start:hi - start] = encoder(**batch).float().cpu().numpy().astype(np.float16)
-    return out
+    return encode_row_ids(encoder, tokens, np.arange(start, end), batch_size, device)
+
+
+def _autocast(device: str):
+    """On cuda: bf16 (fp16 where bf16 is missing) mixed precision; on CPU: full float32."""
+    if not device.startswith("cuda"):
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 @torch.inference_mode()
 def encode_row_ids(encoder: torch.nn.Module, tokens: TokenizedCorpus, rows: np.ndarray, batch_size: int,
                    device: str = "cpu") -> np.ndarray:
-    """Embeddings of the given corpus rows (a sample, e.g. to train an IVF/PQ quantizer), float16 [len(rows), d]."""
+    """Embeddings of the given corpus rows, float16 [len(rows), d], in the rows' order.
+
+    Batches are length-bucketed: rows are encoded shortest first, so each batch pads only to its own
+    longest passage (what sentence-transformers' ``encode`` does; on varied real text, corpus order pads
+    most passages to far beyond their length)."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), encoder.dim), dtype=np.float16)
-    with evaluating(encoder):
+    order = np.argsort(np.asarray(tokens.lengths[rows]), kind="stable")
+    with evaluating(encoder), _autocast(device):
         for lo in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in tokens.batch(rows[lo:lo + batch_size]).items()}
-            out[lo:lo + batch_size] = encoder(**batch).float().cpu().numpy().astype(np.float16)
+            sel = order[lo:lo + batch_size]
+            batch = {k: v.to(device) for k, v in tokens.batch(rows[sel]).items()}
+            out[sel] = encoder(**batch).float().cpu().numpy().astype(np.float16)
     return out
 
 

@@ -16,6 +16,7 @@ published snapshot is swapped in:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -77,6 +78,8 @@ class IndexRefreshCallback(pl.Callback):
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.part = self._part(trainer)
+        if self.index_cfg is not None and trainer.world_size > 1 and pl_module.device.type == "cuda":
+            self.index_cfg = dataclasses.replace(self.index_cfg, gpu_device=pl_module.device.index or 0)
         if trainer.is_global_zero and self.refreshing:
             self.coordinator = self.make_coordinator().start()
         if self._resume is not None:
