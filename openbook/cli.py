@@ -67,7 +67,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     req = LaunchRequest(config=args.config, target=args.target, nodes=args.nodes,
                         gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                         overrides=tuple(args.overrides), partition=args.partition, time=args.time,
-                        master_addr=args.master_addr)
+                        master_addr=args.master_addr, assume_shared_fs=args.assume_shared_fs)
     resolved = plan(req)
     print(resolved.render(), end="")
     return 0 if args.dry_run else run_plan(resolved)
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", default="24:00:00", help="SLURM time limit")
     p.add_argument("--master-addr", default=None, help="torchrun: the first node's address")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and start nothing")
+    p.add_argument("--assume-shared-fs", action="store_true",
+                   help="multi-node: do not refuse a run dir whose filesystem looks local (ext4, xfs, tmpfs, ...)")
     p.set_defaults(func=_cmd_launch)
 
     p = sub.add_parser("world", help="generate the embedded demo world (corpus + QA) into a directory")

@@ -33,6 +33,7 @@ class LaunchRequest:
     cpus_per_task: int = 8
     master_addr: str | None = None
     master_port: int = 29500
+    assume_shared_fs: bool = False  # skip the check that the run dir is on a filesystem every node sees
 
     @property
     def procs(self) -> int:
@@ -56,9 +57,10 @@ class LaunchPlan:
     target: str
     steps: list[tuple[str, str]]  # (where, shell command): "here" runs from this machine, in order
     files: dict[str, str] = field(default_factory=dict)  # rendered files, written before the steps run
+    problems: list[str] = field(default_factory=list)  # a real launch refuses to start with any of these
 
     def render(self) -> str:
-        out = [f"# openbook launch plan: {self.target}"]
+        out = [f"# openbook launch plan: {self.target}"] + [f"# PROBLEM: {p}" for p in self.problems]
         for path, text in self.files.items():
             out += [f"# --- {path} ---", text.rstrip(), "# --- end ---"]
         out += [f"[{where}] {cmd}" for where, cmd in self.steps]
@@ -85,13 +87,57 @@ def render_template(name: str, values: dict[str, object]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
 
 
+# Filesystems that only the machine they are on can see (a run dir on one of them cannot span nodes).
+LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "vfat", "ramfs",
+                     "devtmpfs"}
+
+
+def filesystem_type(path: str | Path, mounts: str = "/proc/mounts") -> str:
+    """The type of the filesystem holding ``path`` (its nearest existing parent), from ``mounts``; "?" where
+    that cannot be read (not Linux)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    try:
+        table = Path(mounts).read_text().splitlines()
+    except OSError:
+        return "?"
+    best, kind = "", "?"
+    for line in table:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        inside = str(p) == mnt or str(p).startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, kind = mnt, parts[2]
+    return kind
+
+
+def shared_fs_problems(cfg, nodes: int) -> list[str]:
+    """With several nodes every rank and every encoder actor reads the token cache and writes or loads
+    snapshot shards by path: those directories must be on a filesystem all nodes see."""
+    if nodes < 2:
+        return []
+    out = []
+    for what, path in (("run_dir", cfg.run_dir), ("snapshots.dir", cfg.snapshot_dir), ("data.cache_dir",
+                                                                                        cfg.data.cache_dir)):
+        kind = filesystem_type(path)
+        if kind in LOCAL_FILESYSTEMS:
+            out.append(f"{what} {path} is on a local filesystem ({kind}) but {nodes} nodes must all read and write it: "
+                       "put it on a shared filesystem (NFS, Lustre, GPFS, ...), or pass --assume-shared-fs")
+    return out
+
+
 def plan(req: LaunchRequest) -> LaunchPlan:
     from openbook.recipe import load_recipe
 
     if not LAUNCH_DIR.is_dir():
         raise OpenbookError(f"{LAUNCH_DIR}: launch templates not found (use a checkout: pip install -e .)")
     cfg = load_recipe(req.config, train_overrides(req))  # a bad recipe fails here, not on the cluster
-    return {"slurm": _slurm, "ray": _ray, "torchrun": _torchrun}[req.target](req, cfg)
+    p = {"slurm": _slurm, "ray": _ray, "torchrun": _torchrun}[req.target](req, cfg)
+    p.problems = [] if req.assume_shared_fs else shared_fs_problems(cfg, req.nodes)
+    return p
 
 
 def _slurm(req: LaunchRequest, cfg) -> LaunchPlan:
@@ -154,6 +200,8 @@ def run_plan(p: LaunchPlan) -> int:
         tool = next(w for w in shlex.split(cmd) if "=" not in w)  # skip VAR=value prefixes
         if shutil.which(tool) is None:
             raise OpenbookError(f"launch: {tool!r} not found on PATH (run where the {p.target} tools are)")
+    if p.problems:
+        raise OpenbookError(f"launch: {p.problems[0]}")
     for path, text in p.files.items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)

@@ -130,3 +130,33 @@ def test_launch_without_the_tools_fails_in_one_line_and_writes_nothing(tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "'sbatch' not found on PATH" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_multi_node_plan_refuses_a_run_dir_on_a_local_filesystem(tmp_path, capsys, monkeypatch):
+    """Several nodes read the token cache and write/load shards by path: a local run dir is a PROBLEM line in
+    the plan and a real launch refuses it in one line (unless --assume-shared-fs); one node is fine."""
+    from openbook.launch_plan import LOCAL_FILESYSTEMS, filesystem_type, run_plan
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"server:/export {tmp_path} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
+                      f"tmpfs {tmp_path}/scratch tmpfs rw 0 0\n")
+    (tmp_path / "scratch").mkdir()
+    assert filesystem_type(tmp_path / "runs" / "x", str(mounts)) == "nfs4"  # the longest mount wins
+    assert filesystem_type(tmp_path / "scratch" / "y", str(mounts)) == "tmpfs"
+    assert filesystem_type("/usr", str(mounts)) == "ext4"
+    local = Path("/dev/shm")
+    if filesystem_type(local) not in LOCAL_FILESYSTEMS:
+        pytest.skip("no local tmpfs at /dev/shm here")
+    sets = (f"run_dir={local}/openbook-launch-test", f"data.cache_dir={local}/openbook-launch-cache")
+    req = LaunchRequest(config=CONFIG, target="torchrun", nodes=2, overrides=sets)
+    p = plan(req)
+    assert len(p.problems) == 3 and "run_dir /dev/shm/openbook-launch-test is on a local filesystem (tmpfs)" in \
+        p.problems[0]
+    assert "# PROBLEM: run_dir" in p.render()
+    monkeypatch.setattr("shutil.which", lambda tool: "/usr/bin/" + tool)  # the tools "exist": the fs check speaks
+    with pytest.raises(OpenbookError, match="launch: run_dir .* shared filesystem"):
+        run_plan(p)
+    assert not plan(LaunchRequest(config=CONFIG, target="torchrun", nodes=2, overrides=sets,
+                                  assume_shared_fs=True)).problems
+    assert not plan(LaunchRequest(config=CONFIG, target="torchrun", nodes=1, overrides=sets)).problems
+    assert not local.joinpath("openbook-launch-test").exists()

@@ -151,7 +151,7 @@ def test_shard_loop_retries_a_shard_whose_actor_died(ray_session, tmp_path):
                 os._exit(1)
             return x * x
 
-    pool = ActorPool(Squarer.remote, 2)
+    pool = ActorPool(lambda _slot: Squarer.remote(), 2)
     try:
         got: dict[int, int] = {}
         retried = run_shards(pool, list(range(10)), lambda a, x: a.run.remote(x, "7"),
@@ -173,3 +173,23 @@ def test_length_bucketed_batches_equal_one_passage_at_a_time(setup):
     got = encode_rows(model.doc_encoder, tokens, 100, 180, 16)
     alone = np.concatenate([encode_rows(model.doc_encoder, tokens, i, i + 1, 1) for i in range(100, 180)])
     np.testing.assert_allclose(got.astype(np.float32), alone.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_an_actor_killed_while_writing_its_shard_is_redone_and_the_snapshot_publishes_complete(setup, tmp_path):
+    """refresh.inject_kill_shard: the actor writing shard 2 is SIGKILLed after writing its files, before the
+    rename that makes the shard visible. The shard is redone on a replacement actor; the published snapshot
+    is complete (every row, equal to a direct encode) and no half-written part is left in it."""
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=4, inject_kill_shard=2)
+    try:
+        state = _perturbed_state(setup[2], 4)
+        assert coord.submit(state, 9)
+        res = coord.wait(timeout=300)
+        assert res is not None, coord.last_error
+        assert res.retried_shards in (1, 2) and coord.failures == 0  # the killed actor's other queued shard too
+        snap = SnapshotStore(tmp_path / "snaps").load(res.version)  # verifies every shard's sha256
+        assert snap.count == len(setup[4]) and len(snap.manifest.shards) == 4
+        np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32),
+                                   _direct(setup, state).astype(np.float32), rtol=2e-3, atol=2e-3)
+        assert not list(snap.path.glob(".part-*")) and not list(snap.path.glob(".trash-*"))
+    finally:
+        coord.shutdown()

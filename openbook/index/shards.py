@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,16 @@ class ShardEntry:
     lo: int
     hi: int
     files: dict[str, dict[str, Any]]
+    writer: dict[str, Any] = dataclasses.field(default_factory=dict)  # host, pid (and Ray node) that wrote it
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> ShardEntry:
-        if not isinstance(data, dict) or set(data) != {"name", "lo", "hi", "files"}:
-            raise SnapshotError(f"{where}: a shard entry needs exactly name, lo, hi, files")
+        if not isinstance(data, dict) or not {"name", "lo", "hi", "files"} <= set(data) <= {
+                "name", "lo", "hi", "files", "writer"}:
+            raise SnapshotError(f"{where}: a shard entry needs exactly name, lo, hi, files (and optionally writer)")
         ok = (isinstance(data["name"], str) and _SHARD_DIR.match(data["name"]) and isinstance(data["lo"], int)
               and isinstance(data["hi"], int) and 0 <= data["lo"] < data["hi"] and isinstance(data["files"], dict)
               and sorted(data["files"]) == sorted(SHARD_FILES))
@@ -72,7 +75,10 @@ class ShardEntry:
             if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
                     and isinstance(entry.get("sha256"), str)):
                 raise SnapshotError(f"{where}: files['{name}'] needs an int 'size' and a str 'sha256'")
-        return cls(data["name"], data["lo"], data["hi"], data["files"])
+        writer = data.get("writer", {})
+        if not isinstance(writer, dict):
+            raise SnapshotError(f"{where}: 'writer' must be an object")
+        return cls(data["name"], data["lo"], data["hi"], data["files"], writer)
 
 
 def check_rows(embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray,
@@ -95,11 +101,15 @@ def check_rows(embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray,
 
 
 def write_shard(staging: Path, shard: int, lo: int, embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray,
-                index_cfg: IndexConfig, trained: VectorIndex | None = None) -> ShardEntry:
+                index_cfg: IndexConfig, trained: VectorIndex | None = None,
+                writer: dict[str, Any] | None = None, before_commit: Callable[[Path], None] | None = None
+                ) -> ShardEntry:
     """Write rows [lo, lo + N) as shard ``shard`` of the snapshot being staged in ``staging``.
 
     ``trained``: an empty index whose quantizer was trained once for the whole snapshot (IVF/PQ), so every
     shard searches alike; each shard adds its rows to a copy. Without it the shard builds its own index.
+    ``before_commit(part dir)`` runs once the files are written, before the rename that makes the shard
+    visible (fault drills kill the writer there).
     """
     emb16, ids = check_rows(embeddings, doc_ids, f"shard {shard}")
     index = build_index(emb16, index_cfg) if trained is None else trained.empty_copy()
@@ -111,9 +121,12 @@ def write_shard(staging: Path, shard: int, lo: int, embeddings: np.ndarray, doc_
     save_npy(part / EMBEDDINGS_FILE, emb16)
     save_npy(part / DOC_IDS_FILE, ids)
     index.save(part / INDEX_FILE)
-    entry = ShardEntry(name, int(lo), int(lo) + len(ids), {n: file_entry(part / n) for n in SHARD_FILES})
+    who = {"host": socket.gethostname(), "pid": os.getpid(), **(writer or {})}
+    entry = ShardEntry(name, int(lo), int(lo) + len(ids), {n: file_entry(part / n) for n in SHARD_FILES}, who)
     write_json(part / SHARD_MANIFEST, entry.to_json())  # last: a shard dir with shard.json is whole
     fsync_path(part)
+    if before_commit is not None:
+        before_commit(part)
     replace_dir(part, Path(staging) / name, Path(staging) / f".trash-{name}-{uuid.uuid4().hex[:8]}")
     return entry
 

@@ -87,7 +87,7 @@ def build_sharded(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg
     t0 = time.perf_counter()
     started = ensure_ray(RefreshConfig(address=cfg.address))
     vocab = int(model.config.vocab_size)
-    pool = ActorPool(lambda: DatastoreWorker.options(num_cpus=cfg.threads_per_worker).remote(
+    pool = ActorPool(lambda _slot: DatastoreWorker.options(num_cpus=cfg.threads_per_worker).remote(
         lm_cfg, vocab, cfg.threads_per_worker), cfg.num_workers)
     writer = _writer(Path(path), model, tokens, cfg)
     try:

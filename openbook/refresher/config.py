@@ -39,6 +39,9 @@ class RefreshConfig:
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor (its torch threads unless encode.threads is set)")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
+    worker_resources: list[dict[str, float]] = opt(
+        [], "custom Ray resources per actor, cycled over the actors: [{node_a: 1}, {node_b: 1}] pins actor 0 to "
+            "the node offering node_a, actor 1 to node_b's (multi-node: the run dir must be on a shared filesystem)")
     max_shard_retries: int = opt(3, "attempts per shard before the refresh is declared failed")
     timeout_seconds: float = opt(3600.0, "a refresh running longer is cancelled and counted as failed")
     start_timeout_seconds: float = opt(120.0, "the pool must be up by then (else: not enough cluster resources)")
@@ -51,6 +54,10 @@ class RefreshConfig:
                                     "slow for swap_lag)")
     inject_delay_seconds: float = opt(0.0, "fault injection for tests and drills: each encoder actor sleeps this "
                                       "long before every shard (a slow or loaded pool)")
+
+    inject_kill_shard: int = opt(-1, "fault drill: the actor writing this shard number dies (SIGKILL) after its "
+                                     "files are written and before the rename that publishes them, on the first "
+                                     "attempt; the shard is redone elsewhere (-1: off)")
 
     def __post_init__(self) -> None:
         RefreshSchedule(self.schedule)  # raises ValueError with the bad piece named

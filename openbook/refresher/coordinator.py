@@ -120,11 +120,13 @@ class RefreshCoordinator:
     def actors(self) -> list:
         return self.pool.actors if self.pool is not None else []
 
-    def _new_actor(self):
+    def _new_actor(self, slot: int):
         opts = {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker}
+        if self.cfg.worker_resources:
+            opts["resources"] = dict(self.cfg.worker_resources[slot % len(self.cfg.worker_resources)])
         threads = self.encode.actor_threads(self.cfg.cpus_per_worker)
         return EncoderWorker.options(**opts).remote(self.spec, self.tokens, threads, self.encode.batch_size,
-                                                    self.cfg.inject_delay_seconds)
+                                                    self.cfg.inject_delay_seconds, self.cfg.inject_kill_shard)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel in-flight work and kill the actors (no orphans); idempotent."""

@@ -24,15 +24,15 @@ class ShardFailed(Exception):
 
 
 class ActorPool:
-    """Actors made by ``make_actor``; a dead one is replaced in place."""
+    """Actors made by ``make_actor(slot)``; a dead one is replaced in place (same slot, same placement)."""
 
-    def __init__(self, make_actor: Callable[[], Any], size: int):
+    def __init__(self, make_actor: Callable[[int], Any], size: int):
         self.make_actor = make_actor
-        self.actors = [make_actor() for _ in range(size)]
+        self.actors = [make_actor(slot) for slot in range(size)]
 
     def replace(self, slot: int, dead: Any) -> None:
         if self.actors[slot] is dead:  # its other queued shard fails too: replace it once
-            self.actors[slot] = self.make_actor()
+            self.actors[slot] = self.make_actor(slot)
 
     def kill(self) -> None:
         for a in self.actors:

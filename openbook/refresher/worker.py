@@ -4,6 +4,7 @@ index shards of the snapshot being staged (format 2), or trains the index quanti
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,9 +25,10 @@ class EncoderWorker:
     weights only when their tag changes."""
 
     def __init__(self, spec: EncoderSpec, tokens: TokenizedCorpus, threads: int, batch_size: int,
-                 delay: float = 0.0):
+                 delay: float = 0.0, kill_shard: int = -1):
         torch.set_num_threads(max(1, threads))
         self.delay = delay  # fault injection (refresh.inject_delay_seconds): a slow or loaded pool
+        self.kill_shard = kill_shard  # fault drill (refresh.inject_kill_shard): die while writing that shard
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.encoder = spec.build().to(self.device)
         self.tokens = tokens
@@ -61,5 +63,15 @@ class EncoderWorker:
         self._weights(tag, state)
         emb = encode_rows(self.encoder, self.tokens, start, end, self.batch_size, self.device)
         base = None if trained is None else index_from_bytes(trained, IndexConfig(factory=cfg.factory, device="cpu"))
-        entry = write_shard(Path(staging), shard, start, emb, self.tokens.doc_ids[start:end], cfg, base)
+        entry = write_shard(Path(staging), shard, start, emb, self.tokens.doc_ids[start:end], cfg, base,
+                            writer={"node": ray.get_runtime_context().get_node_id()},
+                            before_commit=_die_on_first_attempt if shard == self.kill_shard else None)
         return entry.to_json()
+
+
+def _die_on_first_attempt(part: Path) -> None:
+    """The kill drill: a first attempt dies with its files written but not renamed (its half-written part dir
+    stays behind); a redo finds that leftover and goes on."""
+    shard = "-".join(part.name.split("-")[1:3])  # .part-shard-00002-<pid>-<uuid>
+    if not [p for p in part.parent.glob(f".part-{shard}-*") if p != part]:
+        os.kill(os.getpid(), signal.SIGKILL)
