@@ -28,3 +28,15 @@ def test_throughput_bench_runs_on_a_toy_corpus(tmp_path, ray_session):
     assert row["passages"] == 300
     assert row["plain loop docs/s"] > 0 and row["pool (1 actor) docs/s"] > 0
     assert abs(row["ratio pool/plain"] - row["pool (1 actor) docs/s"] / row["plain loop docs/s"]) < 1e-9
+
+
+def test_sharded_bench_runs_on_toy_sizes(tmp_path, ray_session):
+    """bench/sharded.py's parts on toy sizes: the numbers they report are consistent with what they measured."""
+    from bench.sharded import placement, refresh
+
+    ab = placement(tmp_path / "p", 4000, reps=2)
+    assert ab["passages"] == 4000 and ab["sharded MB/rank"] > 0 and ab["replicated MB/rank"] > 0
+    assert abs(ab["search ratio"] - ab["sharded search ms"] / ab["replicated search ms"]) < 1e-9
+    c = refresh(tmp_path / "r", 3000, workers=1, shards=3)
+    assert c["passages"] == 3000 and 0 < c["commit s"] < c["refresh s"]
+    assert abs(c["commit share"] - c["commit s"] / c["refresh s"]) < 1e-9
