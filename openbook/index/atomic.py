@@ -28,6 +28,21 @@ def file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def check_file(path: Path, want: dict, verify: bool) -> None:
+    """``path`` against its manifest entry ``want`` (size always, sha256 when ``verify``): a one-line
+    SnapshotError naming the file if it is missing, truncated or corrupt."""
+    from openbook.errors import SnapshotError
+
+    if not path.is_file():
+        raise SnapshotError(f"{path}: file missing")
+    size = path.stat().st_size
+    if size != want["size"]:
+        why = "truncated" if size < want["size"] else "file corrupt"
+        raise SnapshotError(f"{path}: size {size} != manifest {want['size']} ({why})")
+    if verify and sha256_file(path) != want["sha256"]:
+        raise SnapshotError(f"{path}: checksum mismatch (file corrupt)")
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or directory by path (a dir fsync makes the names it holds durable)."""
     fd = os.open(path, os.O_RDONLY)

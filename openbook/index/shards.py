@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from openbook.errors import SnapshotError
-from openbook.index.atomic import file_entry, fsync_path, replace_dir, save_npy, sha256_file, write_json
+from openbook.index.atomic import (
+    check_file,
+    file_entry,
+    fsync_path,
+    replace_dir,
+    save_npy,
+    write_json,
+)
 from openbook.index.faiss_index import IndexConfig, Metric
 from openbook.index.vector_index import VectorIndex, build_index, load_index
 
@@ -174,15 +181,7 @@ def load_shard(path: Path, entry: ShardEntry, dim: int, verify: bool, index_cfg:
     ``verify``); any problem is a one-line SnapshotError naming the shard's file. ``index_cfg`` None: only
     the doc ids are read (memory-mapped; a shard another rank searches), its index and embeddings are not."""
     for name in SHARD_FILES if index_cfg is not None else (DOC_IDS_FILE,):
-        p, want = path / name, entry.files[name]
-        if not p.is_file():
-            raise SnapshotError(f"{p}: file missing")
-        size = p.stat().st_size
-        if size != want["size"]:
-            why = "truncated" if size < want["size"] else "file corrupt"
-            raise SnapshotError(f"{p}: size {size} != manifest {want['size']} ({why})")
-        if verify and sha256_file(p) != want["sha256"]:
-            raise SnapshotError(f"{p}: checksum mismatch (file corrupt)")
+        check_file(path / name, entry.files[name], verify)
     n = entry.hi - entry.lo
     ids = _load_npy(path / DOC_IDS_FILE)
     if ids.dtype.kind != "U" or ids.shape != (n,):

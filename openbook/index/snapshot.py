@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from openbook.errors import SnapshotError
-from openbook.index.atomic import file_entry, fsync_path, rmtree, save_npy, sha256_file, write_json
+from openbook.index.atomic import (
+    check_file,
+    file_entry,
+    fsync_path,
+    rmtree,
+    save_npy,
+    write_json,
+)
 from openbook.index.faiss_index import IndexConfig, one_line
 from openbook.index.placement import DistributedShardSet, Part
 from openbook.index.shards import (
@@ -188,15 +195,7 @@ def _check_files(path: Path, m: Manifest, verify: bool) -> None:
     if files_checksum(m.files) != m.checksum:
         raise SnapshotError(f"{path / MANIFEST}: checksum does not match its files list (manifest corrupt)")
     for name in PAYLOAD:
-        p, want = path / name, m.files[name]
-        if not p.is_file():
-            raise SnapshotError(f"{p}: file missing")
-        size = p.stat().st_size
-        if size != want["size"]:
-            why = "truncated" if size < want["size"] else "file corrupt"
-            raise SnapshotError(f"{p}: size {size} != manifest {want['size']} ({why})")
-        if verify and sha256_file(p) != want["sha256"]:
-            raise SnapshotError(f"{p}: checksum mismatch (file corrupt)")
+        check_file(path / name, m.files[name], verify)
 
 
 def _shard_dim(shard_dir: Path) -> int:
