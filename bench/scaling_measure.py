@@ -106,7 +106,10 @@ def index_build(emb: np.ndarray, factory: str) -> dict:
 
 
 def load_embeddings(snapshot: str) -> np.ndarray:
-    return np.load(Path(snapshot) / "embeddings.npy").astype(np.float32)
+    """All rows of a published snapshot (format 1 or its shards, in row order) as float32."""
+    from openbook.index import IndexSnapshot
+
+    return np.asarray(IndexSnapshot.load(snapshot, verify=False).embeddings, dtype=np.float32)
 
 
 def encoder_shape(model) -> tuple[int, int]:
