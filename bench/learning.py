@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         stages += ensure_warm_start(ROOT / MODELS["RAG-Token"], warm_start_dir(study), study.warm_steps)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from openbook.refresher.coordinator import local_ray_options
+
+    ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         results = study_models(study, Path(d), models)

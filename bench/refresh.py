@@ -120,7 +120,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from openbook.refresher.coordinator import local_ray_options
+
+    ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
     big = 20_000 if args.quick else 100_000
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     load, t0 = os.getloadavg(), time.perf_counter()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from openbook.refresher.coordinator import local_ray_options
+
+    ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
     enc, idx = [], []
     with tempfile.TemporaryDirectory() as d:
         for n in sizes:

@@ -292,8 +292,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # actors import bench.sharded's encoder
+    from openbook.refresher.coordinator import local_ray_options
+
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+             **local_ray_options())  # actors import bench.sharded's encoder
     sizes = (20_000, 50_000, 64, 1) if args.quick else (1_000_000, 5_000_000, None, 2)
     with tempfile.TemporaryDirectory(dir=os.environ.get("OPENBOOK_BENCH_TMP")) as d:
         tmp = Path(d)
@@ -307,10 +309,9 @@ def main() -> None:
         e = projection(dd["_actor_rate"], dd["_mean_tokens"])
         print(e)
     ray.shutdown()
-    if args.quick:
-        return
+    cmd = "python -m bench.sharded" + (" --quick" if args.quick else "")
     body = "\n".join([
-        "## Sharded index (bench/sharded.py, issue 17)", "", machine() + ".", "",
+        "## Sharded index (issue 17)", "", f"`{cmd}` on {machine()}.", "",
         "(a) index memory per rank and (b) search time per training step (16 queries, k = 9), 2 gloo "
         "processes, Flat over random unit vectors; targets: memory ratio <= 0.55, search ratio <= 1.3:", "",
         table([ab]), "",

@@ -17,8 +17,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-                 configure_logging=False, log_to_driver=False)
+        from openbook.refresher.coordinator import local_ray_options
+
+        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False, **local_ray_options())
     yield ray
     ray.shutdown()
 

@@ -193,3 +193,31 @@ def test_an_actor_killed_while_writing_its_shard_is_redone_and_the_snapshot_publ
         assert not list(snap.path.glob(".part-*")) and not list(snap.path.glob(".trash-*"))
     finally:
         coord.shutdown()
+
+
+def test_encoder_actors_run_at_the_trainers_priority(setup, tmp_path):
+    """Ray's default worker niceness (15) starves the refresh on a busy machine; a local Ray that openbook
+    starts (local_ray_options, as this session's) runs its actors at niceness 0, like the trainer."""
+    import ray
+
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=1)
+    try:
+        pid = ray.get(coord.actors[0].pid.remote())
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0 == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        coord.shutdown()
+
+
+def test_a_second_job_on_the_machine_starts_its_own_ray(ray_session):
+    """ray.init() alone joins the newest Ray running on the machine (another training job's, or this test
+    session's): its shutdown would then kill our actors. ensure_ray starts one of its own."""
+    import subprocess
+    import sys
+
+    code = ("import ray; from openbook.refresher.coordinator import ensure_ray; "
+            "from openbook.refresher.config import RefreshConfig; assert ensure_ray(RefreshConfig()); "
+            "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = proc.stdout.split("GCS ")[1].strip()
+    assert theirs != ray_session.get_runtime_context().gcs_address

@@ -46,6 +46,9 @@ class RefreshConfig:
     timeout_seconds: float = opt(3600.0, "a refresh running longer is cancelled and counted as failed")
     start_timeout_seconds: float = opt(120.0, "the pool must be up by then (else: not enough cluster resources)")
     address: str | None = opt(None, "Ray address: null starts a local Ray; 'auto' joins the running cluster")
+    worker_niceness: int = opt(0, "niceness of the workers of a local Ray that openbook starts (Ray's own default "
+                                  "is 15: below the trainer, so a busy machine starves the refresh); a joined "
+                                  "cluster keeps its own")
     object_store_memory: int | None = opt(None, "bytes for a local Ray's object store (null: Ray's default)")
     check_every_n_steps: int = opt(1, "asap: how often ranks look for (and agree on) a newer snapshot; "
                                    "async: how often rank 0 tells the others what to pre-load")
