@@ -41,7 +41,8 @@ class Exchange(Protocol):
 
 @dataclass(frozen=True)
 class Part:
-    """This rank's part of a sharded snapshot; ``gpu`` the local rank's device when searching on GPU."""
+    """This rank's part of a sharded snapshot (rank r of W holds shards r, r+W, ...) and the exchange its
+    searches go through (None only for a world of one)."""
 
     rank: int
     world: int
@@ -57,7 +58,7 @@ class Part:
 
 def owned_shards(count: int, rank: int, world: int) -> list[int]:
     """Shard numbers rank ``rank`` of ``world`` holds: r, r+W, ... (every shard held by exactly one rank)."""
-    return list(range(rank, count, world))
+    return [s for s in range(count) if Part(rank, world).owns(s)]
 
 
 class DistributedShardSet:
