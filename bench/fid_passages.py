@@ -3,7 +3,8 @@
 Each run is `configs/fid_tiny.yaml` (the reader pretrained by `configs/reader_pretrain_tiny.yaml`,
 which runs first if its generator is missing, trained on the passages that the DPR-style retriever of
 `configs/fid_retriever_tiny.yaml`, likewise, retrieves) with only `reader.n_docs` and `fid.score_prior`
-changed; the same seed, steps and data. Two runs at a time, one thread each. Reported: dev EM and
+changed; the same seed, steps and data. Two runs at a time, one thread each; each run's result is kept
+under runs/fid_passages/ and reused while its recipe is unchanged. Reported: dev EM and
 gold recall@n at the start and after training (all 1,000 dev questions), and the reader's EM given
 the gold passage alone.
 
@@ -16,18 +17,19 @@ Figures are the median [min–max] over seeds; "per seed" lists them in seed ord
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
+import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.common import ROOT, machine, table, write_section
+from bench.stages import ensure_stages
 from openbook.recipe import load_recipe
 from openbook.trainer.train import run_train
 
-READER = ROOT / "configs/reader_pretrain_tiny.yaml"
-RETRIEVER = ROOT / "configs/fid_retriever_tiny.yaml"
 FID = ROOT / "configs/fid_tiny.yaml"
 PASSAGES = (1, 5, 10)
 PRIOR = load_recipe(FID).fid.score_prior
@@ -35,28 +37,29 @@ RUNS = [(1, PRIOR), (5, PRIOR), (10, PRIOR), (5, 0.0), (10, 0.0)]  # (passages, 
 DEV = 1000
 
 
-def ensure_run(config: Path, output: str) -> Path:
-    """``run_dir/output`` of a recipe, training the recipe first if it is missing or was trained on
-    another world (a run of an older recipe)."""
-    cfg = load_recipe(config)
-    path, saved = ROOT / cfg.run_dir / output, ROOT / cfg.run_dir / "config.yaml"
-    if not path.exists() or not saved.exists() or load_recipe(saved).data.world != cfg.data.world:
-        run_train(load_recipe(config, [f"run_dir={ROOT / cfg.run_dir}"]), progress=False)
-    return path
+def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, out: Path, seed: int = 0) -> dict:
+    """One FiD run; its result is kept in its run_dir under ``out`` and reused while the resolved recipe is
+    unchanged, so an interrupted benchmark picks up where it stopped."""
+    from openbook.trainer.train import config_yaml
 
-
-def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, tmp: Path, seed: int = 0) -> dict:
+    run_dir = out / f"fid{n_docs}_{prior:g}_s{seed}"
     cfg = load_recipe(FID, [f"reader.n_docs={n_docs}", f"fid.score_prior={prior}", f"train.max_steps={steps}",
                             f"generator.source={reader}", f"retriever.init_from={retriever}",
-                            f"run_dir={tmp / f'fid{n_docs}_{prior:g}_s{seed}'}", f"train.val_every_n_steps={steps}",
+                            f"run_dir={run_dir}", f"train.val_every_n_steps={steps}",
                             f"train.val_questions={DEV}", f"train.seed={seed}"])
+    key, done = config_yaml(cfg), run_dir / "bench_result.json"
+    if done.exists() and json.loads(done.read_text()).get("key") == key:
+        return json.loads(done.read_text())["result"]
     logging.basicConfig(level=logging.WARNING)
+    shutil.rmtree(run_dir, ignore_errors=True)
     s = run_train(cfg, progress=False)
-    return {"passages": n_docs, "score prior": prior, "steps": s["steps"], "dev EM at start": s["dev_em_at_start"],
+    result = {"passages": n_docs, "score prior": prior, "steps": s["steps"], "dev EM at start": s["dev_em_at_start"],
             "dev EM": s["dev_em"],
             "dev recall@n at start": s[f"dev_recall@{n_docs}_at_start"],
             "dev recall@n (n = passages)": s[f"dev_recall@{n_docs}"],
             "reader EM on gold passage": s["dev_reader_em_gold"], "seconds": s["seconds"]}
+    done.write_text(json.dumps({"key": key, "result": result}))
+    return result
 
 
 def same_person_share(retriever: Path, tmp: Path) -> dict[int, float]:
@@ -107,11 +110,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     steps, seeds = (100 if args.quick else 1000), args.seeds or (2 if args.quick else 5)
-    reader = ensure_run(READER, "generator")
-    retriever = ensure_run(RETRIEVER, "retriever.pt")
+    fid = load_recipe(FID)
+    ensure_stages(fid)  # the pretrained reader and the retriever, trained once if missing (as bench.seeds does)
+    reader, retriever = ROOT / fid.generator.source, ROOT / fid.retriever.init_from
+    out = ROOT / "runs" / ("fid_passages_quick" if args.quick else "fid_passages")
     with tempfile.TemporaryDirectory() as tmp:
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [[pool.submit(run, n, prior, steps, reader, retriever, Path(tmp), seed) for n, prior in RUNS]
+            jobs = [[pool.submit(run, n, prior, steps, reader, retriever, out, seed) for n, prior in RUNS]
                     for seed in range(seeds)]
             rows = over_seeds([[j.result() for j in seed_jobs] for seed_jobs in jobs])
         share = same_person_share(retriever, Path(tmp))
