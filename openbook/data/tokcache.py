@@ -41,8 +41,8 @@ def vocab_hash(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
-def cache_key(corpus: Corpus, tokenizer: Any, max_length: int) -> str:
-    """The hash naming the cache directory for this (corpus, tokenizer, max_length)."""
+def cache_key(corpus: Corpus, tokenizer: Any, max_length: int, prefix: str = "") -> str:
+    """The hash naming the cache directory for this (corpus, tokenizer, max_length, passage prefix)."""
     init = getattr(tokenizer, "init_kwargs", {}) or {}
     parts = {
         "format": FORMAT_VERSION,
@@ -54,6 +54,7 @@ def cache_key(corpus: Corpus, tokenizer: Any, max_length: int) -> str:
         "pad": tokenizer.pad_token_id,
         "max_length": int(max_length),
         "truncation": TRUNCATION,
+        **({"prefix": prefix} if prefix else {}),  # absent when empty: caches made before prefixes stay valid
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -151,7 +152,7 @@ def _encode(tokenizer: Any, titles: list[str], texts: list[str], max_length: int
 
 
 def _encode_into(
-    corpus: Corpus, tokenizer: Any, max_length: int, tmp: Path, batch_size: int
+    corpus: Corpus, tokenizer: Any, max_length: int, tmp: Path, batch_size: int, prefix: str = ""
 ) -> dict[str, Any]:
     """Tokenise every row into memmaps under ``tmp``; returns facts for meta.json."""
     n = len(corpus)
@@ -164,6 +165,7 @@ def _encode_into(
     try:
         for start in range(0, n, batch_size):
             titles, texts = corpus.titles_texts(start, start + batch_size)
+            titles = [prefix + t for t in titles] if prefix else titles
             end = start + len(titles)
             enc = _encode(tokenizer, titles, texts, max_length)
             ids[start:end] = enc["input_ids"]
@@ -204,13 +206,15 @@ def tokenize_corpus(
     max_length: int,
     cache_dir: str | os.PathLike,
     batch_size: int = 10_000,
+    prefix: str = "",
 ) -> TokenizedCorpus:
-    """Tokenised ``corpus`` from ``cache_dir`` if present for this key, else computed and cached."""
+    """Tokenised ``corpus`` from ``cache_dir`` if present for this key, else computed and cached.
+    ``prefix`` (retriever.passage_prefix, E5's "passage: ") is put before each title."""
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no pad token; set tokenizer.pad_token first")
     if max_length < 4:
         raise ValueError(f"max_length must be at least 4, got {max_length}")
-    key = cache_key(corpus, tokenizer, max_length)
+    key = cache_key(corpus, tokenizer, max_length, prefix)
     final = Path(cache_dir) / f"tok-{key}"
     if (final / "meta.json").exists():
         return TokenizedCorpus(final)
@@ -218,7 +222,7 @@ def tokenize_corpus(
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        facts = _encode_into(corpus, tokenizer, max_length, tmp, batch_size)
+        facts = _encode_into(corpus, tokenizer, max_length, tmp, batch_size, prefix)
         meta = {
             "key": key, "max_length": int(max_length), "corpus": str(corpus.path),
             "corpus_fingerprint": corpus.fingerprint, "tokenizer": type(tokenizer).__name__,

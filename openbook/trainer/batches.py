@@ -22,10 +22,11 @@ class QACollator:
     tokenizer: object
     query_max_length: int
     answer_max_length: int
+    query_prefix: str = ""  # retriever.query_prefix, before each question the retriever reads
     warned: bool = field(default=False)
 
     def __call__(self, batch: list[tuple[QAExample, int]]) -> dict:
-        questions = [e.question for e, _ in batch]
+        questions = [self.query_prefix + e.question for e, _ in batch]
         self._warn_if_truncated(questions)
         query = self.tokenizer(questions, truncation=True, max_length=self.query_max_length, padding=True,
                                return_tensors="pt")

@@ -10,7 +10,7 @@ import torch
 
 from openbook.data import Corpus, tokenize_corpus
 from openbook.data.bundle import DataBundle
-from openbook.models.retriever import BiEncoder
+from openbook.models.retriever import BiEncoder, with_prefix
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import encode_rows, encode_texts
 
@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def encode_queries(model: BiEncoder, tokenizer, questions: list[str], max_length: int) -> np.ndarray:
-    return encode_texts(model.query_encoder, tokenizer, questions, max_length)
+    """Question embeddings (retriever.query_prefix put before each)."""
+    return encode_texts(model.query_encoder, tokenizer, with_prefix(model.cfg.query_prefix, questions), max_length)
 
 
 def recall_at_k(index, doc_ids, query_emb: np.ndarray, gold: list[list[str]], k: int) -> float:
@@ -37,8 +38,7 @@ def dev_recall(parts, snapshot=None) -> float:
     if not dev:
         return float("nan")
     cfg = parts.cfg
-    q = encode_texts(parts.model.query_encoder, parts.tokenizer, [e.question for e in dev],
-                     cfg.retriever.query_max_length)
+    q = encode_queries(parts.model, parts.tokenizer, [e.question for e in dev], cfg.retriever.query_max_length)
     if snapshot is None:
         emb = encode_rows(parts.model.doc_encoder, parts.tokens, 0, len(parts.tokens), cfg.encode.batch_size)
         index, ids = build_index(emb, IndexConfig()), parts.data.corpus.ids
@@ -70,6 +70,7 @@ def build_and_publish(cfg: RecipeConfig, model: BiEncoder, tokenizer, data: Data
     from openbook.refresher.publish import publish_in_process
 
     set_threads(cfg.encode.threads)
-    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
+    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
+                             prefix=cfg.retriever.passage_prefix)
     return publish_in_process(index_target(cfg, data.corpus), model.doc_encoder, tokens, data.corpus.ids,
                               encoder_step, cfg.encode.batch_size, progress)

@@ -76,7 +76,8 @@ class ModelSpec:
 
 
 def qa_collator(s: Shared) -> QACollator:
-    return QACollator(s.tokenizer, s.cfg.retriever.query_max_length, s.cfg.reader.max_answer_length)
+    r = s.cfg.retriever
+    return QACollator(s.tokenizer, r.query_max_length, s.cfg.reader.max_answer_length, r.query_prefix)
 
 
 def qa_dev_loader(s: Shared) -> DataLoader | None:

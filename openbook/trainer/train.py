@@ -51,7 +51,8 @@ def build_parts(cfg: RecipeConfig) -> TrainParts:
     spec = model_spec(cfg.model)
     data = prepare_data(cfg.data)
     model, tokenizer = build_retriever(cfg.retriever)
-    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir))
+    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
+                             prefix=cfg.retriever.passage_prefix)
     shared = Shared(cfg, data, model, tokenizer, tokens, IndexHolder())
     module = spec.build(shared)
     return TrainParts(**vars(shared), spec=spec, module=module, callback=refresh_callback(shared, spec))
