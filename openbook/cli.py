@@ -11,7 +11,7 @@ from openbook.errors import OpenbookError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="recipe YAML (see configs/)")
+    p.add_argument("--config", required=True, help="recipe YAML, or a shipped recipe's name (default, rag_token_tiny, ...: see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set index.factory=HNSW32 (repeatable)")
 

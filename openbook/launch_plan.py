@@ -1,8 +1,8 @@
 """``openbook launch``: resolve a recipe and a cluster shape into the commands that train it there.
 
 The launch material itself lives in ``launch/`` (sbatch template, Ray cluster YAML, Ray Train entry
-point, torchrun script); this module fills in the values and says what to run where. It needs a
-checkout of the repository (``pip install -e``), which is where ``launch/`` is.
+point, torchrun script; an installed wheel carries a copy, see openbook.resources); this module fills in
+the values and says what to run where.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from pathlib import Path
 
 from openbook.errors import OpenbookError
 
-LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
+
+def launch_dir() -> Path:
+    from openbook.resources import resource_dir
+
+    return resource_dir("launch")
 TARGETS = ("slurm", "ray", "torchrun")
 RAY_PORT = 6379
 
@@ -80,10 +84,10 @@ def set_args(overrides: list[str]) -> str:
 
 
 def render_template(name: str, values: dict[str, object]) -> str:
-    text = (LAUNCH_DIR / name).read_text()
+    text = (launch_dir() / name).read_text()
     missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
     if missing:
-        raise OpenbookError(f"{LAUNCH_DIR / name}: no value for placeholder {{{{{missing[0]}}}}}")
+        raise OpenbookError(f"{launch_dir() / name}: no value for placeholder {{{{{missing[0]}}}}}")
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
 
 
@@ -132,8 +136,7 @@ def shared_fs_problems(cfg, nodes: int) -> list[str]:
 def plan(req: LaunchRequest) -> LaunchPlan:
     from openbook.recipe import load_recipe
 
-    if not LAUNCH_DIR.is_dir():
-        raise OpenbookError(f"{LAUNCH_DIR}: launch templates not found (use a checkout: pip install -e .)")
+    launch_dir()  # the templates, from the checkout or the installed wheel: one line if neither has them
     cfg = load_recipe(req.config, train_overrides(req))  # a bad recipe fails here, not on the cluster
     p = {"slurm": _slurm, "ray": _ray, "torchrun": _torchrun}[req.target](req, cfg)
     p.problems = [] if req.assume_shared_fs else shared_fs_problems(cfg, req.nodes)
@@ -166,7 +169,7 @@ def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
         steps.append(("node 0", f"ray start --head --port={RAY_PORT}"))
         steps += [(f"node {i}", f"ray start --address={addr}:{RAY_PORT}") for i in range(1, req.nodes)]
         overrides.append("refresh.address=auto")
-    script = shlex.quote(str(LAUNCH_DIR / "torchrun.sh"))
+    script = shlex.quote(str(launch_dir() / "torchrun.sh"))
     # torchrun.sh sets devices and num_nodes from its own arguments
     rest = [o for o in overrides if not o.startswith(("train.devices=", "train.num_nodes="))]
     for rank in range(req.nodes):
@@ -178,7 +181,7 @@ def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
 
 
 def _ray(req: LaunchRequest, cfg) -> LaunchPlan:
-    yaml_path, name = shlex.quote(str(LAUNCH_DIR / "ray_cluster.yaml")), f"openbook-{cfg.name}"
+    yaml_path, name = shlex.quote(str(launch_dir() / "ray_cluster.yaml")), f"openbook-{cfg.name}"
     workers = req.nodes - 1
     args = " ".join(filter(None, [f"--config {shlex.quote(req.config)} --num-workers {req.nodes * req.procs}",
                                   "--use-gpu" if req.gpus_per_node else "", set_args(list(req.overrides))]))

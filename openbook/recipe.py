@@ -123,6 +123,12 @@ def check_moved_keys(data: dict, where: str) -> None:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """A recipe by path, or by name from the shipped recipes (``default``, ``rag_token_tiny``, ...)."""
+    from openbook.resources import recipe_names, recipe_path
+
+    path = recipe_path(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found (a path, or a shipped recipe: {', '.join(recipe_names())})")
     data = apply_overrides(load_yaml(path), overrides or [])
     check_moved_keys(data, str(path))
     return from_dict(RecipeConfig, data, where=str(path))

@@ -136,3 +136,15 @@ def test_every_recipe_builds_through_openbook_train(path, tmp_path, monkeypatch)
     assert main(["train", "--config", str(path), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
     assert seen["batch"] and (run / "config.yaml").is_file() and (run / "model.pt").is_file()
     assert load_recipe(run / "config.yaml").model == load_recipe(path).model
+
+
+def test_a_recipe_resolves_by_name_from_any_directory(tmp_path, monkeypatch):
+    from openbook.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    by_name = load_recipe("default")
+    assert by_name == load_recipe("configs/default.yaml") == load_recipe("default.yaml")
+    assert by_name.name == "default"
+    with pytest.raises(ConfigError, match=r"config file not found \(a path, or a shipped recipe: .*default") as err:
+        load_recipe("no_such_recipe")
+    assert "\n" not in str(err.value)
