@@ -23,6 +23,8 @@ class QACollator:
     query_max_length: int
     answer_max_length: int
     query_prefix: str = ""  # retriever.query_prefix, before each question the retriever reads
+    row_of: Callable[[str], int] | None = None  # corpus id -> row, for the examples' own hard negatives
+    hard_negatives: int = 0  # how many of them go in "hard_rows" [B, hard_negatives] (-1 = none)
     warned: bool = field(default=False)
 
     def __call__(self, batch: list[tuple[QAExample, int]]) -> dict:
@@ -33,8 +35,13 @@ class QACollator:
         answers = [e.answers[0] if e.answers else "" for e, _ in batch]
         labels = self.tokenizer(answers, truncation=True, max_length=self.answer_max_length, padding=True,
                                 return_tensors="pt")["input_ids"]
-        return {"query": dict(query), "gold_row": torch.tensor([r for _, r in batch], dtype=torch.long),
-                "labels": labels, "answers": [e.answers for e, _ in batch]}
+        out = {"query": dict(query), "gold_row": torch.tensor([r for _, r in batch], dtype=torch.long),
+               "labels": labels, "answers": [e.answers for e, _ in batch]}
+        if self.hard_negatives and self.row_of is not None:
+            n = self.hard_negatives
+            rows = [[self.row_of(i) for i in e.hard_negative_ids[:n]] for e, _ in batch]
+            out["hard_rows"] = torch.tensor([r + [-1] * (n - len(r)) for r in rows], dtype=torch.long)
+        return out
 
     def _warn_if_truncated(self, questions: list[str]) -> None:
         if self.warned:

@@ -15,6 +15,8 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(0, "linear warm-up steps")
     negatives: int = opt(8, "hard negatives per question, from the (stale) index's top-k")
+    data_negatives: int = opt(1, "dense retriever: of those, up to this many come from the question's own hard "
+                                 "negatives (DPR's hard_negative_ctxs), when the QA data has them")
     freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); turns the refresh off")
     closed_book: bool = opt(False, "rag/fid: the reader sees the question alone, no passage (the no-retrieval "
                             "baseline); retrieval still runs but nothing of it reaches the reader")
@@ -37,6 +39,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.negatives < 1:
             raise ValueError("max_steps, batch_size and negatives must be >= 1")
+        if not 0 <= self.data_negatives <= self.negatives:
+            raise ValueError(f"data_negatives must lie in [0, negatives={self.negatives}], got {self.data_negatives}")
         if self.checkpoint_every_n_steps < 0 or self.keep_checkpoints < 1:
             raise ValueError("train.checkpoint_every_n_steps must be >= 0 and train.keep_checkpoints >= 1")
 

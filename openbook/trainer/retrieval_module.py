@@ -22,12 +22,14 @@ from openbook.trainer.retrieval import RetrievalStep, gold_recall
 from openbook.trainer.spec import ModelSpec, Shared
 
 
-def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
-    """[B, 1+n] rows: the gold passage first, then the top retrieved non-gold passages (padded with
-    more retrieved rows if the index returned too few)."""
+def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int, own: np.ndarray | None = None) -> np.ndarray:
+    """[B, 1+n] rows: the gold passage first, then the question's own hard negatives (``own`` [B, H], -1 =
+    none: DPR's hard_negative_ctxs), then the top retrieved non-gold passages (padded with more retrieved
+    rows if the index returned too few)."""
     out = np.empty((len(gold), 1 + n), dtype=np.int64)
     for i, (row, g) in enumerate(zip(retrieved, gold)):
-        negs = [r for r in row if r != g and r >= 0][:n]
+        first = [int(r) for r in (own[i] if own is not None else []) if r >= 0 and r != g]
+        negs = (first + [r for r in row if r != g and r >= 0 and r not in first])[:n]
         while len(negs) < n:  # tiny corpora only: repeat rather than fail
             negs.append(negs[-1] if negs else (g + 1) % max(1, retrieved.max() + 1))
         out[i, 0], out[i, 1:] = g, negs
@@ -47,7 +49,8 @@ class DenseRetrievalModule(pl.LightningModule):
         snap = self.retrieval.snapshot(q.shape[-1])
         rows = self.retrieval.search(snap, q, max(self.cfg.negatives + 1, self.cfg.eval_k))
         gold = batch["gold_row"].cpu().numpy()
-        cand = candidates(rows, gold, self.cfg.negatives)
+        own = batch["hard_rows"].cpu().numpy() if "hard_rows" in batch else None
+        cand = candidates(rows, gold, self.cfg.negatives, own)
         scores, _ = self.retrieval.score(snap, q, cand)  # live: the doc tower trains (ANCE/REALM)
         loss = F.cross_entropy(scores, torch.zeros(len(gold), dtype=torch.long, device=self.device))
         self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.cfg.eval_k}": gold_recall(rows, gold, self.cfg.eval_k)},

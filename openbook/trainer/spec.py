@@ -76,8 +76,10 @@ class ModelSpec:
 
 
 def qa_collator(s: Shared) -> QACollator:
-    r = s.cfg.retriever
-    return QACollator(s.tokenizer, r.query_max_length, s.cfg.reader.max_answer_length, r.query_prefix)
+    r, t = s.cfg.retriever, s.cfg.train
+    hard = t.data_negatives if any(e.hard_negative_ids for e in s.data.train) else 0
+    return QACollator(s.tokenizer, r.query_max_length, s.cfg.reader.max_answer_length, r.query_prefix,
+                      s.data.corpus.row_of, hard)
 
 
 def qa_dev_loader(s: Shared) -> DataLoader | None:

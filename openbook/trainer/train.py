@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from openbook.config import to_dict
 from openbook.data import tokenize_corpus
-from openbook.data.bundle import prepare_data
+from openbook.data.bundle import DataBundle, prepare_data
 from openbook.index import IndexHolder
 from openbook.models.retriever import build_retriever
 from openbook.recipe import RecipeConfig
@@ -44,12 +44,13 @@ class TrainParts(Shared):
     callback: IndexRefreshCallback
 
 
-def build_parts(cfg: RecipeConfig) -> TrainParts:
+def build_parts(cfg: RecipeConfig, data: DataBundle | None = None) -> TrainParts:
+    """``data``: the Python API's own corpus and QA (``prepare_data(cfg.data, corpus=dataset, ...)``)."""
     pl.seed_everything(cfg.train.seed, workers=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     spec = model_spec(cfg.model)
-    data = prepare_data(cfg.data)
+    data = data or prepare_data(cfg.data)
     model, tokenizer = build_retriever(cfg.retriever)
     tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
                              prefix=cfg.retriever.passage_prefix)
@@ -124,14 +125,15 @@ def validate_at_start(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader) -
     return {f"dev_{key.split('/')[-1]}_at_start": round(v, 4) for key, v in metrics.items()}
 
 
-def run_train(cfg: RecipeConfig, progress: bool = True, **trainer_overrides) -> dict:
-    """``trainer_overrides`` go to ``pl.Trainer`` (launch/ray_train.py passes Ray's strategy and plugin)."""
+def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None = None, **trainer_overrides) -> dict:
+    """``trainer_overrides`` go to ``pl.Trainer`` (launch/ray_train.py passes Ray's strategy and plugin); ``data``
+    as in ``build_parts``."""
     ckpt = None
     if cfg.train.resume_from:  # before building anything: a wrong path fails fast, in one line
         from openbook.trainer.checkpoints import resolve_checkpoint
         ckpt = resolve_checkpoint(cfg.train.resume_from, cfg.run_dir)
         log.info("resuming from %s", ckpt)
-    parts = build_parts(cfg)
+    parts = build_parts(cfg, data)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     dev = parts.spec.dev_loader(parts)
     at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
@@ -169,7 +171,8 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
-            "tensorboard": str(Path(parts.cfg.run_dir) / "tb")}
+            "tensorboard": str(Path(parts.cfg.run_dir) / "tb"),
+            **({"missing_gold_dropped": parts.data.dropped} if parts.data.dropped else {})}
 
 
 def config_yaml(cfg: RecipeConfig) -> str:
