@@ -17,7 +17,7 @@ import time
 from bench.common import BENCHMARKS as BENCHMARKS_MD
 from bench.common import OUT_ENV, QUICK, ROOT, machine, table, write_section
 
-NAMES = ("refresh", "rag_step", "knnlm", "fid_passages", "learning", "scaling", "sharded", "seeds")
+NAMES = ("refresh", "rag_step", "knnlm", "fid_passages", "learning", "scaling", "sharded", "ingest", "seeds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,6 +46,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from openbook.trainer.export import export_run
+
+    print(json.dumps(export_run(args.run_dir, args.out), indent=1))
+    return 0
+
+
 def _cmd_knnlm(args: argparse.Namespace) -> int:
     from openbook.knnlm.config import load_knnlm_config
     from openbook.knnlm.pipeline import run_knnlm
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="resume from a checkpoint dir (run_dir/checkpoints/step-N) or 'last'")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="a finished run as save_pretrained directories (encoders, generator) and its "
+                                      "final snapshot")
+    p.add_argument("run_dir", help="the run's directory (holds config.yaml and retriever.pt)")
+    p.add_argument("out", help="a new directory to write")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("search", help="query the newest snapshot of a recipe")
     _add_config_args(p)

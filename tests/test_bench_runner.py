@@ -20,7 +20,7 @@ from bench.projection import Assumptions, encoder_flops, project
 def test_runner_runs_everything_in_order_by_default():
     args = parse_args([])
     assert args.names == list(NAMES) and not args.quick
-    assert {"refresh", "rag_step", "knnlm", "fid_passages", "learning", "scaling", "sharded", "seeds"} == set(NAMES)
+    assert {"refresh", "rag_step", "knnlm", "fid_passages", "learning", "scaling", "sharded", "ingest", "seeds"} == set(NAMES)
     assert environment(False)[OUT_ENV] == str(BENCH_MD)
 
 
