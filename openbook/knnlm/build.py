@@ -18,7 +18,7 @@ from torch import nn
 
 from openbook.knnlm.config import DatastoreConfig, LMConfig
 from openbook.knnlm.datastore import Datastore, DatastoreWriter
-from openbook.knnlm.model import build_lm, encode, windows
+from openbook.knnlm.model import build_lm, encode, key_dim, windows
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.coordinator import ensure_ray
 from openbook.refresher.encode import load_numpy_state, numpy_state
@@ -55,7 +55,7 @@ def _shards(wins: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _writer(path: Path, model: nn.Module, tokens: np.ndarray, cfg: DatastoreConfig) -> DatastoreWriter:
-    return DatastoreWriter(path, len(tokens) - 1, model.config.n_embd, cfg.keys_dtype)
+    return DatastoreWriter(path, len(tokens) - 1, key_dim(model), cfg.keys_dtype)
 
 
 def _commit(writer: DatastoreWriter, cfg: DatastoreConfig, meta: dict, t0: float) -> Datastore:

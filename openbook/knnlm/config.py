@@ -12,17 +12,27 @@ from openbook.index.faiss_index import IndexConfig
 
 @dataclass(kw_only=True)
 class TextConfig:
-    held_out_every: int = opt(10, "paragraph i of pydoc_text() is held out when i % held_out_every == 0")
+    source: str = opt("pydoc", "'pydoc' (Python's help text) or a path: a directory of .txt files (a document "
+                               "each), a text file of blank-line paragraphs (WikiText's layout) or a datasets "
+                               "directory (column 'text')")
+    valid: str | None = opt(None, "held-out text for tuning (same kinds of path); null = split from source")
+    test: str | None = opt(None, "held-out text reported; with valid, the split is the user's")
+    held_out_every: int = opt(10, "paragraph i of the source is held out when i % held_out_every == 0")
     min_words: int = opt(8, "paragraphs shorter than this are dropped (headings, rules)")
     max_paragraphs: int | None = opt(None, "use only the first N paragraphs (tests, --quick); null = all")
 
     def __post_init__(self) -> None:
         if self.held_out_every < 2:
             raise ValueError(f"text.held_out_every must be >= 2, got {self.held_out_every}")
+        if (self.valid is None) != (self.test is None):
+            raise ValueError("text.valid and text.test go together (the user's split), or neither (split here)")
 
 
 @dataclass(kw_only=True)
 class LMConfig:
+    source: str = opt("tiny", "'tiny' (a GPT-2 of the sizes below, random init, over a compact WordPiece "
+                              "vocabulary) or a local causal-LM directory (AutoModelForCausalLM: GPT-2 family "
+                              "and the like) with its own tokenizer")
     n_embd: int = opt(128, "hidden size of the GPT-2 style LM (random init)")
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
@@ -39,7 +49,7 @@ class LMConfig:
 
 @dataclass(kw_only=True)
 class LMTrainConfig:
-    steps: int = opt(400, "optimizer steps")
+    steps: int = opt(400, "optimizer steps (0: use the LM as it is, as the paper does with a pretrained one)")
     batch_size: int = opt(16, "blocks per step")
     lr: float = opt(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)")
     warmup_steps: int = opt(50, "linear warm-up steps")

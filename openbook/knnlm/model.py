@@ -1,22 +1,30 @@
-"""The small causal LM (GPT-2 architecture, random init from a config) and the one encoding loop.
+"""The causal LM (a GPT-2 of random init from a config, or any local ``AutoModelForCausalLM`` directory)
+and the one encoding loop.
 
-kNN-LM keys are the input to the last block's feed-forward sub-layer after its layer norm (for
-GPT-2: the output of ``h[-1].ln_2``), captured with a forward hook. Pure torch: no Ray, no files.
+kNN-LM keys are the input to the last block's feed-forward sub-layer, after its layer norm (the paper's
+choice; for GPT-2 the output of ``h[-1].ln_2``), captured with a forward pre-hook on that sub-layer.
+Pure torch: no Ray, no files besides the model directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from openbook.errors import ConfigError
 from openbook.knnlm.config import LMConfig
+
+FFN_NAMES = ("mlp", "feed_forward", "ffn", "fc1")  # the feed-forward sub-layer's name in HF decoder blocks
 
 
 def build_lm(cfg: LMConfig, vocab_size: int) -> nn.Module:
+    if cfg.source != "tiny":
+        return load_causal_lm(cfg.source)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(cfg.seed)
@@ -27,16 +35,44 @@ def build_lm(cfg: LMConfig, vocab_size: int) -> nn.Module:
     return GPT2LMHeadModel(gpt_cfg)
 
 
+def load_causal_lm(path: str) -> nn.Module:
+    """A local causal-LM directory; one line naming it when it is not one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"lm.source: {path} is not 'tiny' or a local model directory (no config.json)")
+    hf_logging.set_verbosity_error()
+    try:
+        AutoConfig.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"lm.source: {path} does not load as a causal LM ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def key_layer(model: nn.Module) -> nn.Module:
-    """The layer norm whose output is the kNN key: the last block's pre-FFN ``ln_2``."""
-    return model.transformer.h[-1].ln_2
+    """The feed-forward sub-layer of the last decoder block, whose input is the kNN key (GPT-2:
+    ``h[-1].mlp``, fed by ``ln_2``; Llama-style: ``layers[-1].mlp``)."""
+    found = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in FFN_NAMES and name.count(".") >= 2]
+    if not found:
+        raise ConfigError(f"{type(model).__name__}: no feed-forward sub-layer (named {', '.join(FFN_NAMES)}) to "
+                          "take kNN keys from")
+    return found[-1]
+
+
+def key_dim(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
 
 
 @contextlib.contextmanager
 def captured_keys(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Inside the ``with``, every forward appends the key layer's output [B, T, d] to the yielded list."""
+    """Inside the ``with``, every forward appends the key layer's input [B, T, d] to the yielded list."""
     out: list[torch.Tensor] = []
-    handle = key_layer(model).register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
+    handle = key_layer(model).register_forward_pre_hook(lambda _m, args: out.append(args[0].detach()))
     try:
         yield out
     finally:
@@ -87,5 +123,5 @@ def encode(model: nn.Module, tokens: np.ndarray, wins: np.ndarray, batch_size: i
     finally:
         model.train(was_training)
     if not keys:
-        return np.zeros((0, key_layer(model).normalized_shape[0]), np.float32), np.zeros(0, np.float64)
+        return np.zeros((0, key_dim(model)), np.float32), np.zeros(0, np.float64)
     return np.concatenate(keys), np.concatenate(logps)

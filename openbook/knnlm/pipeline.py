@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from openbook.knnlm.build import build_sharded
-from openbook.knnlm.config import KnnLMConfig
+from openbook.knnlm.config import KnnLMConfig, LMConfig
 from openbook.knnlm.datastore import Datastore
 from openbook.knnlm.model import build_lm, encode, windows
 from openbook.knnlm.scoring import Scored, neighbours, perplexity
@@ -34,12 +34,14 @@ class Demo:
     build_seconds: float
 
 
-def train_and_build(cfg: KnnLMConfig) -> Demo:
-    text = load_text(cfg.text)
-    log.info("pydoc text: %d train / %d valid / %d test tokens, vocab %d", len(text.train), len(text.valid),
-             len(text.test), text.vocab_size)
+def train_and_build(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str]] | None = None) -> Demo:
+    """``paragraphs``: the Python API's own (train, valid, test) texts instead of ``cfg.text``'s source."""
+    text = load_text(cfg.text, lm_tokenizer(cfg.lm), compact=cfg.lm.source == "tiny", paragraphs=paragraphs)
+    log.info("%s text: %d train / %d valid / %d test tokens, vocab %d", cfg.text.source, len(text.train),
+             len(text.valid), len(text.test), text.vocab_size)
     model = build_lm(cfg.lm, text.vocab_size)
-    lm_train = train_lm(model, text.train, cfg.lm, cfg.train)
+    lm_train = (train_lm(model, text.train, cfg.lm, cfg.train) if cfg.train.steps > 0
+                else {"steps": 0, "seconds": 0.0, "final_loss": float("nan")})
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), Path(cfg.run_dir) / "lm.pt")
     t0 = time.perf_counter()
@@ -59,9 +61,18 @@ def score_stream(model: nn.Module, tokens: np.ndarray, store: Datastore, cfg: Kn
     return Scored(lm_logp, np.asarray(tokens[1:], dtype=np.int64), dists, vals)
 
 
-def run_knnlm(cfg: KnnLMConfig) -> dict:
+def lm_tokenizer(cfg: LMConfig):
+    """The tiny LM's MiniLM WordPiece (compacted later), or the LM directory's own tokenizer."""
+    if cfg.source == "tiny":
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.source)
+
+
+def run_knnlm(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str]] | None = None) -> dict:
     """The demo's JSON summary (also written to <run_dir>/knnlm_summary.json)."""
-    demo = train_and_build(cfg)
+    demo = train_and_build(cfg, paragraphs)
     kn = cfg.knn
     summary: dict = {"train_tokens": len(demo.text.train), "vocab_size": demo.text.vocab_size,
                      "datastore_size": len(demo.store), "datastore_factory": cfg.datastore.factory,
