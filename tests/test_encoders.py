@@ -1,7 +1,7 @@
 """Any local Hugging Face encoder as the retriever (issue 18): BERT, DistilBERT, RoBERTa, DPR pairs.
 
 Checkpoints are made here with ``save_pretrained`` from tiny configs (random weights, WordPiece from the
-offline MiniLM, a byte-level BPE trained on Python's help text for RoBERTa). Embeddings are compared
+offline MiniLM, a byte-level BPE trained on Python's help text for RoBERTa: tests/tokenizers_here.py). Embeddings are compared
 with the same directories loaded in plain ``transformers`` and pooled by hand.
 """
 
@@ -16,6 +16,7 @@ import torch
 from openbook.errors import ConfigError
 from openbook.models.retriever import EncoderConfig, RetrieverConfig, build_retriever, minilm_path
 from openbook.trainer.pipeline import encode_queries
+from tests import tokenizers_here
 
 TEXTS = ["who wrote the raven", "a longer question about where the person was born and in which year",
          "x"]
@@ -28,28 +29,13 @@ def _wordpiece(cls_name: str):
     return getattr(transformers, cls_name)(vocab_file=str(minilm_path() / "vocab.txt"), do_lower_case=True)
 
 
-def _bpe():
-    """A RoBERTa tokenizer (byte-level BPE) trained on Python's help text: no hub needed."""
-    from pydoc_data.topics import topics
-
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(topics.values()), vocab_size=600, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
-    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
-                                mask_token="<mask>")
-
-
 def make_encoder_dirs(root: Path) -> dict[str, Path]:
     """Tiny random checkpoints of each encoder family, with their tokenizers, written by save_pretrained."""
     import transformers as tf
 
     torch.manual_seed(0)
     wp = _wordpiece("BertTokenizerFast")
-    bpe = _bpe()
+    bpe = tokenizers_here.bpe("roberta", vocab_size=600)
     models = {
         "bert": (tf.BertModel(tf.BertConfig(vocab_size=len(wp), **TINY)), wp),
         "distilbert": (tf.DistilBertModel(tf.DistilBertConfig(vocab_size=len(wp), dim=32, n_layers=1, n_heads=2,

@@ -99,15 +99,16 @@ class RagConfig:
 
 
 def join_context(q_ids: torch.Tensor, q_mask: torch.Tensor, doc_ids: torch.Tensor, doc_mask: torch.Tensor,
-                 n_docs: int, max_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 n_docs: int, max_len: int, pad_id: int, drop_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Generator inputs ``[CLS] question [SEP] title [SEP] passage [SEP]`` for every (question, doc):
-    question rows [B, Lq] are repeated K times; doc rows [B*K, Ld] lose their leading [CLS].
-    Both come pre-tokenised (the corpus from its cache), so nothing is re-tokenised per step."""
-    rows = []
+    question rows [B, Lq] are repeated K times; doc rows [B*K, Ld] lose their leading [CLS] (``drop_first``;
+    a tokenizer that starts with no special token, T5's, keeps it). Both come pre-tokenised (the corpus
+    from its cache), so nothing is re-tokenised per step."""
+    rows, first = [], int(drop_first)
     q_len, d_len = q_mask.sum(1).tolist(), doc_mask.sum(1).tolist()
     for i in range(doc_ids.shape[0]):
         b = i // n_docs
-        rows.append(torch.cat([q_ids[b, : q_len[b]], doc_ids[i, 1: d_len[i]]])[:max_len])
+        rows.append(torch.cat([q_ids[b, : q_len[b]], doc_ids[i, first: d_len[i]]])[:max_len])
     width = max(len(r) for r in rows)
     ctx = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

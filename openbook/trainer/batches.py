@@ -36,7 +36,7 @@ class QACollator:
         labels = self.tokenizer(answers, truncation=True, max_length=self.answer_max_length, padding=True,
                                 return_tensors="pt")["input_ids"]
         out = {"query": dict(query), "gold_row": torch.tensor([r for _, r in batch], dtype=torch.long),
-               "labels": labels, "answers": [e.answers for e, _ in batch]}
+               "labels": labels, "answers": [e.answers for e, _ in batch], "questions": [e.question for e, _ in batch]}
         if self.hard_negatives and self.row_of is not None:
             n = self.hard_negatives
             rows = [[self.row_of(i) for i in e.hard_negative_ids[:n]] for e, _ in batch]

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from openbook.data.qa import exact_match, f1
-from openbook.data.tokcache import TokenizedCorpus
+from openbook.data.tokcache import TokenizedCorpus, tokenize_corpus
 from openbook.models.decoding import rag_token_generate
 from openbook.models.generator import SpecialIds
 from openbook.models.rag import join_context, rag_token_nll, seq2seq_logits
@@ -29,18 +29,27 @@ from openbook.trainer.retrieval import gold_recall
 
 class Seq2SeqReader:
     def __init__(self, generator: torch.nn.Module, tokens: TokenizedCorpus, cfg: ReaderConfig, ids: SpecialIds,
-                 tokenizer, vocab: VocabMap | None, closed_book: bool):
-        """``ids`` are in the generator's id space: compact ids when ``vocab`` is given."""
+                 tokenizer, vocab: VocabMap | None, closed_book: bool, own_tokens: TokenizedCorpus | None = None):
+        """``ids`` are in the generator's id space: compact ids when ``vocab`` is given. ``own_tokens``: the
+        corpus in the generator's own tokenizer (``tokenizer`` is then that one, not the retriever's):
+        questions and answers are tokenised with it per batch, passages come from that cache."""
         self.generator, self.tokens, self.cfg, self.ids = generator, tokens, cfg, ids
-        self.tokenizer, self.vocab, self.closed_book = tokenizer, vocab, closed_book
+        self.tokenizer, self.vocab, self.closed_book, self.own_tokens = tokenizer, vocab, closed_book, own_tokens
+        self.drop_first = own_tokens is None or _starts_with_special(tokenizer)
 
-    def context(self, query: dict, docs: dict, n_docs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generator inputs for every (question, passage): ids and mask [B*K, L] on ``device``."""
-        if self.closed_book:  # keep only each passage's leading [CLS], which join_context drops
-            docs = {k: v[:, :1] for k, v in docs.items()}
+    def context(self, batch: dict, docs: dict, rows: np.ndarray, n_docs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator inputs for every (question, passage): ids and mask [B*K, L] on ``device``; ``docs`` are the
+        passages' retriever tokens, ``rows`` [B, K] their corpus rows (what the generator's own cache needs)."""
+        query = batch["query"]
+        if self.own_tokens is not None:
+            query = self.tokenizer(batch["questions"], truncation=True, max_length=self.cfg.max_context_length,
+                                   padding=True, return_tensors="pt")
+            docs = self.own_tokens.batch(np.asarray(rows).reshape(-1))
+        if self.closed_book:  # keep only each passage's leading special token, which join_context drops
+            docs = {k: v[:, :int(self.drop_first)] for k, v in docs.items()}
         ctx, mask = join_context(query["input_ids"].cpu(), query["attention_mask"].cpu(), docs["input_ids"],
                                  docs["attention_mask"], n_docs, self.cfg.max_context_length,
-                                 self.tokenizer.pad_token_id)
+                                 self.tokenizer.pad_token_id, self.drop_first)
         return self.gen_ids(ctx).to(device), mask.to(device)
 
     def gold_context(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,14 +57,23 @@ class Seq2SeqReader:
         gold = batch["gold_row"].cpu().numpy()
         if (gold < 0).any():
             raise ValueError("reader.warmup_steps and the gold-passage check need gold_ids for every question")
-        return self.context(batch["query"], self.tokens.batch(gold), 1, device)
+        return self.context(batch, self.tokens.batch(gold), gold[:, None], 1, device)
 
     def gen_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids -> the generator's ids (identity without a compact vocabulary)."""
         return ids if self.vocab is None else self.vocab.encode(ids)
 
     def labels(self, batch: dict, device) -> torch.Tensor:
-        return self.gen_ids(batch["labels"]).to(device)
+        """``[start] answer [end]`` in the generator's ids (the first answer of each question)."""
+        if self.own_tokens is None:
+            return self.gen_ids(batch["labels"]).to(device)
+        answers = [a[0] if a else "" for a in batch["answers"]]
+        pieces = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        seqs = [[self.ids.bos, *p[: self.cfg.max_answer_length - 2], self.ids.eos] for p in pieces]
+        out = torch.full((len(seqs), max(map(len, seqs))), self.ids.pad, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            out[i, : len(seq)] = torch.tensor(seq)
+        return out.to(device)
 
     def decode(self, seqs: list[list[int]]) -> list[str]:
         seqs = seqs if self.vocab is None else self.vocab.decode(seqs)
@@ -78,6 +96,12 @@ class Seq2SeqReader:
         out = rag_token_generate(self.generator, ctx, mask, torch.zeros(len(ctx), 1, device=device), self.ids.bos,
                                  self.ids.eos, self.cfg.max_answer_length)
         return em(self.decode(out), batch["answers"])
+
+
+def _starts_with_special(tokenizer) -> bool:
+    """Whether the tokenizer puts a special token first ([CLS], <s>); T5's does not."""
+    first = tokenizer("a")["input_ids"][:1]
+    return bool(first) and first[0] in set(tokenizer.all_special_ids)
 
 
 def em(preds: list[str], answers: list[list[str]]) -> float:
@@ -106,8 +130,11 @@ VOCAB_FILE = "vocab.json"
 
 def reader_for(s) -> Seq2SeqReader:
     """The recipe's generator and the shared reader pieces around it, for the shared parts ``s``."""
-    generator, ids, vocab = build_generator_for(s)
-    return Seq2SeqReader(generator, s.tokens, s.cfg.reader, ids, s.tokenizer, vocab, s.cfg.train.closed_book)
+    generator, ids, vocab, own = build_generator_for(s)
+    if own is None:
+        return Seq2SeqReader(generator, s.tokens, s.cfg.reader, ids, s.tokenizer, vocab, s.cfg.train.closed_book)
+    own_tokens = tokenize_corpus(s.data.corpus, own, s.cfg.reader.max_context_length, Path(s.cfg.data.cache_dir))
+    return Seq2SeqReader(generator, s.tokens, s.cfg.reader, ids, own, None, s.cfg.train.closed_book, own_tokens)
 
 
 class GeneratingModule(pl.LightningModule):
@@ -130,7 +157,7 @@ class GeneratingModule(pl.LightningModule):
         """Retrieval for the batch's questions, and the generator inputs for every (question, passage)."""
         n = self.reader_cfg.n_docs
         got = self.retrieval(self.retriever.encode_queries(batch["query"]), n)
-        return (got, *self.seq2seq.context(batch["query"], got.docs, n, self.device))
+        return (got, *self.seq2seq.context(batch, got.docs, got.rows, n, self.device))
 
     def warmup_step(self, batch: dict, epsilon: float = 0.0) -> torch.Tensor:
         """A reader warm-up step: the gold passage alone, logged as such."""
@@ -146,16 +173,21 @@ class GeneratingModule(pl.LightningModule):
         return configure_adamw(self, self.cfg, lr_scale={"generator.": self.reader_cfg.lr_scale})
 
 
-def build_generator_for(s) -> tuple[torch.nn.Module, SpecialIds, VocabMap | None]:
+def build_generator_for(s) -> tuple[torch.nn.Module, SpecialIds, VocabMap | None, object | None]:
     """The recipe's generator for the shared parts ``s``: a saved one keeps its compact vocabulary
-    (``vocab.json`` beside it); a tiny one with ``generator.vocab: corpus`` gets the corpus's WordPieces."""
-    from openbook.models.generator import build_generator, special_ids
+    (``vocab.json`` beside it); a tiny one with ``generator.vocab: corpus`` gets the corpus's WordPieces; a
+    directory with a tokenizer of its own reads and writes that tokenizer's ids (the fourth value, else None)."""
+    from openbook.models.generator import build_generator, generator_tokenizer, special_ids
     from openbook.models.vocab import corpus_vocab
 
     cfg, vocab = s.cfg, None
+    own = generator_tokenizer(cfg.generator, s.tokenizer)
+    if own is not None:
+        generator = build_generator(cfg.generator, own)
+        return generator, special_ids(own, None, generator.config), None, own
     if (Path(cfg.generator.source) / VOCAB_FILE).is_file():
         vocab = VocabMap.load(Path(cfg.generator.source) / VOCAB_FILE)
     elif cfg.generator.vocab == "corpus":
         train = s.data.train
         vocab = corpus_vocab(s.tokens, s.tokenizer, [e.question for e in train] + [a for e in train for a in e.answers])
-    return build_generator(cfg.generator, s.tokenizer, vocab), special_ids(s.tokenizer, vocab), vocab
+    return build_generator(cfg.generator, s.tokenizer, vocab), special_ids(s.tokenizer, vocab), vocab, None
