@@ -24,9 +24,12 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "in
 
 
 def _wordpiece(cls_name: str):
+    """MiniLM's WordPiece vocabulary under another family's tokenizer class (all 30,522 pieces)."""
     import transformers
 
-    return getattr(transformers, cls_name)(vocab_file=str(minilm_path() / "vocab.txt"), do_lower_case=True)
+    tok = getattr(transformers, cls_name).from_pretrained(str(minilm_path()))
+    assert len(tok) == 30522 and tok("hello world")["input_ids"] == [101, 7592, 2088, 102]
+    return tok
 
 
 def make_encoder_dirs(root: Path) -> dict[str, Path]:
@@ -46,6 +49,11 @@ def make_encoder_dirs(root: Path) -> dict[str, Path]:
                          _wordpiece("DPRQuestionEncoderTokenizerFast")),
         "dpr_context": (tf.DPRContextEncoder(tf.DPRConfig(vocab_size=len(wp), **TINY)),
                         _wordpiece("DPRContextEncoderTokenizerFast")),
+        "roberta_mlm": (tf.RobertaForMaskedLM(tf.RobertaConfig(vocab_size=len(bpe), max_position_embeddings=130,
+                                                               pad_token_id=bpe.pad_token_id, **TINY)), bpe),
+        "distilbert_mlm": (tf.DistilBertForMaskedLM(tf.DistilBertConfig(vocab_size=len(wp), dim=32, n_layers=1,
+                                                                        n_heads=2, hidden_dim=64)),
+                           _wordpiece("DistilBertTokenizerFast")),
         "bart": (tf.BartModel(tf.BartConfig(vocab_size=len(wp), d_model=32, encoder_layers=1, decoder_layers=1,
                                             encoder_attention_heads=2, decoder_attention_heads=2,
                                             encoder_ffn_dim=64, decoder_ffn_dim=64)), wp),
@@ -195,3 +203,42 @@ def test_a_retriever_trains_with_each_encoder_family(encoder_dirs, tmp_path, ray
     tower.load_state_dict({k: torch.from_numpy(v) for k, v in rec.weights[snap.encoder_step].items()})
     direct = encode_rows(tower, parts.tokens, 0, len(parts.tokens), 64)
     np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32), direct, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("family,retriever", [("roberta_mlm", "roberta"), ("distilbert_mlm", "tiny")])
+def test_a_masked_lm_directory_as_the_realm_reader(encoder_dirs, family, retriever):
+    """The REALM reader's encoder and MLM head are the directory's: the same logits as plain transformers."""
+    from transformers import AutoModelForMaskedLM
+
+    from openbook.models.realm import RealmConfig, build_mlm_reader
+    from openbook.models.realm_reader import build_span_reader
+    from openbook.models.retriever import load_tokenizer
+
+    tok = load_tokenizer(EncoderConfig(source=str(encoder_dirs[retriever]) if retriever != "tiny" else "tiny"))
+    cfg = RealmConfig(reader=str(encoder_dirs[family]))
+    reader = build_mlm_reader(cfg, len(tok), 64, tok).eval()
+    ids = tok(TEXTS, padding=True, return_tensors="pt")
+    ref = AutoModelForMaskedLM.from_pretrained(encoder_dirs[family]).eval()
+    with torch.no_grad():
+        got = reader.cls(reader.bert(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state)
+        want = ref(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    torch.testing.assert_close(got, want)
+    span = build_span_reader(cfg, len(tok), 64, tok)
+    assert set(span.bert.state_dict()) == set(reader.bert.state_dict())
+    other = load_tokenizer(EncoderConfig(source="tiny" if retriever != "tiny" else str(encoder_dirs["roberta"])))
+    with pytest.raises(ConfigError, match="another vocabulary than the retriever's") as err:
+        build_mlm_reader(cfg, len(other), 64, other)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_realm_pretraining_with_a_roberta_retriever_and_reader(encoder_dirs, tmp_path, ray_session):
+    from openbook.trainer.train import run_train
+    from tests.helpers import tiny_recipe
+
+    cfg = tiny_recipe(tmp_path, model="realm_pretrain", retriever={"encoder": {"source": str(encoder_dirs["roberta"])}},
+                      realm={"reader": str(encoder_dirs["roberta_mlm"]), "salient_spans": "title_words"},
+                      reader={"n_docs": 2, "max_context_length": 48}, train={"max_steps": 4, "batch_size": 4},
+                      refresh={"schedule": "2", "swap_lag": 1})
+    summary = run_train(cfg, progress=False)
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"]) and summary["refresh_failures"] == 0

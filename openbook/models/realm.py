@@ -9,11 +9,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
 
 from openbook.config import opt
+from openbook.errors import ConfigError
 
 IGNORE = -100  # label of unmasked positions
 
@@ -189,9 +191,10 @@ def span_marginal_nll(start: torch.Tensor, end: torch.Tensor, doc_scores: torch.
 class RealmConfig:
     null_doc: bool = opt(True, "pretraining: prepend an empty document, scored by the embedder like any other")
     max_query_length: int = opt(32, "pretraining: tokens of the masked sentence")
-    reader: Literal["tiny", "minilm"] = opt("tiny", "reader encoder: a random tiny BERT (sizes below) or the offline "
-                                            "pretrained MiniLM (as REALM starts from BERT; MLM head tied to its "
-                                            "word embeddings)")
+    reader: str = opt("tiny", "reader encoder: 'tiny' (a random BERT of the sizes below), 'minilm' (the offline "
+                              "pretrained MiniLM, as REALM starts from BERT; MLM head tied to its word embeddings) "
+                              "or a local masked-LM directory (AutoModelForMaskedLM: BERT, RoBERTa, DistilBERT, ...) "
+                              "whose tokenizer is the retriever's")
     reader_hidden: int = opt(128, "tiny MLM reader: hidden size")
     reader_layers: int = opt(2, "tiny MLM reader: layers")
     reader_heads: int = opt(4, "tiny MLM reader: attention heads")
@@ -227,11 +230,58 @@ def reader_config(cfg: RealmConfig, vocab_size: int, max_length: int):
                       max_position_embeddings=max(128, max_length))
 
 
-def build_mlm_reader(cfg: RealmConfig, vocab_size: int, max_length: int) -> torch.nn.Module:
+class MlmReader(torch.nn.Module):
+    """A masked-LM directory's model as the REALM reader: ``bert`` its encoder (whatever the family calls it)
+    and ``cls`` its MLM head, the two names the REALM modules use (BertForMaskedLM's own)."""
+
+    def __init__(self, mlm: torch.nn.Module):
+        super().__init__()
+        self.bert = getattr(mlm, mlm.base_model_prefix)
+        if hasattr(mlm, "cls"):  # BERT
+            self.cls = mlm.cls
+        elif hasattr(mlm, "lm_head"):  # RoBERTa and the like
+            self.cls = mlm.lm_head
+        elif hasattr(mlm, "vocab_projector"):  # DistilBERT
+            self.cls = torch.nn.Sequential(mlm.vocab_transform, mlm.activation, mlm.vocab_layer_norm,
+                                           mlm.vocab_projector)
+        else:
+            raise ConfigError(f"realm.reader: {type(mlm).__name__} has no MLM head openbook knows (cls, lm_head, "
+                              "vocab_projector)")
+        self.config = mlm.config
+
+
+def reader_dir(cfg: RealmConfig, tokenizer) -> Path | None:
+    """``realm.reader`` as a directory (None for 'tiny' and 'minilm'), checked: it must read the retriever's
+    token ids, since REALM joins the masked query and the passages in them."""
+    if cfg.reader in ("tiny", "minilm"):
+        return None
+    path = Path(cfg.reader)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"realm.reader: {path} is not 'tiny', 'minilm' or a local model directory (no config.json)")
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(str(path)).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"realm.reader: {path}'s tokenizer has another vocabulary than the retriever's; the "
+                              "REALM reader reads the retriever's token ids (use the same family for both)")
+    return path
+
+
+def build_mlm_reader(cfg: RealmConfig, vocab_size: int, max_length: int, tokenizer=None) -> torch.nn.Module:
     """MLM reader; with ``reader: minilm`` the encoder is pretrained and the head's transform random
-    (the sentence-embedding package ships no MLM head), its output layer tied to the word embeddings."""
+    (the sentence-embedding package ships no MLM head), its output layer tied to the word embeddings; a
+    directory brings its own head."""
     from transformers import BertForMaskedLM
 
+    path = reader_dir(cfg, tokenizer)
+    if path is not None:
+        from transformers import AutoModelForMaskedLM
+
+        try:
+            return MlmReader(AutoModelForMaskedLM.from_pretrained(str(path)).train())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"realm.reader: {path} does not load as a masked LM "
+                              f"({(str(e).splitlines() or ['?'])[0]})") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
         model = BertForMaskedLM(reader_config(cfg, vocab_size, max_length))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from openbook.data.qa import normalize_answer
-from openbook.models.realm import RealmConfig, load_minilm_encoder, reader_config, span_scores
+from openbook.models.realm import RealmConfig, load_minilm_encoder, reader_config, reader_dir, span_scores
 
 
 class SpanReader(nn.Module):
@@ -29,9 +29,18 @@ class SpanReader(nn.Module):
         return start, end
 
 
-def build_span_reader(cfg: RealmConfig, vocab_size: int, max_length: int) -> SpanReader:
+def build_span_reader(cfg: RealmConfig, vocab_size: int, max_length: int, tokenizer=None) -> SpanReader:
     from transformers import BertModel
 
+    path = reader_dir(cfg, tokenizer)
+    if path is not None:  # the masked-LM directory's encoder (what a REALM pretraining run trained)
+        from openbook.models.realm import MlmReader, build_mlm_reader
+
+        mlm = build_mlm_reader(cfg, vocab_size, max_length, tokenizer)
+        assert isinstance(mlm, MlmReader)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.reader_seed)
+            return SpanReader(mlm.bert)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.reader_seed)
         reader = SpanReader(BertModel(reader_config(cfg, vocab_size, max_length), add_pooling_layer=False))

@@ -130,7 +130,7 @@ class RealmPretrainSpec(ModelSpec):
         from openbook.models.realm import build_mlm_reader
 
         c, tok = s.cfg, s.tokenizer
-        reader = build_mlm_reader(c.realm, len(tok), c.reader.max_context_length)
+        reader = build_mlm_reader(c.realm, len(tok), c.reader.max_context_length, tok)
         return RealmPretrainModule(s.model, reader, s.tokens, s.holder, c.reader, c.realm, c.train, tok.cls_token_id,
                                    tok.sep_token_id, tok.pad_token_id)
 

@@ -117,7 +117,7 @@ class RealmQASpec(ModelSpec):
         from openbook.models.realm_reader import build_span_reader
 
         c = s.cfg
-        reader = build_span_reader(c.realm, len(s.tokenizer), c.reader.max_context_length)
+        reader = build_span_reader(c.realm, len(s.tokenizer), c.reader.max_context_length, s.tokenizer)
         if c.realm.init_from:  # before the initial index is built, so it is built with these weights
             load_pretrained(c.realm.init_from, s.model, reader)
         return RealmQAModule(s.model, reader, s.tokens, s.holder, c.reader, c.realm, c.train, s.tokenizer)
