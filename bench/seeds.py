@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def run_job(job: Job) -> dict:
                 cached["scalars"] = scalars(ROOT / job.run_dir)
             return cached
     log.warning("running %s", job.name)
+    shutil.rmtree(ROOT / job.run_dir, ignore_errors=True)  # an older run's TensorBoard events must not mix in
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{job.name} failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -127,14 +127,24 @@ def _by_step(steps: list[int], values: list[float], every: int) -> dict[int, flo
 
 
 def all_scalars(tb: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar in every events file of a run (validate-at-start, fit and the final validate each
-    write their own file; openbook's report reads only the newest)."""
+    """Every scalar in every events file the newest process wrote into ``tb`` (validate-at-start, fit and
+    the final validate each write their own file; openbook's report reads only the newest). Files of an
+    earlier, interrupted run in the same directory are left out: TensorBoard would merge them in."""
+    import shutil
+    import tempfile
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: ([e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)])
-            for tag in acc.Tags()["scalars"]}
+    files = sorted(tb.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    writer = (lambda f: f.name.split(".")[4:-1])  # events.out.tfevents.<time>.<host>.<pid>.<n>
+    newest = [f for f in files if files and writer(f) == writer(files[-1])]
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in newest:
+            shutil.copy(f, Path(tmp) / f.name)
+        acc = EventAccumulator(tmp, size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: ([e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)])
+                for tag in acc.Tags()["scalars"]}
 
 
 def mean_lag(run_dir: Path) -> float:
