@@ -145,6 +145,9 @@ def test_a_recipe_resolves_by_name_from_any_directory(tmp_path, monkeypatch):
     by_name = load_recipe("default")
     assert by_name == load_recipe("configs/default.yaml") == load_recipe("default.yaml")
     assert by_name.name == "default"
+    from openbook.knnlm.config import load_knnlm_config
+
+    assert load_knnlm_config("knnlm_pydoc").name == "knnlm_pydoc"
     with pytest.raises(ConfigError, match=r"config file not found \(a path, or a shipped recipe: .*default") as err:
         load_recipe("no_such_recipe")
     assert "\n" not in str(err.value)

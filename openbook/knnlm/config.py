@@ -123,4 +123,7 @@ class KnnLMConfig:
 
 
 def load_knnlm_config(path: str | Path, overrides: list[str] | None = None) -> KnnLMConfig:
-    return load_config(KnnLMConfig, path, overrides)
+    """A kNN-LM recipe by path, or by name from the shipped recipes (``knnlm_pydoc``)."""
+    from openbook.resources import recipe_path
+
+    return load_config(KnnLMConfig, recipe_path(path), overrides)
