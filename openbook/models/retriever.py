@@ -171,7 +171,7 @@ def load_encoder_dir(path: Path, pooling: str) -> nn.Module:
         raise ConfigError(f"{path}: a {config.model_type} model has no pooler: set retriever.pooling to cls or mean")
     if not dpr and pooling != "pooler" and getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused: keeps it out of the weights shipped to the refresh actors
-    return model
+    return model.train()  # from_pretrained returns eval mode: training then had no dropout
 
 
 class Encoder(nn.Module):
