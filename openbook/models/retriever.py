@@ -94,7 +94,7 @@ def build_transformer(cfg: EncoderConfig, vocab_size: int) -> nn.Module:
     path = minilm_path() if cfg.source == MINILM else Path(cfg.source)
     hf_logging.set_verbosity_error()  # its load report lists the unused pooler at warning level
     hf_logging.disable_progress_bar()
-    return AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+    return AutoModel.from_pretrained(str(path), add_pooling_layer=False).train()  # HF loads in eval mode: no dropout
 
 
 class Encoder(nn.Module):
