@@ -126,6 +126,11 @@ def _by_step(steps: list[int], values: list[float], every: int) -> dict[int, flo
     return {s + 1 if s and (s + 1) % every == 0 else s: v for s, v in zip(steps, values)}
 
 
+def _writer(events: Path) -> list[str]:
+    """The host and pid in ``events.out.tfevents.<time>.<host>.<pid>.<n>``: which process wrote the file."""
+    return events.name.split(".")[4:-1]
+
+
 def all_scalars(tb: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Every scalar in every events file the newest process wrote into ``tb`` (validate-at-start, fit and
     the final validate each write their own file; openbook's report reads only the newest). Files of an
@@ -136,8 +141,7 @@ def all_scalars(tb: Path) -> dict[str, tuple[list[int], list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = sorted(tb.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
-    writer = (lambda f: f.name.split(".")[4:-1])  # events.out.tfevents.<time>.<host>.<pid>.<n>
-    newest = [f for f in files if files and writer(f) == writer(files[-1])]
+    newest = [f for f in files if _writer(f) == _writer(files[-1])]
     with tempfile.TemporaryDirectory() as tmp:
         for f in newest:
             shutil.copy(f, Path(tmp) / f.name)
