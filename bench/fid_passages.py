@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.common import ROOT, machine, table, write_section
-from bench.stages import ensure_stages
+from bench.stages import ensure_stages, same_recipe
 from openbook.recipe import load_recipe
 from openbook.trainer.train import run_train
 
@@ -48,7 +48,7 @@ def run(n_docs: int, prior: float, steps: int, reader: Path, retriever: Path, ou
                             f"run_dir={run_dir}", f"train.val_every_n_steps={steps}",
                             f"train.val_questions={DEV}", f"train.seed={seed}"])
     key, done = config_yaml(cfg), run_dir / "bench_result.json"
-    if done.exists() and json.loads(done.read_text()).get("key") == key:
+    if done.exists() and same_recipe(json.loads(done.read_text()).get("key", ""), key):
         return json.loads(done.read_text())["result"]
     logging.basicConfig(level=logging.WARNING)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.common import ROOT, machine, write_section
 from bench.plots import PLOTS, line_panels, link
 from bench.seed_groups import GROUPS, SWEEPS, Group, Sweep
-from bench.stages import ensure_stages
+from bench.stages import ensure_stages, same_recipe
 from openbook.recipe import load_recipe
 
 log = logging.getLogger("bench.seeds")
@@ -77,7 +77,7 @@ def run_job(job: Job) -> dict:
     key = job.resolved()
     if done.exists():
         cached = json.loads(done.read_text())
-        if cached.get("key") == key:
+        if same_recipe(cached.get("key", ""), key):
             if (ROOT / job.run_dir / "tb").is_dir():  # figures added since the run read its TensorBoard log again
                 cached["scalars"] = scalars(ROOT / job.run_dir)
             return cached

@@ -67,3 +67,22 @@ def ensure_warm_start(config: Path, run_dir: Path, steps: int) -> list[dict]:
     over += [f"generator.source={ROOT / base.generator.source}"] if base.generator.source.startswith("runs/") else []
     run_train(load_recipe(config, over), progress=False)
     return [{"stage": f"{config.name} for {steps} steps", "seconds": time.perf_counter() - t0}]
+
+
+def same_recipe(cached_key: str, key: str) -> bool:
+    """Whether a cached run's resolved recipe (``cached_key``, a YAML dump) is the recipe ``key`` resolves:
+    equal, or equal once read by today's schema (fields added since get their defaults, which keep the
+    old behaviour), so adding a setting does not throw away hours of cached runs while changing a value does."""
+    if cached_key == key:
+        return True
+    import yaml
+
+    from openbook.config import from_dict
+    from openbook.recipe import RecipeConfig
+    from openbook.trainer.train import config_yaml
+
+    try:
+        return config_yaml(from_dict(RecipeConfig, yaml.safe_load(cached_key), "cached")) == key
+    except Exception:  # noqa: BLE001 - a key today's schema cannot read is simply not the same recipe
+        return False
+

@@ -83,3 +83,20 @@ def test_knnlm_rows_over_seeds_keep_each_seeds_tuning():
     assert rows[0]["valid ppl"] == "75.00 [70.00–80.00]" and rows[0]["test ppl"] == "37.50 [35.00–40.00]"
     assert rows[1]["k, T, λ"] == "1024, 10.0, 0.4 / 256, 10.0, 0.4 / 1024, 10.0, 0.4"
     assert rows[1]["valid ppl"] == "62.00 [60.00–64.00]"
+
+
+def test_a_cached_run_survives_a_new_setting_but_not_a_changed_value(tmp_path):
+    """bench.stages.same_recipe: a key written before a field existed (it resolves to the field's default)
+    is the same recipe; a key with another value is not."""
+    import yaml
+
+    from bench.stages import same_recipe
+
+    key = config_yaml(tiny_recipe(tmp_path))
+    older = yaml.safe_load(key)
+    del older["data"]["missing_gold"], older["retriever"]["query_prefix"]  # fields added since
+    assert same_recipe(yaml.safe_dump(older, sort_keys=False), key)
+    changed = yaml.safe_load(key)
+    changed["train"]["lr"] = 0.5
+    assert not same_recipe(yaml.safe_dump(changed, sort_keys=False), key)
+    assert not same_recipe("not: [a recipe", key)
