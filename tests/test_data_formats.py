@@ -86,6 +86,8 @@ def test_datasets_directory_and_in_memory_dataset(tmp_path):
     disk = load_corpus(tmp_path / "ds", tmp_path / "cache", {"id": "docid"})
     assert rows_of(mem) == rows_of(disk) == ROWS
     assert len(mem.ids) == 3 and mem.row_of("3") == 2
+    picked = load_corpus(ds.select([2, 0]), tmp_path / "cache", {"id": "docid"})  # an indices mapping
+    assert rows_of(picked) == [ROWS[2], ROWS[0]]
     qa = datasets.Dataset.from_list([{"q": "who is alpha", "answers": ["Alpha"], "gold_ids": ["1"]}])
     assert [(e.question, e.gold_ids) for e in load_qa(qa, {"question": "q"})] == [("who is alpha", ["1"])]
 

@@ -352,6 +352,8 @@ def load_corpus(path: str | os.PathLike | Any, cache_dir: str | os.PathLike,
     """Load (converting and caching on first use) the corpus at ``path``, a BEIR directory (its corpus.jsonl)
     or an in-memory ``datasets.Dataset``; ``columns`` maps source column names (see the module doc)."""
     if hasattr(path, "_fingerprint") and hasattr(path, "data"):  # a datasets.Dataset, in memory
+        if getattr(path, "_indices", None) is not None:  # after select/shuffle/filter: its rows, not the table's
+            path = path.flatten_indices()
         fp = hashlib.sha256(json.dumps([CACHE_VERSION, path._fingerprint, dict(columns or {})]).encode()).hexdigest()
         return _cached(path, "dataset", fp[:20], Path(cache_dir), columns, Path(f"<datasets.Dataset {fp[:8]}>"))
     src = Path(path)
