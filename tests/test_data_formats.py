@@ -88,6 +88,9 @@ def test_datasets_directory_and_in_memory_dataset(tmp_path):
     assert len(mem.ids) == 3 and mem.row_of("3") == 2
     picked = load_corpus(ds.select([2, 0]), tmp_path / "cache", {"id": "docid"})  # an indices mapping
     assert rows_of(picked) == [ROWS[2], ROWS[0]]
+    two_chunks = datasets.concatenate_datasets([ds, datasets.Dataset.from_list([{"docid": "9", "title": "", "text": " "}])])
+    with pytest.raises(CorpusError, match=r"row 3: field 'text' is null or empty"):  # row numbers run across chunks
+        load_corpus(two_chunks, tmp_path / "cache", {"id": "docid"})
     qa = datasets.Dataset.from_list([{"q": "who is alpha", "answers": ["Alpha"], "gold_ids": ["1"]}])
     assert [(e.question, e.gold_ids) for e in load_qa(qa, {"question": "q"})] == [("who is alpha", ["1"])]
 

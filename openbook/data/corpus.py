@@ -275,9 +275,10 @@ def _arrow_dir_batches(path: Path, label: str, columns: Mapping[str, str] | None
 def _table_batches(table: pa.Table, label: str, columns: Mapping[str, str] | None = None) -> Iterator[pa.RecordBatch]:
     """An in-memory Arrow table (a ``datasets.Dataset``'s), in batches."""
     names = _require_columns(table.schema.names, label, columns)
-    for offset in range(0, table.num_rows, BATCH_ROWS):
-        for batch in table.slice(offset, BATCH_ROWS).to_batches():
-            yield _table_batch(batch, label, offset, names)
+    offset = 0
+    for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+        yield _table_batch(batch, label, offset, names)
+        offset += batch.num_rows
 
 
 # ----------------------------------------------------------------------------- conversion
