@@ -10,8 +10,8 @@ import sys
 from openbook.errors import OpenbookError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="recipe YAML, or a shipped recipe's name (default, rag_token_tiny, ...: see configs/)")
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="recipe YAML, or a shipped recipe's name (default, rag_token_tiny, ...: see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set index.factory=HNSW32 (repeatable)")
 
@@ -27,15 +27,22 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from openbook.trainer.preemption import PREEMPTED_EXIT
+
+    if args.resume and args.overwrite:
+        raise OpenbookError("--resume continues a run and --overwrite replaces it: give one of them")
+    if args.config is None and not args.resume:
+        raise OpenbookError("train needs --config (or --resume with a checkpoint or run directory)")
     from openbook.recipe import load_recipe
+    from openbook.trainer.resume import resume_recipe
     from openbook.trainer.train import run_train
 
-    overrides = [*args.overrides, *([f"train.resume_from={args.resume}"] if args.resume else [])]
-    cfg = load_recipe(args.config, overrides)
-    summary = run_train(cfg, progress=not args.quiet)
-    if summary:  # empty on ranks other than 0
+    cfg = (resume_recipe(args.config, args.overrides, args.resume) if args.resume
+           else load_recipe(args.config, args.overrides))
+    summary = run_train(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    if "steps" in summary:  # rank 0 reports for the run
         print(json.dumps(summary, indent=2))
-    return 0
+    return PREEMPTED_EXIT if summary.get("preempted") else 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -115,11 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build_index)
 
-    p = sub.add_parser("train", help="train a recipe with asynchronous index refresh")
-    _add_config_args(p)
+    p = sub.add_parser("train", help="train a recipe with asynchronous index refresh; exits 75 when preempted "
+                                     "(SIGTERM/SIGUSR1: a checkpoint is written first)")
+    _add_config_args(p, required=False)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="resume from a checkpoint dir (run_dir/checkpoints/step-N) or 'last'")
+                   help="continue a run with its checkpoint's config.yaml (--set on top; --config optional): 'last' "
+                        "(newest under run_dir/checkpoints), 'auto' (last if there is one, else start the run), a "
+                        "checkpoint dir (run_dir/checkpoints/step-N) or a run dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run_dir that holds a previous run's results (they are removed)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="a finished run as save_pretrained directories (encoders, generator) and its "

@@ -63,7 +63,9 @@ class RefreshConfig:
                                      "attempt; the shard is redone elsewhere (-1: off)")
 
     def __post_init__(self) -> None:
-        RefreshSchedule(self.schedule)  # raises ValueError with the bad piece named
+        if self.enabled and not RefreshSchedule(self.schedule).enabled:  # also raises on a malformed piece
+            raise ValueError(f"refresh.schedule {self.schedule!r} never triggers a refresh while refresh.enabled is "
+                             "true: give an interval (e.g. '50'), or set refresh.enabled: false to keep the first index")
         if self.num_workers < 1:
             raise ValueError(f"refresh.num_workers must be >= 1, got {self.num_workers}")
         if self.check_every_n_steps < 1:

@@ -61,21 +61,23 @@ def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
 
 
 class StepCheckpoint(Checkpoint):
-    """Every ``every`` optimizer steps, ``trainer.save_checkpoint`` into ``step-{n:08d}/model.ckpt`` plus
+    """Every ``every`` optimizer steps (0: only when asked, e.g. at preemption), ``trainer.save_checkpoint`` into ``step-{n:08d}/model.ckpt`` plus
     ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch RNG states (Lightning
     does not), so a resumed run draws the same dropout masks and negatives."""
 
     def __init__(self, run_dir: str | Path, every: int, keep: int, config_yaml: str):
         self.root, self.every, self.keep, self.config_yaml = checkpoint_root(run_dir), every, keep, config_yaml
         self.saved: list[Path] = []
+        self.last_step = -1  # the step last saved (a preemption checkpoint may come first at a periodic step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every > 0 and step > 0 and step % self.every == 0:
+        if self.every > 0 and step > 0 and step % self.every == 0 and step != self.last_step:
             self.save(trainer, step)
 
     def save(self, trainer: pl.Trainer, step: int) -> Path:
+        self.last_step = step
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if trainer.is_global_zero:

@@ -41,6 +41,14 @@ class TrainConfig:
             raise ValueError("max_steps, batch_size and negatives must be >= 1")
         if not 0 <= self.data_negatives <= self.negatives:
             raise ValueError(f"data_negatives must lie in [0, negatives={self.negatives}], got {self.data_negatives}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("eval_k", "val_batch_size", "devices", "num_nodes", "log_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_questions", "val_every_n_steps", "warmup_steps", "num_threads", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.checkpoint_every_n_steps < 0 or self.keep_checkpoints < 1:
             raise ValueError("train.checkpoint_every_n_steps must be >= 0 and train.keep_checkpoints >= 1")
 

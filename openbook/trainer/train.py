@@ -98,14 +98,16 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
     if cfg.monitor.prometheus_port:  # after the refresh callback: the exporter reads what it logged
         from openbook.trainer.metrics_exporter import monitor_callbacks
         callbacks = [*callbacks, *monitor_callbacks(cfg.monitor)]
-    if t.checkpoint_every_n_steps:  # Lightning runs checkpoint callbacks last, after the refresh callback
-        from openbook.trainer.checkpoints import StepCheckpoint
-        callbacks = [*callbacks, StepCheckpoint(cfg.run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints,
-                                                config_yaml(cfg))]
+    # Always there: periodic checkpoints (if asked for), the preemption checkpoint, and the RNG state a resume
+    # restores. Lightning runs checkpoint callbacks last, after the refresh callback and Preemption.
+    from openbook.trainer.checkpoints import StepCheckpoint
+    from openbook.trainer.preemption import Preemption
+    step_ckpt = StepCheckpoint(cfg.run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints, config_yaml(cfg))
+    callbacks = [*callbacks, Preemption(step_ckpt), step_ckpt]
     val = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
     kwargs = dict(**val, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                   strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
-                  callbacks=callbacks, logger=logger, enable_checkpointing=bool(t.checkpoint_every_n_steps),
+                  callbacks=callbacks, logger=logger, enable_checkpointing=True,
                   enable_model_summary=False,
                   num_sanity_val_steps=0, deterministic=False)
     kwargs.update(overrides)
@@ -125,14 +127,32 @@ def validate_at_start(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader) -
     return {f"dev_{key.split('/')[-1]}_at_start": round(v, 4) for key, v in metrics.items()}
 
 
-def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None = None, **trainer_overrides) -> dict:
+def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None = None, overwrite: bool = False,
+              **trainer_overrides) -> dict:
     """``trainer_overrides`` go to ``pl.Trainer`` (launch/ray_train.py passes Ray's strategy and plugin); ``data``
-    as in ``build_parts``."""
+    as in ``build_parts``. Rank 0 holds the run directory's lock throughout; a new run (no resume) into a directory
+    holding a previous run's results is refused unless ``overwrite``. Returns the summary on rank 0 (``{}``
+    elsewhere); a preempted run returns ``{"preempted": True, ...}`` on every rank."""
+    from openbook.trainer.rundir import RunLock, check_fresh, launch_rank
+
     ckpt = None
-    if cfg.train.resume_from:  # before building anything: a wrong path fails fast, in one line
+    if cfg.train.resume_from:  # before building anything: a wrong path or setting fails fast, in one line
         from openbook.trainer.checkpoints import resolve_checkpoint
+        from openbook.trainer.resume import check_resume
         ckpt = resolve_checkpoint(cfg.train.resume_from, cfg.run_dir)
+        check_resume(cfg, ckpt)
         log.info("resuming from %s", ckpt)
+    lock = RunLock(cfg.run_dir).acquire() if launch_rank() == 0 else None
+    try:
+        if lock is not None and ckpt is None:
+            check_fresh(cfg.run_dir, overwrite)
+        return _train(cfg, progress, data, ckpt, trainer_overrides)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, trainer_overrides: dict) -> dict:
     parts = build_parts(cfg, data)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     dev = parts.spec.dev_loader(parts)
@@ -145,6 +165,9 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
         else None)
     seconds = time.time() - t0
     save_history(parts, trainer.global_rank)
+    preempted = preemption_summary(trainer)
+    if preempted is not None:  # the checkpoint is written and the pool is down: no final evaluation
+        return preempted if trainer.is_global_zero else {"preempted": True}
     snap = parts.holder.get()
     in_use = dev_recall(parts, snap) if has_gold and snap.sharded else None  # a search over ranks: all of them take part
     if not trainer.is_global_zero:  # rank 0 saves and reports for the run
@@ -160,6 +183,16 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
         summary.update({**at_start, **{f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()}})
     return summary
+
+
+def preemption_summary(trainer: pl.Trainer) -> dict | None:
+    from openbook.trainer.preemption import PREEMPTED_EXIT, Preemption
+
+    pre = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+    if pre is None or pre.stopped_at is None:
+        return None
+    return {"preempted": True, "steps": pre.stopped_at, "checkpoint": str(pre.path) if pre.path else None,
+            "exit_code": PREEMPTED_EXIT, "resume": "openbook train --resume last (with the same --config)"}
 
 
 def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:

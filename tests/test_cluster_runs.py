@@ -1,0 +1,181 @@
+"""Cluster-grade runs (issue 19): one writer per run directory, resume that keeps its settings, preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openbook.cli import main
+from openbook.trainer.rundir import LOCK_FILE, RunLock, process_start
+from tests.test_cli import OPENBOOK
+
+HOLD = "import sys, time; from openbook.trainer.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+
+
+def recipe(tmp_path: Path, cache: Path | None = None, **train) -> Path:
+    """A small default-style recipe file (tiny encoder, 300 passages, deterministic refresh every 4 steps)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = {"run_dir": str(tmp_path / "run"),
+            "data": {"world": {"num_passages": 300}, "cache_dir": str(cache or tmp_path / "c")},
+            "retriever": {"encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+                          "doc_max_length": 32},
+            "train": {"max_steps": 8, "batch_size": 8, "negatives": 4, "num_threads": 1, "val_questions": 20, **train},
+            "encode": {"batch_size": 64}, "index": {"shards": 2},
+            "refresh": {"schedule": "4", "swap_lag": 2, "start_timeout_seconds": 600}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([OPENBOOK, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def holder(run_dir: Path) -> subprocess.Popen:
+    """Another process holding the run directory's lock (until killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_trainer_on_a_held_run_dir_exits_in_one_line(tmp_path, capsys, caplog):
+    path = recipe(tmp_path)
+    other = holder(tmp_path / "run")
+    try:
+        assert main(["train", "--config", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("openbook: error:") and "in use by another trainer" in err and "\n" not in err, err
+        assert f"pid {other.pid}" in err
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone (SIGKILL: its lock file stays): the next writer takes the stale lock over, with a warning
+    assert (tmp_path / "run" / LOCK_FILE).is_file()
+    with RunLock(tmp_path / "run"):
+        assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert any("taking over a stale lock" in r.getMessage() and str(other.pid) in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # released
+
+
+def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
+    """A lock naming a live pid with another start time (the pid was reused) is stale; with the right one it holds."""
+    run = tmp_path / "run"
+    run.mkdir()
+    me = {"host": socket.gethostname(), "pid": os.getppid(), "job": None, "restart": None}
+    (run / LOCK_FILE).write_text(json.dumps({**me, "started": process_start(os.getppid()) - 1000}))
+    RunLock(run).acquire().release()
+    (run / LOCK_FILE).write_text(json.dumps({**me, "started": process_start(os.getppid())}))
+    with pytest.raises(Exception, match="in use by another trainer"):
+        RunLock(run).acquire()
+
+
+def test_a_requeued_slurm_job_takes_its_own_lock_over(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = {"host": "node-that-went-away", "pid": 1, "started": time.time(), "job": "4242", "restart": "0"}
+    (run / LOCK_FILE).write_text(json.dumps(lock))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(Exception, match="in use by another trainer"):  # the same incarnation, on another host
+        RunLock(run).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    RunLock(run).acquire().release()
+
+
+@pytest.mark.slow
+def test_results_are_kept_unless_resume_or_overwrite_and_resume_keeps_its_settings(tmp_path, capsys):
+    """A run started with --set train.checkpoint_every_n_steps=4, resumed with the plain recipe and --resume last:
+    the checkpoint's settings go on (checkpoints after the resume), the recipe's other values are named as not
+    applied; a shape or data-order change is refused naming both values; --overwrite starts afresh."""
+    path = recipe(tmp_path)
+    first = cli("train", "--config", str(path), "--quiet", "--set", "train.checkpoint_every_n_steps=4", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # refusals come before anything is built: in this process, one line each
+    assert main(["train", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a previous run's results" in err and "--overwrite" in err and "\n" not in err, err
+    for change, field in (("train.batch_size=4", "train.batch_size"),
+                          ("retriever.encoder.hidden_size=64", "retriever.encoder.hidden_size")):
+        assert main(["train", "--config", str(path), "--resume", "last", "--quiet", "--set", change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert field in err and "the checkpoint's run used" in err and "\n" not in err, err
+    resumed = cli("train", "--config", str(path), "--resume", "last", "--quiet", "--set", "train.max_steps=12",
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train.checkpoint_every_n_steps=0 (checkpoint: 4)" in resumed.stderr  # --config's value, not applied
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == ["step-00000004", "step-00000008", "step-00000012"], steps
+    assert "StepCheckpoint" not in resumed.stderr  # Lightning's "callback state missing" warning is gone
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == 12
+    fresh = cli("train", "--config", str(path), "--quiet", "--overwrite", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the old run's checkpoints went with it
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from every TensorBoard event file of the run (a resumed run adds a file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for f in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
+    return out
+
+
+def versions(run_dir: Path) -> list:
+    return json.loads((run_dir / "refresh_history_rank0.json").read_text())["versions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_preempted_run_checkpoints_exits_75_and_resumes_as_if_uninterrupted(tmp_path, sig):
+    """A real `openbook train` gets the signal once its step-4 checkpoint exists (it is then somewhere in a
+    10,000-step run): it finishes the step, writes a checkpoint, releases its lock and exits 75. Resumed with
+    --resume last to 6 steps past the preemption, every step's loss and index version equal those of a run that
+    was never interrupted (the deterministic swap: whichever step the signal came at, the plan is the config's)."""
+    path = recipe(tmp_path, max_steps=10000, checkpoint_every_n_steps=4)
+    run, out_file, err_file = tmp_path / "run", tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_file.open("w") as out_f, err_file.open("w") as err_f:  # files: a full pipe would stall the trainer
+        proc = subprocess.Popen([OPENBOOK, "train", "--config", str(path), "--quiet"], cwd=tmp_path, stdout=out_f,
+                                stderr=err_f, text=True)
+        while not (run / "checkpoints" / "step-00000004").is_dir():
+            assert proc.poll() is None, err_file.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        proc.wait(timeout=600)
+    out, err = out_file.read_text(), err_file.read_text()
+    assert proc.returncode == 75, err[-3000:]
+    summary = json.loads(out[out.index("{"):])
+    stopped = summary["steps"]
+    assert summary["preempted"] and stopped >= 4 and summary["checkpoint"].endswith(f"step-{stopped:08d}")
+    assert (run / "checkpoints" / f"step-{stopped:08d}" / "model.ckpt").is_file()
+    assert not (run / LOCK_FILE).exists() and not list((run / "checkpoints").glob(".tmp-*"))
+    assert f"received {signal.Signals(sig).name}" in err
+    if sig == signal.SIGUSR1:  # the same path from here on (the SIGTERM case checks it)
+        return
+    before = versions(run)
+    end = stopped + 6
+    resumed = cli("train", "--config", str(path), "--resume", "last", "--quiet", "--set", f"train.max_steps={end}",
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = versions(run)
+    ref_path = recipe(tmp_path / "ref", tmp_path / "c", max_steps=end, checkpoint_every_n_steps=4)
+    ref = cli("train", "--config", str(ref_path), "--quiet", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert before + after == versions(tmp_path / "ref" / "run")
+    got, want = losses(run), losses(tmp_path / "ref" / "run")
+    assert sorted(got) == sorted(want) and len(want) == end
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), step
