@@ -22,6 +22,7 @@ def launch_dir() -> Path:
     return resource_dir("launch")
 TARGETS = ("slurm", "ray", "torchrun")
 RAY_PORT = 6379
+SIGNAL_SECONDS = 300  # SLURM warns the job this long before its time limit: time for one step and a checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +150,7 @@ def _slurm(req: LaunchRequest, cfg) -> LaunchPlan:
     bin_dir = Path(sys.executable).parent
     script = render_template("slurm.sbatch", {
         "job_name": f"openbook-{cfg.name}", "nodes": req.nodes, "tasks_per_node": req.procs,
-        "cpus_per_task": req.cpus_per_task, "time": req.time, "sbatch_extra": "\n".join(extra),
+        "cpus_per_task": req.cpus_per_task, "time": req.time, "signal_seconds": SIGNAL_SECONDS, "sbatch_extra": "\n".join(extra),
         "log_dir": shlex.quote(str(Path(cfg.run_dir).resolve() / "slurm")),
         "workdir": shlex.quote(str(Path.cwd())),
         "openbook": shlex.quote(str(bin_dir / "openbook")), "ray": shlex.quote(str(bin_dir / "ray")),

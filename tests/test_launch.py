@@ -43,6 +43,9 @@ def test_slurm_dry_run_renders_the_sbatch_script(capsys, tmp_path, monkeypatch):
         assert line in script.splitlines(), line
     assert not re.search(r"\{\{\w+\}\}", script), "unfilled placeholder"
     assert '"$RAY" start --head' in script and 'refresh.address="$ray_address"' in script
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):  # preemption: checkpoint, exit 75, requeue
+        assert line in script.splitlines(), line
+    assert "--resume auto" in script and "(( rc == 75 ))" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     train = next(line for line in script.splitlines() if line.startswith('srun --overlap "$OPENBOOK" train'))
     for arg in (f"--config {CONFIG}", "train.devices=4", "train.num_nodes=2", "train.accelerator=gpu",
                 "train.strategy=ddp", "train.max_steps=500"):
