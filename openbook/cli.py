@@ -85,7 +85,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_world(args: argparse.Namespace) -> int:
     from openbook.data.world import WorldConfig, generate_world
 
-    files = generate_world(WorldConfig(num_passages=args.num_passages, seed=args.seed), args.out)
+    files = generate_world(WorldConfig(num_passages=args.num_passages, seed=args.seed), args.out,
+                           progress=not args.quiet)
     print(json.dumps({k: str(v) for k, v in vars(files).items()}, indent=2))
     return 0
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-passages", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("config", help="print a recipe resolved (or, without --config, every field's help)")
