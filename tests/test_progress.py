@@ -1,4 +1,5 @@
-"""Long work says how far it is: world generation logs its counts (and draws a bar when asked)."""
+"""Long work says how far it is: world generation and the first encode log their counts (and draw a bar
+when asked)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import pytest
 
 from openbook.progress import Progress
+from tests.helpers import tiny_recipe
 
 
 def messages(caplog, name: str) -> list[str]:
@@ -44,3 +46,35 @@ def test_world_generation_logs_its_counts_and_draws_a_bar(tmp_path, caplog, caps
     generate_world(WorldConfig(num_passages=300, seed=0), tmp_path / "w")
     assert messages(caplog, "openbook.data.world") == [f"world: reusing {tmp_path / 'w'} (300 passages, seed 0)"]
     assert capsys.readouterr().err == ""  # no bar unless asked
+
+
+def test_the_first_in_process_encode_shows_passages_per_second(tmp_path, caplog, capsys):
+    """build_parts(progress=True): the refresh-off initial index is encoded with a bar and logged."""
+    from openbook.trainer.train import build_parts
+
+    cfg = tiny_recipe(tmp_path, data={"world": {"num_passages": 100, "seed": 0}}, refresh={"enabled": False})
+    parts = build_parts(cfg, progress=True)
+    caplog.set_level(logging.INFO)
+    capsys.readouterr()
+    parts.callback.build_initial(parts.module, 0)
+    encode = messages(caplog, "openbook.refresher.publish")
+    assert encode[0] == "encode: 100 passages to do" and encode[-1].startswith("encode: 100/100 passages in ")
+    built = messages(caplog, "openbook.trainer.train")
+    assert len(built) == 1 and built[0].startswith("index v1 built in this process from the step-0 weights: "
+                                                   "100 passages, ") and "passages/s" in built[0]
+    assert "100/100" in capsys.readouterr().err
+
+
+def test_an_initial_index_from_the_actor_pool_is_logged_with_its_rate(tmp_path, caplog, ray_session):
+    """Refresh on: the first index comes from the Ray pool; a line when it starts, one with passages/s."""
+    from openbook.trainer.train import build_parts, make_trainer, train_loader
+
+    cfg = tiny_recipe(tmp_path, data={"world": {"num_passages": 100, "seed": 0}}, train={"max_steps": 1})
+    parts = build_parts(cfg)
+    caplog.set_level(logging.INFO, logger="openbook.trainer.refresh_callback")
+    make_trainer(cfg, [parts.callback], logger=False, enable_progress_bar=False).fit(parts.module,
+                                                                                     train_loader(parts))
+    lines = messages(caplog, "openbook.trainer.refresh_callback")
+    assert lines[0] == "index: the actor pool encodes the corpus with the step-0 weights"
+    assert lines[1].startswith("index v1 built by the actor pool: 100 passages in ") and lines[1].endswith(
+        " passages/s")

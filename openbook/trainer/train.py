@@ -44,19 +44,20 @@ class TrainParts(Shared):
     callback: IndexRefreshCallback
 
 
-def build_parts(cfg: RecipeConfig, data: DataBundle | None = None) -> TrainParts:
-    """``data``: the Python API's own corpus and QA (``prepare_data(cfg.data, corpus=dataset, ...)``)."""
+def build_parts(cfg: RecipeConfig, data: DataBundle | None = None, progress: bool = False) -> TrainParts:
+    """``data``: the Python API's own corpus and QA (``prepare_data(cfg.data, corpus=dataset, ...)``);
+    ``progress``: bars for world generation and the first in-process encode (log lines come regardless)."""
     pl.seed_everything(cfg.train.seed, workers=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     spec = model_spec(cfg.model)
-    data = data or prepare_data(cfg.data)
+    data = data or prepare_data(cfg.data, progress=progress)
     model, tokenizer = build_retriever(cfg.retriever)
     tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
                              prefix=cfg.retriever.passage_prefix)
     shared = Shared(cfg, data, model, tokenizer, tokens, IndexHolder())
     module = spec.build(shared)
-    return TrainParts(**vars(shared), spec=spec, module=module, callback=refresh_callback(shared, spec))
+    return TrainParts(**vars(shared), spec=spec, module=module, callback=refresh_callback(shared, spec, progress))
 
 
 def train_loader(parts: TrainParts) -> DataLoader:
@@ -67,7 +68,7 @@ def dev_loader(parts: TrainParts) -> DataLoader | None:
     return parts.spec.dev_loader(parts)
 
 
-def refresh_callback(s: Shared, spec: ModelSpec) -> IndexRefreshCallback:
+def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> IndexRefreshCallback:
     """The refresh callback, with Ray's pool on rank 0 if the doc encoder trains (else refresh is off:
     every refresh would rebuild the same index) and an in-process build of the first index otherwise."""
     cfg, refresh = s.cfg, s.cfg.refresh
@@ -83,8 +84,11 @@ def refresh_callback(s: Shared, spec: ModelSpec) -> IndexRefreshCallback:
         return RefreshCoordinator(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target)
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
-        snap, _ = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
-                                     cfg.encode.batch_size)
+        snap, stats = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
+                                         cfg.encode.batch_size, progress)
+        log.info("index v%d built in this process from the step-%d weights: %d passages, %.0f passages/s, "
+                 "published in %.1f s", snap.version, step, stats["docs"], stats["docs_per_second"],
+                 stats["publish_seconds"])
         return Published(snap.version, str(snap.path), step, snap.manifest.weights_time)
 
     return IndexRefreshCallback(refresh, s.holder, make_coordinator, build_initial, spec.doc_encoder, cfg.index)
@@ -133,7 +137,7 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
         from openbook.trainer.checkpoints import resolve_checkpoint
         ckpt = resolve_checkpoint(cfg.train.resume_from, cfg.run_dir)
         log.info("resuming from %s", ckpt)
-    parts = build_parts(cfg, data)
+    parts = build_parts(cfg, data, progress)
     trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     dev = parts.spec.dev_loader(parts)
     at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
