@@ -59,7 +59,7 @@ def _cmd_knnlm(args: argparse.Namespace) -> int:
     from openbook.knnlm.config import load_knnlm_config
     from openbook.knnlm.pipeline import run_knnlm
 
-    print(json.dumps(run_knnlm(load_knnlm_config(args.config, args.overrides)), indent=2))
+    print(json.dumps(run_knnlm(load_knnlm_config(args.config, args.overrides), progress=not args.quiet), indent=2))
     return 0
 
 
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knnlm", help="kNN-LM demo: train a small LM, build its datastore with Ray, "
                                      "compare held-out perplexity")
     _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_knnlm)
 
     p = sub.add_parser("report", help="plot a run's loss, recall and refresh lag to RUN_DIR/report.png")

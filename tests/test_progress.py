@@ -1,11 +1,13 @@
-"""Long work says how far it is: world generation and the first encode log their counts (and draw a bar
-when asked)."""
+"""Long work says how far it is: world generation, the first encode, kNN-LM datastore builds and
+evaluation log their counts (and draw a bar when asked)."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
+import torch
 
 from openbook.progress import Progress
 from tests.helpers import tiny_recipe
@@ -78,3 +80,60 @@ def test_an_initial_index_from_the_actor_pool_is_logged_with_its_rate(tmp_path, 
     assert lines[0] == "index: the actor pool encodes the corpus with the step-0 weights"
     assert lines[1].startswith("index v1 built by the actor pool: 100 passages in ") and lines[1].endswith(
         " passages/s")
+
+# ------------------------------------------------------------------------------ kNN-LM
+
+@pytest.fixture
+def lm():
+    from openbook.knnlm.config import DatastoreConfig, KnnLMConfig, LMConfig, TextConfig
+    from openbook.knnlm.model import build_lm
+    from openbook.knnlm.text import load_text
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: one thread is faster on a shared machine
+    text = load_text(TextConfig(max_paragraphs=40))
+    torch.manual_seed(0)
+    lm_cfg = LMConfig(n_embd=32, n_layer=1, n_head=2, block_size=16, dropout=0.0)
+    ds = DatastoreConfig(stride=8, keys_dtype="float32", num_workers=2, shard_windows=5, batch_size=4)
+    yield text, build_lm(lm_cfg, text.vocab_size).eval(), KnnLMConfig(lm=lm_cfg, datastore=ds)
+    torch.set_num_threads(threads)
+
+
+def test_knnlm_datastore_builds_log_shards_and_tokens(tmp_path, caplog, capsys, ray_session, lm):
+    """In process and on Ray's actors: shards done of all, tokens per second, then the indexing."""
+    from openbook.knnlm.build import build_local, build_sharded
+
+    text, model, cfg = lm
+    tokens = text.train[:801]  # 800 predictions = 100 windows of 8 = 20 shards of 5 windows
+    caplog.set_level(logging.INFO, logger="openbook.knnlm.build")
+    for build, name in ((build_local, "local"), (build_sharded, "sharded")):
+        caplog.clear()
+        store = build(tmp_path / name, model, tokens, cfg.lm, cfg.datastore, progress=True)
+        lines = messages(caplog, "openbook.knnlm.build")
+        assert lines[0] == "datastore: 20 shards to do", name
+        assert any(line.startswith("datastore: 20/20 shards, 800 tokens in ") and "tokens/s" in line for line in lines)
+        assert "datastore: indexing 800 keys (Flat)" in lines and len(store) == 800
+        assert "20/20" in capsys.readouterr().err
+
+
+def test_knnlm_evaluation_logs_windows_and_tokens_and_scores_as_before(tmp_path, caplog, lm):
+    """Evaluation encodes in chunks for its progress: the numbers equal one ``encode`` over all windows."""
+    from openbook.knnlm.build import build_local
+    from openbook.knnlm.model import encode, windows
+    from openbook.knnlm.pipeline import CHUNK_BATCHES, score_stream
+
+    text, model, cfg = lm
+    store = build_local(tmp_path / "ds", model, text.train[:401], cfg.lm, cfg.datastore)
+    chunk_tokens = cfg.datastore.stride * cfg.datastore.batch_size * CHUNK_BATCHES
+    tokens = text.train[401: 401 + 2 * chunk_tokens + 50]  # two whole chunks of windows and a partial one
+    wins = windows(len(tokens), cfg.lm.block_size, cfg.datastore.stride)
+    caplog.set_level(logging.INFO, logger="openbook.knnlm.pipeline")
+    scored = score_stream(model, tokens, store, cfg, k=4, what="evaluate test")
+    lines = messages(caplog, "openbook.knnlm.pipeline")
+    n, p = len(wins), len(tokens) - 1
+    assert lines[0] == f"evaluate test: encode: {n} windows to do" and n > 2 * cfg.datastore.batch_size * CHUNK_BATCHES
+    assert any(line.startswith(f"evaluate test: encode: {n}/{n} windows, {p} tokens in ") for line in lines)
+    assert f"evaluate test: search: {p} tokens to do" in lines
+    assert any(line.startswith(f"evaluate test: search: {p}/{p} tokens in ") for line in lines)
+    _, lm_logp = encode(model, tokens, wins, cfg.datastore.batch_size)
+    assert np.array_equal(scored.lm_logp, lm_logp)
