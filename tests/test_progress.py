@@ -1,5 +1,5 @@
 """Long work says how far it is: world generation, the first encode, kNN-LM datastore builds and
-evaluation log their counts (and draw a bar when asked)."""
+evaluation log their counts (and draw a bar when asked); the training bar counts optimizer steps."""
 
 from __future__ import annotations
 
@@ -80,6 +80,27 @@ def test_an_initial_index_from_the_actor_pool_is_logged_with_its_rate(tmp_path, 
     assert lines[0] == "index: the actor pool encodes the corpus with the step-0 weights"
     assert lines[1].startswith("index v1 built by the actor pool: 100 passages in ") and lines[1].endswith(
         " passages/s")
+
+def test_the_training_bar_counts_steps_to_max_steps_across_epochs(tmp_path, capsys):
+    """80 training questions in batches of 8: 10 steps an epoch, so 25 steps cross two epoch boundaries;
+    Lightning's own bars restart each epoch ("Epoch 2", 5/10) or read "Epoch 2/-2" (Rich)."""
+    from openbook.trainer.progress_bar import StepProgressBar
+    from openbook.trainer.train import build_parts, make_trainer, train_loader
+
+    cfg = tiny_recipe(tmp_path, data={"world": {"num_passages": 100, "seed": 0}},
+                      train={"max_steps": 25, "batch_size": 8}, refresh={"enabled": False})
+    parts = build_parts(cfg)
+    trainer = make_trainer(cfg, [parts.callback], logger=False)
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar)
+    trainer.fit(parts.module, train_loader(parts))
+    assert trainer.num_training_batches == 10 and trainer.global_step == 25  # two epoch boundaries crossed
+    text = str(bar.train_progress_bar)
+    assert text.startswith("step: 100%") and "25/25" in text and "-2" not in text and "Epoch" not in text
+    assert "25/25" in capsys.readouterr().out  # Lightning's bars draw on stdout
+    quiet = make_trainer(cfg, [parts.callback], logger=False, enable_progress_bar=False)
+    assert quiet.progress_bar_callback is None
+
 
 # ------------------------------------------------------------------------------ kNN-LM
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
 from openbook.config import to_dict
@@ -99,6 +100,9 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
     if logger is None:
         from pytorch_lightning.loggers import TensorBoardLogger
         logger = TensorBoardLogger(cfg.run_dir, name="tb", version="")
+    if overrides.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        from openbook.trainer.progress_bar import StepProgressBar
+        callbacks = [*callbacks, StepProgressBar()]
     if cfg.monitor.prometheus_port:  # after the refresh callback: the exporter reads what it logged
         from openbook.trainer.metrics_exporter import monitor_callbacks
         callbacks = [*callbacks, *monitor_callbacks(cfg.monitor)]
