@@ -32,6 +32,14 @@ from openbook.registry import model_spec
 from openbook.trainer.pipeline import dev_recall, index_target
 from openbook.trainer.refresh_callback import IndexRefreshCallback, Published
 from openbook.trainer.spec import ModelSpec, Shared
+from openbook.trainer.tb import (
+    DevRecallLogger,
+    RunLogger,
+    close_loggers,
+    log_hparams,
+    log_scalars,
+    recall_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +106,7 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
 def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -> pl.Trainer:
     t = cfg.train
     if logger is None:
-        from pytorch_lightning.loggers import TensorBoardLogger
-        logger = TensorBoardLogger(cfg.run_dir, name="tb", version="")
+        logger = RunLogger(cfg.run_dir)
     if overrides.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         from openbook.trainer.progress_bar import StepProgressBar
         callbacks = [*callbacks, StepProgressBar()]
@@ -142,12 +149,16 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
         ckpt = resolve_checkpoint(cfg.train.resume_from, cfg.run_dir)
         log.info("resuming from %s", ckpt)
     parts = build_parts(cfg, data, progress)
-    trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
     dev = parts.spec.dev_loader(parts)
+    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
+    own_recall = has_gold and dev is None  # no validation loop logs val/recall@k: it is logged here
+    callbacks = [parts.callback, *([DevRecallLogger(parts, cfg.train.val_every_n_steps)] if own_recall else [])]
+    trainer = make_trainer(cfg, callbacks, enable_progress_bar=progress, **trainer_overrides)
     at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
                 else {})
-    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
     start = dev_recall(parts) if has_gold else None
+    if own_recall and ckpt is None:  # a resumed run logged step 0 the first time
+        log_scalars(trainer, {recall_tag(cfg): start}, 0)
     t0 = time.time()
     fit(trainer, parts, parts.spec.train_loader(parts), ckpt, val_dataloaders=dev if cfg.train.val_every_n_steps
         else None)
@@ -160,14 +171,25 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
     save_final(parts)
     summary = run_summary(parts, trainer, seconds)
     if has_gold:
-        k = cfg.train.eval_k
-        summary.update({f"dev_recall@{k}_at_start": start,
-                        f"dev_recall@{k}_index_in_use": dev_recall(parts, snap) if in_use is None else in_use,
-                        f"dev_recall@{k}_fresh_encode": dev_recall(parts)})
+        summary.update(gold_recalls(parts, snap, start, in_use))
+        if own_recall:
+            log_scalars(trainer, {recall_tag(cfg): summary[f"dev_recall@{cfg.train.eval_k}_index_in_use"]},
+                        trainer.global_step)
     if dev is not None:  # answer quality with the final weights and the snapshot in use
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
         summary.update({**at_start, **{f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()}})
+    log_hparams(trainer, cfg, summary)
+    close_loggers(trainer)
     return summary
+
+
+def gold_recalls(parts: TrainParts, snap, start: float, in_use: float | None) -> dict:
+    """Dev gold recall@k at the start, with the snapshot in use (``in_use`` if the ranks computed it
+    together) and with a fresh encode of the corpus by the final doc encoder."""
+    k = parts.cfg.train.eval_k
+    return {f"dev_recall@{k}_at_start": start,
+            f"dev_recall@{k}_index_in_use": dev_recall(parts, snap) if in_use is None else in_use,
+            f"dev_recall@{k}_fresh_encode": dev_recall(parts)}
 
 
 def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
