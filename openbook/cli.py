@@ -66,7 +66,7 @@ def _cmd_knnlm(args: argparse.Namespace) -> int:
     from openbook.knnlm.config import load_knnlm_config
     from openbook.knnlm.pipeline import run_knnlm
 
-    print(json.dumps(run_knnlm(load_knnlm_config(args.config, args.overrides)), indent=2))
+    print(json.dumps(run_knnlm(load_knnlm_config(args.config, args.overrides), progress=not args.quiet), indent=2))
     return 0
 
 
@@ -92,7 +92,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_world(args: argparse.Namespace) -> int:
     from openbook.data.world import WorldConfig, generate_world
 
-    files = generate_world(WorldConfig(num_passages=args.num_passages, seed=args.seed), args.out)
+    files = generate_world(WorldConfig(num_passages=args.num_passages, seed=args.seed), args.out,
+                           progress=not args.quiet)
     print(json.dumps({k: str(v) for k, v in vars(files).items()}, indent=2))
     return 0
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knnlm", help="kNN-LM demo: train a small LM, build its datastore with Ray, "
                                      "compare held-out perplexity")
     _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_knnlm)
 
     p = sub.add_parser("report", help="plot a run's loss, recall and refresh lag to RUN_DIR/report.png")
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-passages", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("config", help="print a recipe resolved (or, without --config, every field's help)")

@@ -55,9 +55,11 @@ class DataBundle:
     dropped: dict[str, int] = field(default_factory=dict)  # ids not in the corpus, per split (missing_gold: skip)
 
 
-def prepare_data(cfg: DataConfig, corpus: Any = None, qa_train: Any = None, qa_dev: Any = None) -> DataBundle:
-    """Load the configured corpus, or generate (once, cached) the embedded world. The Python API may pass
-    the corpus and QA splits directly (``datasets.Dataset`` objects or paths) instead of configuring them."""
+def prepare_data(cfg: DataConfig, corpus: Any = None, qa_train: Any = None, qa_dev: Any = None,
+                 progress: bool = False) -> DataBundle:
+    """Load the configured corpus, or generate (once, cached) the embedded world (logging its progress; a
+    bar too with ``progress``). The Python API may pass the corpus and QA splits directly
+    (``datasets.Dataset`` objects or paths) instead of configuring them."""
     cache = Path(cfg.cache_dir)
     train_path, dev_path = qa_train or cfg.qa_train, qa_dev or cfg.qa_dev
     if corpus is not None:
@@ -68,7 +70,7 @@ def prepare_data(cfg: DataConfig, corpus: Any = None, qa_train: Any = None, qa_d
         corpus_path = build_pydoc_corpus(cache, cfg.pydoc_words)
     elif cfg.corpus is None:
         w = cfg.world
-        files = generate_world(w, cache / f"world-n{w.num_passages}-s{w.seed}")
+        files = generate_world(w, cache / f"world-n{w.num_passages}-s{w.seed}", progress)
         corpus_path, train_path, dev_path = files.corpus, train_path or files.train, dev_path or files.dev
     else:
         corpus_path = cfg.corpus

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable
@@ -27,8 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from openbook.config import opt
+from openbook.progress import Progress
 
+log = logging.getLogger(__name__)
 WORLD_VERSION = 1  # bump when generation changes, so cached worlds are regenerated
+PROGRESS_EVERY = 10_000  # passages between progress updates
 MIN_PASSAGES, MAX_PASSAGES = 100, 2_000_000
 
 ONSETS = (
@@ -284,7 +288,7 @@ def _article(word: str) -> str:
 # ----------------------------------------------------------------------------- generation
 
 
-def _build(cfg: WorldConfig) -> tuple[list[str], list[str], list[int]]:
+def _build(cfg: WorldConfig, progress: Progress) -> tuple[list[str], list[str], list[int]]:
     """(corpus JSON lines, QA JSON lines, split of each QA row: 0 train / 1 dev / 2 test)."""
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)]
     n_ent = -(-cfg.num_passages // len(ATTRIBUTES))
@@ -299,12 +303,12 @@ def _build(cfg: WorldConfig) -> tuple[list[str], list[str], list[int]]:
         "employer": [orgs[i] for i in rngs[2].integers(0, pool, n_ent)],
         "instrument": [INSTRUMENTS[i] for i in rngs[2].integers(0, len(INSTRUMENTS), n_ent)],
     }
-    lines, qa = _passages_and_questions(cfg.num_passages, names, values, rngs[3])
+    lines, qa = _passages_and_questions(cfg.num_passages, names, values, rngs[3], progress)
     return lines, qa, _splits(cfg, rngs[4])
 
 
 def _passages_and_questions(
-    n: int, names: list[str], values: dict[str, list[str]], rng: np.random.Generator
+    n: int, names: list[str], values: dict[str, list[str]], rng: np.random.Generator, progress: Progress
 ) -> tuple[list[str], list[str]]:
     """Corpus and QA JSON lines. Passage ``p`` states attribute ``p % 5`` of entity ``p // 5``; its question asks for it."""
     fact_t = rng.integers(0, 1 << 30, n).tolist()  # template choices, reduced mod each list's length
@@ -325,6 +329,8 @@ def _passages_and_questions(
         # Hand-assembled JSON (same bytes as json.dumps, 2x faster overall at 1M rows; tested).
         lines.append(f'{{"id": "{pid}", "title": {q(name)}, "text": {q(text)}}}')
         qa.append(f'{{"question": {q(question)}, "answers": [{q(v)}], "gold_ids": ["{pid}"]}}')
+        if (p + 1) % PROGRESS_EVERY == 0 or p + 1 == n:  # in chunks: a call per row would slow the loop
+            progress.update(p + 1 - progress.done)
     return lines, qa
 
 
@@ -369,17 +375,20 @@ def _reusable(files: WorldFiles, cfg: WorldConfig) -> bool:
     return all(p.is_file() and p.stat().st_size == meta.get("sizes", {}).get(k) for k, p in paths.items())
 
 
-def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike) -> WorldFiles:
-    """Write (or reuse) ``corpus.jsonl``, ``qa_{train,dev,test}.jsonl`` and ``world.json`` in ``out_dir``.
+def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, progress: bool = False) -> WorldFiles:
+    """Write (or reuse) ``corpus.jsonl``, ``qa_{train,dev,test}.jsonl`` and ``world.json`` in ``out_dir``,
+    logging progress (INFO; a tqdm bar too with ``progress``).
 
     ``world.json`` is written last, so an interrupted run is regenerated rather than reused.
     """
     files = world_files(out_dir)
     if _reusable(files, cfg):
+        log.info("world: reusing %s (%d passages, seed %d)", files.root, cfg.num_passages, cfg.seed)
         return files
     files.root.mkdir(parents=True, exist_ok=True)
     (files.root / "world.json").unlink(missing_ok=True)
-    lines, qa, split = _build(cfg)
+    with Progress(log, "world: passages and questions", cfg.num_passages, "passage", bar=progress) as prog:
+        lines, qa, split = _build(cfg, prog)
     _write_atomic(files.corpus, lines)
     for code, path in enumerate((files.train, files.dev, files.test)):
         _write_atomic(path, (row for row, s in zip(qa, split) if s == code))
@@ -388,6 +397,9 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike) -> WorldFiles:
     meta["counts"].update({name: split.count(code) for code, name in enumerate(("train", "dev", "test"))})
     meta["sizes"] = {k: getattr(files, k).stat().st_size for k in ("corpus", "train", "dev", "test")}
     _write_atomic(files.root / "world.json", [json.dumps(meta, indent=1, sort_keys=True)])
+    c = meta["counts"]
+    log.info("world: wrote %d passages and %d/%d/%d train/dev/test questions to %s in %.1f s", c["passages"],
+             c["train"], c["dev"], c["test"], files.root, prog.seconds)
     return files
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from openbook.knnlm.config import DatastoreConfig, LMConfig
 from openbook.knnlm.datastore import Datastore, DatastoreWriter
 from openbook.knnlm.model import build_lm, encode, key_dim, windows
+from openbook.progress import Progress
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.coordinator import ensure_ray
 from openbook.refresher.encode import load_numpy_state, numpy_state
@@ -58,21 +59,35 @@ def _writer(path: Path, model: nn.Module, tokens: np.ndarray, cfg: DatastoreConf
     return DatastoreWriter(path, len(tokens) - 1, key_dim(model), cfg.keys_dtype)
 
 
+def _progress(shards: list[np.ndarray], bar: bool) -> Progress:
+    """Shards done of all, and tokens (datastore rows) per second."""
+    return Progress(log, "datastore", len(shards), "shard", rate_unit="token", bar=bar)
+
+
+def _write(writer: DatastoreWriter, prog: Progress, shard: tuple) -> None:
+    writer.write(*shard)
+    prog.update(1, len(shard[2]))
+
+
 def _commit(writer: DatastoreWriter, cfg: DatastoreConfig, meta: dict, t0: float) -> Datastore:
     meta = {**meta, "encode_seconds": time.perf_counter() - t0}
+    log.info("datastore: indexing %d keys (%s)", writer.count, cfg.factory)  # IVF/PQ training can take a while
     store = writer.commit(cfg.index_config(), meta)
     log.info("datastore %s: %d keys in %.1fs", store.path, len(store), time.perf_counter() - t0)
     return store
 
 
 def build_local(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: LMConfig,
-                cfg: DatastoreConfig, meta: dict | None = None) -> Datastore:
-    """The single-process build: the same shards, encoded one after another here."""
+                cfg: DatastoreConfig, meta: dict | None = None, progress: bool = False) -> Datastore:
+    """The single-process build: the same shards, encoded one after another here (progress logged; a bar
+    too with ``progress``)."""
     t0 = time.perf_counter()
     writer = _writer(Path(path), model, tokens, cfg)
     try:
-        for shard in _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows):
-            writer.write(*encode_shard(model, tokens, shard, cfg.batch_size))
+        shards = _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows)
+        with _progress(shards, progress) as prog:
+            for shard in shards:
+                _write(writer, prog, encode_shard(model, tokens, shard, cfg.batch_size))
         return _commit(writer, cfg, {**(meta or {}), "workers": 0}, t0)
     except BaseException:
         writer.abort()
@@ -80,10 +95,10 @@ def build_local(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: 
 
 
 def build_sharded(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg: LMConfig,
-                  cfg: DatastoreConfig, meta: dict | None = None) -> Datastore:
+                  cfg: DatastoreConfig, meta: dict | None = None, progress: bool = False) -> Datastore:
     """Encode shards on ``cfg.num_workers`` Ray actors (the refresher's pool loop: two shards queued per
     actor, a dead actor's shard retried on a live one), write them as they come back, then index and
-    commit. Starts a local Ray (or joins ``cfg.address``) if needed."""
+    commit. Starts a local Ray (or joins ``cfg.address``) if needed. Progress as in ``build_local``."""
     t0 = time.perf_counter()
     started = ensure_ray(RefreshConfig(address=cfg.address))
     vocab = int(model.config.vocab_size)
@@ -93,8 +108,9 @@ def build_sharded(path: str | Path, model: nn.Module, tokens: np.ndarray, lm_cfg
     try:
         state, toks = ray.put(numpy_state(model)), ray.put(np.asarray(tokens, dtype=np.int64))
         shards = _shards(windows(len(tokens), lm_cfg.block_size, cfg.stride), cfg.shard_windows)
-        run_shards(pool, shards, lambda actor, wins: actor.encode.remote(state, toks, wins, cfg.batch_size),
-                   lambda _, ref: writer.write(*ray.get(ref)), cfg.max_shard_retries)
+        with _progress(shards, progress) as prog:
+            run_shards(pool, shards, lambda actor, wins: actor.encode.remote(state, toks, wins, cfg.batch_size),
+                       lambda _, ref: _write(writer, prog, ray.get(ref)), cfg.max_shard_retries)
         return _commit(writer, cfg, {**(meta or {}), "workers": cfg.num_workers}, t0)
     except BaseException:
         writer.abort()

@@ -20,8 +20,10 @@ from openbook.knnlm.model import build_lm, encode, windows
 from openbook.knnlm.scoring import Scored, neighbours, perplexity
 from openbook.knnlm.text import TextData, load_text
 from openbook.knnlm.train import train_lm
+from openbook.progress import Progress
 
 log = logging.getLogger(__name__)
+CHUNK_BATCHES = 16  # forward batches between progress updates while evaluating
 
 
 @dataclass
@@ -34,8 +36,10 @@ class Demo:
     build_seconds: float
 
 
-def train_and_build(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str]] | None = None) -> Demo:
-    """``paragraphs``: the Python API's own (train, valid, test) texts instead of ``cfg.text``'s source."""
+def train_and_build(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str]] | None = None,
+                    progress: bool = False) -> Demo:
+    """``paragraphs``: the Python API's own (train, valid, test) texts instead of ``cfg.text``'s source;
+    ``progress``: a bar for the datastore build (its progress is logged regardless)."""
     text = load_text(cfg.text, lm_tokenizer(cfg.lm), compact=cfg.lm.source == "tiny", paragraphs=paragraphs)
     log.info("%s text: %d train / %d valid / %d test tokens, vocab %d", cfg.text.source, len(text.train),
              len(text.valid), len(text.test), text.vocab_size)
@@ -46,19 +50,38 @@ def train_and_build(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], li
     torch.save(model.state_dict(), Path(cfg.run_dir) / "lm.pt")
     t0 = time.perf_counter()
     meta = {"lm": asdict(cfg.lm), "stride": cfg.datastore.stride, "vocab_size": text.vocab_size}
-    store = build_sharded(cfg.datastore_dir, model, text.train, cfg.lm, cfg.datastore, meta)
+    store = build_sharded(cfg.datastore_dir, model, text.train, cfg.lm, cfg.datastore, meta, progress)
     return Demo(cfg, text, model, store, lm_train, time.perf_counter() - t0)
 
 
 def score_stream(model: nn.Module, tokens: np.ndarray, store: Datastore, cfg: KnnLMConfig,
-                 k: int | None = None, recompute: bool | None = None) -> Scored:
+                 k: int | None = None, recompute: bool | None = None, progress: bool = False,
+                 what: str = "evaluate") -> Scored:
     """LM log-probs and the k nearest neighbours of every prediction in ``tokens`` (same windows as
-    the datastore: block_size and stride from ``cfg``)."""
+    the datastore: block_size and stride from ``cfg``). Windows encoded and tokens searched are logged
+    as ``what`` (a bar too with ``progress``)."""
     wins = windows(len(tokens), cfg.lm.block_size, cfg.datastore.stride)
-    keys, lm_logp = encode(model, tokens, wins, cfg.datastore.batch_size)
+    keys, lm_logp = encode_windows(model, tokens, wins, cfg.datastore.batch_size, what, progress)
     recompute = cfg.knn.recompute_distances if recompute is None else recompute
-    dists, vals = neighbours(store, keys, k or cfg.knn.k, recompute, cfg.knn.batch_size)
+    with Progress(log, f"{what}: search", len(keys), "token", bar=progress) as prog:
+        dists, vals = neighbours(store, keys, k or cfg.knn.k, recompute, cfg.knn.batch_size, prog)
     return Scored(lm_logp, np.asarray(tokens[1:], dtype=np.int64), dists, vals)
+
+
+def encode_windows(model: nn.Module, tokens: np.ndarray, wins: np.ndarray, batch_size: int, what: str,
+                   bar: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``encode`` in chunks of whole batches (the same forward batches, so the same numbers), counting
+    windows done and tokens per second."""
+    step = batch_size * CHUNK_BATCHES
+    chunks = [wins[lo:lo + step] for lo in range(0, len(wins), step)] or [wins]
+    keys, logps = [], []
+    with Progress(log, f"{what}: encode", len(wins), "window", rate_unit="token", bar=bar) as prog:
+        for chunk in chunks:
+            k, lp = encode(model, tokens, chunk, batch_size)
+            keys.append(k)
+            logps.append(lp)
+            prog.update(len(chunk), len(lp))
+    return np.concatenate(keys), np.concatenate(logps)
 
 
 def lm_tokenizer(cfg: LMConfig):
@@ -70,9 +93,11 @@ def lm_tokenizer(cfg: LMConfig):
     return AutoTokenizer.from_pretrained(cfg.source)
 
 
-def run_knnlm(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str]] | None = None) -> dict:
-    """The demo's JSON summary (also written to <run_dir>/knnlm_summary.json)."""
-    demo = train_and_build(cfg, paragraphs)
+def run_knnlm(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str]] | None = None,
+              progress: bool = False) -> dict:
+    """The demo's JSON summary (also written to <run_dir>/knnlm_summary.json); ``progress``: bars for the
+    datastore build and the evaluation (their progress is logged regardless)."""
+    demo = train_and_build(cfg, paragraphs, progress)
     kn = cfg.knn
     summary: dict = {"train_tokens": len(demo.text.train), "vocab_size": demo.text.vocab_size,
                      "datastore_size": len(demo.store), "datastore_factory": cfg.datastore.factory,
@@ -80,7 +105,8 @@ def run_knnlm(cfg: KnnLMConfig, paragraphs: tuple[list[str], list[str], list[str
                      "recompute_distances": kn.recompute_distances, "lm_train_seconds": demo.lm_train["seconds"],
                      "datastore_build_seconds": demo.build_seconds}
     for split in ("valid", "test"):
-        scored = score_stream(demo.model, getattr(demo.text, split), demo.store, cfg)
+        scored = score_stream(demo.model, getattr(demo.text, split), demo.store, cfg, progress=progress,
+                              what=f"evaluate {split}")
         summary[f"{split}_tokens"] = len(scored.targets)
         summary[f"{split}_ppl_lm"] = perplexity(scored.lm_logp)
         summary[f"{split}_ppl_knnlm"] = scored.ppl(kn.k, kn.temperature, kn.lmbda)

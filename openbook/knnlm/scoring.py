@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from openbook.knnlm.datastore import Datastore
+from openbook.progress import Progress
 
 
 def _weights(dists: np.ndarray, temperature: float) -> torch.Tensor:
@@ -48,9 +49,10 @@ def perplexity(logp: np.ndarray) -> float:
     return float(np.exp(-np.mean(logp)))
 
 
-def neighbours(store: Datastore, queries: np.ndarray, k: int, recompute: bool,
-               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(distances float64 [Q, k] sorted ascending, neighbour values int64 [Q, k]; -1 = no neighbour)."""
+def neighbours(store: Datastore, queries: np.ndarray, k: int, recompute: bool, batch_size: int = 4096,
+               progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances float64 [Q, k] sorted ascending, neighbour values int64 [Q, k]; -1 = no neighbour);
+    ``progress`` counts the queries searched."""
     dists, vals = [], []
     for lo in range(0, len(queries), batch_size):
         q = queries[lo:lo + batch_size]
@@ -60,6 +62,8 @@ def neighbours(store: Datastore, queries: np.ndarray, k: int, recompute: bool,
         d, ids = np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
         dists.append(d)
         vals.append(np.where(ids >= 0, np.asarray(store.values)[np.where(ids >= 0, ids, 0)], -1).astype(np.int64))
+        if progress is not None:
+            progress.update(len(q))
     return np.concatenate(dists), np.concatenate(vals)
 
 

@@ -75,11 +75,13 @@ def encode_row_ids(encoder: torch.nn.Module, tokens: TokenizedCorpus, rows: np.n
 @torch.inference_mode()
 def encode_texts(encoder: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
                  batch_size: int = 256) -> np.ndarray:
-    """Embeddings float32 [N, d] of raw texts (questions) with ``encoder``, truncated to ``max_length`` tokens."""
+    """Embeddings float32 [N, d] of raw texts (questions) with ``encoder``, truncated to ``max_length`` tokens,
+    on the encoder's device (a trainer's dev recall during fit runs on its GPU)."""
     chunks = []
+    device = next(encoder.parameters()).device
     with evaluating(encoder):
         for lo in range(0, len(texts), batch_size):
             batch = tokenizer(texts[lo:lo + batch_size], truncation=True, max_length=max_length, padding=True,
                               return_tensors="pt")
-            chunks.append(encoder(**batch).float().cpu().numpy())
+            chunks.append(encoder(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)

@@ -5,16 +5,19 @@ the actors: ``EncoderWorker.encode_shard``.)
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from openbook.data.tokcache import TokenizedCorpus
 from openbook.index import IndexConfig, IndexSnapshot, SnapshotStore
+from openbook.progress import Progress
 from openbook.refresher.encode import encode_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,16 +31,16 @@ class IndexTarget:
 
 
 def encode_corpus(encoder, tokens: TokenizedCorpus, batch_size: int, progress: bool = True) -> np.ndarray:
-    """All doc embeddings [N, d] (float16, the snapshot dtype) with ``encoder``, with a progress bar.
-    Uses the actors' own loop, so in-process and Ray-built snapshots hold the same numbers."""
+    """All doc embeddings [N, d] (float16, the snapshot dtype) with ``encoder``; passages done and passages
+    per second logged (INFO), and shown on a bar with ``progress``. Uses the actors' own loop, so
+    in-process and Ray-built snapshots hold the same numbers."""
     n = len(tokens)
     chunk = batch_size * 16
-    bar = tqdm(total=n, desc="encode", unit="doc", disable=not progress, mininterval=1.0)
     parts = []
-    for lo in range(0, n, chunk):
-        parts.append(encode_rows(encoder, tokens, lo, min(lo + chunk, n), batch_size))
-        bar.update(parts[-1].shape[0])
-    bar.close()
+    with Progress(log, "encode", n, "passage", bar=progress) as prog:
+        for lo in range(0, n, chunk):
+            parts.append(encode_rows(encoder, tokens, lo, min(lo + chunk, n), batch_size))
+            prog.update(parts[-1].shape[0])
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float16)
 
 

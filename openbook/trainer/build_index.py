@@ -13,7 +13,7 @@ from openbook.trainer.pipeline import build_and_publish, encode_queries, recall_
 def run_build_index(cfg: RecipeConfig, progress: bool = True, k: int = 10) -> dict:
     """Returns a summary dict (also printed by the CLI)."""
     torch.manual_seed(0)
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, progress=progress)
     model, tokenizer = build_retriever(cfg.retriever)
     snap, stats = build_and_publish(cfg, model, tokenizer, data, encoder_step=0, progress=progress)
     summary = {"snapshot": str(snap.path), "version": snap.version, "dim": snap.dim, **stats}

@@ -93,10 +93,13 @@ class IndexRefreshCallback(pl.Callback):
         if trainer.is_global_zero:
             step = trainer.global_step if step is None else step
             if self.coordinator is not None:
+                log.info("index: the actor pool encodes the corpus with the step-%d weights", step)
                 self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step)
                 res = self.coordinator.wait()
                 if res is None:
                     raise OpenbookError(f"initial index build failed: {self.coordinator.last_error}")
+                log.info("index v%d built by the actor pool: %d passages in %.1f s, %.0f passages/s", res.version,
+                         res.docs, res.duration, res.docs_per_second)
                 pub = Published.of(res)
             elif self.build_initial is not None:
                 pub = self.build_initial(pl_module, step)

@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
 from openbook.config import to_dict
@@ -31,6 +32,14 @@ from openbook.registry import model_spec
 from openbook.trainer.pipeline import dev_recall, index_target
 from openbook.trainer.refresh_callback import IndexRefreshCallback, Published
 from openbook.trainer.spec import ModelSpec, Shared
+from openbook.trainer.tb import (
+    DevRecallLogger,
+    RunLogger,
+    close_loggers,
+    log_hparams,
+    log_scalars,
+    recall_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +53,20 @@ class TrainParts(Shared):
     callback: IndexRefreshCallback
 
 
-def build_parts(cfg: RecipeConfig, data: DataBundle | None = None) -> TrainParts:
-    """``data``: the Python API's own corpus and QA (``prepare_data(cfg.data, corpus=dataset, ...)``)."""
+def build_parts(cfg: RecipeConfig, data: DataBundle | None = None, progress: bool = False) -> TrainParts:
+    """``data``: the Python API's own corpus and QA (``prepare_data(cfg.data, corpus=dataset, ...)``);
+    ``progress``: bars for world generation and the first in-process encode (log lines come regardless)."""
     pl.seed_everything(cfg.train.seed, workers=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     spec = model_spec(cfg.model)
-    data = data or prepare_data(cfg.data)
+    data = data or prepare_data(cfg.data, progress=progress)
     model, tokenizer = build_retriever(cfg.retriever)
     tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
                              prefix=cfg.retriever.passage_prefix)
     shared = Shared(cfg, data, model, tokenizer, tokens, IndexHolder())
     module = spec.build(shared)
-    return TrainParts(**vars(shared), spec=spec, module=module, callback=refresh_callback(shared, spec))
+    return TrainParts(**vars(shared), spec=spec, module=module, callback=refresh_callback(shared, spec, progress))
 
 
 def train_loader(parts: TrainParts) -> DataLoader:
@@ -67,7 +77,7 @@ def dev_loader(parts: TrainParts) -> DataLoader | None:
     return parts.spec.dev_loader(parts)
 
 
-def refresh_callback(s: Shared, spec: ModelSpec) -> IndexRefreshCallback:
+def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> IndexRefreshCallback:
     """The refresh callback, with Ray's pool on rank 0 if the doc encoder trains (else refresh is off:
     every refresh would rebuild the same index) and an in-process build of the first index otherwise."""
     cfg, refresh = s.cfg, s.cfg.refresh
@@ -83,8 +93,11 @@ def refresh_callback(s: Shared, spec: ModelSpec) -> IndexRefreshCallback:
         return RefreshCoordinator(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target)
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
-        snap, _ = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
-                                     cfg.encode.batch_size)
+        snap, stats = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
+                                         cfg.encode.batch_size, progress)
+        log.info("index v%d built in this process from the step-%d weights: %d passages, %.0f passages/s, "
+                 "published in %.1f s", snap.version, step, stats["docs"], stats["docs_per_second"],
+                 stats["publish_seconds"])
         return Published(snap.version, str(snap.path), step, snap.manifest.weights_time)
 
     return IndexRefreshCallback(refresh, s.holder, make_coordinator, build_initial, spec.doc_encoder, cfg.index)
@@ -93,8 +106,10 @@ def refresh_callback(s: Shared, spec: ModelSpec) -> IndexRefreshCallback:
 def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -> pl.Trainer:
     t = cfg.train
     if logger is None:
-        from pytorch_lightning.loggers import TensorBoardLogger
-        logger = TensorBoardLogger(cfg.run_dir, name="tb", version="")
+        logger = RunLogger(cfg.run_dir)
+    if overrides.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        from openbook.trainer.progress_bar import StepProgressBar
+        callbacks = [*callbacks, StepProgressBar()]
     if cfg.monitor.prometheus_port:  # after the refresh callback: the exporter reads what it logged
         from openbook.trainer.metrics_exporter import monitor_callbacks
         callbacks = [*callbacks, *monitor_callbacks(cfg.monitor)]
@@ -153,13 +168,17 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
 
 
 def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, trainer_overrides: dict) -> dict:
-    parts = build_parts(cfg, data)
-    trainer = make_trainer(cfg, [parts.callback], enable_progress_bar=progress, **trainer_overrides)
+    parts = build_parts(cfg, data, progress)
     dev = parts.spec.dev_loader(parts)
+    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
+    own_recall = has_gold and dev is None  # no validation loop logs val/recall@k: it is logged here
+    callbacks = [parts.callback, *([DevRecallLogger(parts, cfg.train.val_every_n_steps)] if own_recall else [])]
+    trainer = make_trainer(cfg, callbacks, enable_progress_bar=progress, **trainer_overrides)
     at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
                 else {})
-    has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
     start = dev_recall(parts) if has_gold else None
+    if own_recall and ckpt is None:  # a resumed run logged step 0 the first time
+        log_scalars(trainer, {recall_tag(cfg): start}, 0)
     t0 = time.time()
     fit(trainer, parts, parts.spec.train_loader(parts), ckpt, val_dataloaders=dev if cfg.train.val_every_n_steps
         else None)
@@ -167,6 +186,7 @@ def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, tra
     save_history(parts, trainer.global_rank)
     preempted = preemption_summary(trainer)
     if preempted is not None:  # the checkpoint is written and the pool is down: no final evaluation
+        close_loggers(trainer)
         return preempted if trainer.is_global_zero else {"preempted": True}
     snap = parts.holder.get()
     in_use = dev_recall(parts, snap) if has_gold and snap.sharded else None  # a search over ranks: all of them take part
@@ -175,13 +195,15 @@ def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, tra
     save_final(parts)
     summary = run_summary(parts, trainer, seconds)
     if has_gold:
-        k = cfg.train.eval_k
-        summary.update({f"dev_recall@{k}_at_start": start,
-                        f"dev_recall@{k}_index_in_use": dev_recall(parts, snap) if in_use is None else in_use,
-                        f"dev_recall@{k}_fresh_encode": dev_recall(parts)})
+        summary.update(gold_recalls(parts, snap, start, in_use))
+        if own_recall:
+            log_scalars(trainer, {recall_tag(cfg): summary[f"dev_recall@{cfg.train.eval_k}_index_in_use"]},
+                        trainer.global_step)
     if dev is not None:  # answer quality with the final weights and the snapshot in use
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
         summary.update({**at_start, **{f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()}})
+    log_hparams(trainer, cfg, summary)
+    close_loggers(trainer)
     return summary
 
 
@@ -193,6 +215,15 @@ def preemption_summary(trainer: pl.Trainer) -> dict | None:
         return None
     return {"preempted": True, "steps": pre.stopped_at, "checkpoint": str(pre.path) if pre.path else None,
             "exit_code": PREEMPTED_EXIT, "resume": "openbook train --resume last (with the same --config)"}
+
+
+def gold_recalls(parts: TrainParts, snap, start: float, in_use: float | None) -> dict:
+    """Dev gold recall@k at the start, with the snapshot in use (``in_use`` if the ranks computed it
+    together) and with a fresh encode of the corpus by the final doc encoder."""
+    k = parts.cfg.train.eval_k
+    return {f"dev_recall@{k}_at_start": start,
+            f"dev_recall@{k}_index_in_use": dev_recall(parts, snap) if in_use is None else in_use,
+            f"dev_recall@{k}_fresh_encode": dev_recall(parts)}
 
 
 def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
