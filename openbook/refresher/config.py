@@ -39,7 +39,8 @@ class RefreshConfig:
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
     spare_workers: int = opt(0, "extra actors started with the pool and kept idle: when an actor dies, a spare "
                              "takes its slot at once (no wait for a new actor to start) and a new spare starts in "
-                             "the background; a spare reserves the same resources as a worker")
+                             "the background; a spare reserves the same resources as a worker (with worker_resources, spare j "
+                             "takes entry num_workers + j of the cycle)")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor (its torch threads unless encode.threads is set)")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
     worker_resources: list[dict[str, float]] = opt(
