@@ -19,9 +19,10 @@ def tiny_recipe(tmp: Path, cache: Path | None = None, **sections) -> RecipeConfi
         "retriever": {"encoder": {"source": "tiny", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
                                   "intermediate_size": 64}, "pooling": "mean", "doc_max_length": 32},
         "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-3, "negatives": 4, "num_threads": 1},
-        # a loaded CI machine can take minutes to start an actor: fail on that only after 10 minutes
+        # a loaded CI machine can take minutes to start an actor (or a replacement): fail on that only after
+        # 10 minutes
         "encode": {"batch_size": 64},
-        "refresh": {"schedule": "5", "start_timeout_seconds": 600},
+        "refresh": {"schedule": "5", "start_timeout_seconds": 600, "replace_timeout_seconds": 600},
         "index": {"shards": 3},  # format-2 snapshots of several shards on every test path
     }
     for name, value in sections.items():

@@ -183,3 +183,53 @@ def test_waits_for_a_late_refresh_are_counted_and_named(tmp_path, ray_session, c
     assert logged[-1]["refresh/waits"] == 6
     (warning,) = [r.getMessage() for r in caplog.records if "waited for" in r.getMessage()]
     assert "6 of the last 6" in warning and "refresh.num_workers" in warning and "refresh.swap_lag" in warning
+
+
+class LoseTheNode(pl.Callback):
+    """After step ``at``, the node the pool's only actor runs on is gone: the actor is killed (waited for until
+    Ray reports it dead) and a replacement would need a resource nobody offers any more."""
+
+    def __init__(self, refresh_cb, at):
+        self.refresh_cb, self.at = refresh_cb, at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        coord = self.refresh_cb.coordinator
+        if trainer.global_step != self.at or coord is None:
+            return
+        import ray
+        from ray.exceptions import RayActorError
+
+        coord.cfg.worker_resources = [{"openbook_test_node_gone": 1}]
+        actor = coord.actors[0]
+        ray.kill(actor, no_restart=True)
+        with pytest.raises(RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=120)
+
+
+def test_a_refresh_lost_with_its_actor_is_counted_in_the_summary_and_the_pool_reported_unhealthy(tmp_path,
+                                                                                               ray_session):
+    """The report of issue 19: a death whose replacement never came up left the run on its first index while
+    the summary said refresh_failures 0. Now the refresh triggered after step 5 fails once
+    refresh.replace_timeout_seconds have passed, the run goes on with v1, the summary counts the failure
+    once, and refresh/healthy drops to 0."""
+    from openbook.trainer.train import run_summary
+
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 9}, refresh={
+        "schedule": "5", "swap_lag": 2, "replace_timeout_seconds": 3})
+    parts = build_parts(cfg)
+    logged = []
+
+    class Log(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(parts.callback.metrics(trainer))
+
+    trainer = make_trainer(cfg, [parts.callback, LoseTheNode(parts.callback, at=3), Log()], logger=False,
+                           enable_progress_bar=False)
+    trainer.fit(parts.module, train_loader(parts))
+    assert trainer.global_step == 9
+    assert [v for _, v in parts.callback.stats.versions] == [1] * 9  # the step-5 refresh never came
+    summary = run_summary(parts, trainer, 0.0)
+    assert summary["refresh_failures"] == 1 and summary["refreshes_published"] == 0, summary
+    healthy = [m["refresh/healthy"] for m in logged]
+    assert healthy[:2] == [1.0] * 2 and healthy[-1] == 0.0, healthy  # 0 from the failure on (step 7's swap)
+    assert logged[-1]["refresh/failures"] == 1

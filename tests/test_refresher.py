@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import time
@@ -50,13 +51,16 @@ def _perturbed_state(model, seed):
             for k, v in numpy_state(model.doc_encoder).items()}
 
 
-def test_pool_encodes_like_a_direct_loop(setup, tmp_path):
+def test_pool_encodes_like_a_direct_loop(setup, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="openbook.refresher.coordinator")
     coord = _coordinator(setup, tmp_path / "snaps", num_workers=2)
     try:
         state = _perturbed_state(setup[2], 1)
         assert coord.submit(state, encoder_step=7)
         res = coord.wait(timeout=120)
         assert res is not None, coord.last_error
+        ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refresh for step 7: shards 2/2,")]
+        assert len(ends) == 1 and ends[0].endswith(" passages/s"), ends  # the progress line of its last shard
         snap = SnapshotStore(tmp_path / "snaps").load(res.version)
         assert snap.encoder_step == 7 and snap.count == len(setup[4])
         np.testing.assert_array_equal(snap.doc_ids, setup[1].corpus.ids)
@@ -221,3 +225,80 @@ def test_a_second_job_on_the_machine_starts_its_own_ray(ray_session):
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = proc.stdout.split("GCS ")[1].strip()
     assert theirs != ray_session.get_runtime_context().gcs_address
+
+
+def _wait_until_shards_flow(coord) -> None:
+    """Until the first shard is in: the refresh is running and every actor holds queued shards."""
+    while coord.shards_done < 1 and coord.busy:
+        time.sleep(0.005)
+    assert coord.busy, "refresh finished before the kill: make it longer"
+
+
+def test_a_spare_takes_a_killed_actors_slot_at_once_and_a_new_spare_starts(setup, tmp_path):
+    """refresh.spare_workers=1: an actor killed mid-refresh (ray.kill) is replaced by the idle spare, the
+    refresh publishes a complete snapshot, and a new spare is started so the pool is whole again."""
+    import ray
+
+    # the delay makes the refresh last >= 2 s (8 shards, 0.5 s each, 2 actors): the kill lands mid-refresh
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, cpus_per_worker=0.5, spare_workers=1, shards=8,
+                         batch_size=16, inject_delay_seconds=0.5)
+    try:
+        assert coord.healthy and len(coord.pool.spares) == 1
+        spare, victim = coord.pool.spares[0], coord.actors[0]
+        state = _perturbed_state(setup[2], 5)
+        ticket = coord.submit(state, 5)
+        _wait_until_shards_flow(coord)
+        ray.kill(victim, no_restart=True)
+        res = coord.wait_for(ticket, timeout=300)
+        assert not isinstance(res, str) and res is not None, res
+        assert res.retried_shards >= 1 and coord.failures == 0
+        assert coord.actors[0] == spare and victim not in coord.actors  # the spare took the slot
+        assert len(coord.actors) == 2 and len(coord.pool.spares) == 1 and coord.pool.spares[0] != spare
+        ray.get(coord.pool.spares[0].pid.remote(), timeout=300)  # the new spare comes up ...
+        assert coord.healthy  # ... and the pool is whole again
+        snap = SnapshotStore(tmp_path / "snaps").load(res.version)
+        np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32),
+                                   _direct(setup, state).astype(np.float32), rtol=2e-3, atol=2e-3)
+    finally:
+        coord.shutdown()
+
+
+def test_a_replacement_that_cannot_start_fails_the_refresh_in_one_line(setup, tmp_path):
+    """The node an actor was pinned to is gone (its custom resource is offered nowhere now): the dead actor's
+    replacement can never be placed. The refresh fails once refresh.replace_timeout_seconds have passed,
+    in one counted line, instead of waiting for it; the pool reports itself unhealthy."""
+    import ray
+
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, cpus_per_worker=0.5, shards=8, batch_size=16,
+                         inject_delay_seconds=0.5, replace_timeout_seconds=3)
+    try:
+        assert coord.healthy
+        coord.cfg.worker_resources = [{"openbook_test_node_gone": 1}]  # what replacements now ask for
+        ticket = coord.submit(_perturbed_state(setup[2], 6), 5)
+        _wait_until_shards_flow(coord)
+        ray.kill(coord.actors[0], no_restart=True)
+        out = coord.wait_for(ticket, timeout=300)
+        assert isinstance(out, str) and "\n" not in out, out
+        assert "encoder actor 0's replacement did not start within 3s" in out
+        assert coord.failures == 1 and coord.counted_failure(ticket) and coord.last_error == out
+        assert not coord.healthy
+        assert SnapshotStore(tmp_path / "snaps").versions() == []
+    finally:
+        coord.shutdown()
+
+
+def test_refresh_progress_is_logged_at_most_every_interval_and_at_the_end(caplog):
+    from openbook.refresher.coordinator import Progress
+
+    caplog.set_level(logging.INFO, logger="openbook.refresher.coordinator")
+    slow = Progress(encoder_step=7, shards=5, every=3600.0)
+    for _ in range(5):
+        slow.shard_done(rows=100)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("refresh for step 7: shards 5/5, ") and "passages/s" in lines[0]
+    caplog.clear()
+    every = Progress(encoder_step=8, shards=3, every=0.0)
+    for _ in range(3):
+        every.shard_done(rows=10)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        f"refresh for step 8: shards {k}/3" for k in (1, 2, 3)]

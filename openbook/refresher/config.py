@@ -37,6 +37,10 @@ class RefreshConfig:
     swap_lag: int = opt(10, "async: steps from a refresh's trigger to its swap (1 = the next step, as sync); "
                         "the pool has that many steps' time to re-encode before the trainer waits for it")
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
+    spare_workers: int = opt(0, "extra actors started with the pool and kept idle: when an actor dies, a spare "
+                             "takes its slot at once (no wait for a new actor to start) and a new spare starts in "
+                             "the background; a spare reserves the same resources as a worker (with worker_resources, spare j "
+                             "takes entry num_workers + j of the cycle)")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor (its torch threads unless encode.threads is set)")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
     worker_resources: list[dict[str, float]] = opt(
@@ -45,6 +49,10 @@ class RefreshConfig:
     max_shard_retries: int = opt(3, "attempts per shard before the refresh is declared failed")
     timeout_seconds: float = opt(3600.0, "a refresh running longer is cancelled and counted as failed")
     start_timeout_seconds: float = opt(120.0, "the pool must be up by then (else: not enough cluster resources)")
+    replace_timeout_seconds: float = opt(
+        120.0, "a replacement for a dead actor must be up this long after it was started (or after a spare still "
+               "starting took the slot); else the refresh fails, counted in refresh/failures, instead of waiting "
+               "for it, and another replacement is started for the next refresh")
     address: str | None = opt(None, "Ray address: null starts a local Ray; 'auto' joins the running cluster")
     worker_niceness: int = opt(0, "niceness of the workers of a local Ray that openbook starts (Ray's own default "
                                   "is 15: below the trainer, so a busy machine starves the refresh); a joined "
@@ -68,6 +76,10 @@ class RefreshConfig:
                              "true: give an interval (e.g. '50'), or set refresh.enabled: false to keep the first index")
         if self.num_workers < 1:
             raise ValueError(f"refresh.num_workers must be >= 1, got {self.num_workers}")
+        if self.spare_workers < 0:
+            raise ValueError(f"refresh.spare_workers must be >= 0, got {self.spare_workers}")
+        if self.replace_timeout_seconds <= 0:
+            raise ValueError(f"refresh.replace_timeout_seconds must be > 0, got {self.replace_timeout_seconds}")
         if self.check_every_n_steps < 1:
             raise ValueError("check_every_n_steps must be >= 1")
         if self.swap_lag < 1:

@@ -4,8 +4,10 @@ Runs refreshes on a background thread of the process that owns it (rank 0), so t
 never waits: ``submit`` returns a ticket at once. One refresh runs at a time. A trigger while one runs
 is counted as skipped, or, with ``queue=True`` (the deterministic swap, whose bounded lag bounds the
 queue), lined up behind it. ``poll`` hands back the newest finished refresh, ``wait_for(ticket)`` a
-given one's outcome. A dead actor is replaced and its shard retried; any other failure is counted and
-the last good snapshot stays in use.
+given one's outcome. A dead actor is replaced (at once by an idle spare, with ``refresh.spare_workers``)
+and its shard retried; a replacement that is not up within ``refresh.replace_timeout_seconds`` fails the
+refresh rather than stalling it. Every failure is counted and the last good snapshot stays in use. While a
+refresh runs, an INFO line reports its progress at most every ``PROGRESS_SECONDS`` (and once at the end).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from openbook.refresher.publish import IndexTarget
 from openbook.refresher.worker import EncoderWorker
 
 log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 10.0  # at most one progress line per refresh this often (plus its last shard's)
 
 
 class RefreshCancelled(Exception):
@@ -56,6 +59,24 @@ class RefreshResult:
     @property
     def docs_per_second(self) -> float:
         return self.docs / max(self.encode_seconds, 1e-9)
+
+
+class Progress:
+    """Logs "refresh for step N: shards k/K, P passages/s" as shards finish: at most once every ``every``
+    seconds, so a long refresh on a big corpus is visible without flooding the log, and at the last shard."""
+
+    def __init__(self, encoder_step: int, shards: int, every: float = PROGRESS_SECONDS):
+        self.encoder_step, self.shards, self.every = encoder_step, shards, every
+        self.t0 = self.last = time.monotonic()
+        self.done = self.rows = 0
+
+    def shard_done(self, rows: int) -> None:
+        self.done, self.rows = self.done + 1, self.rows + rows
+        now = time.monotonic()
+        if self.done == self.shards or now - self.last >= self.every:
+            self.last = now
+            log.info("refresh for step %d: shards %d/%d, %.0f passages/s", self.encoder_step, self.done,
+                     self.shards, self.rows / max(now - self.t0, 1e-9))
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:
@@ -98,11 +119,13 @@ class RefreshCoordinator:
         self.skipped = self.failures = self.completed = self.retried_shards = 0
         self.shards_done = 0  # progress of the running refresh (for logs and tests)
         self.last_error: str | None = None
+        self.last_failed = False  # the last refresh that ended failed (cleared by the next one that publishes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._results: deque[RefreshResult] = deque(maxlen=8)  # for poll(); the deterministic swap never polls
         self._jobs: deque[tuple] = deque()  # the running job first, then those queued behind it
         self._outcomes: dict[int, RefreshResult | str] = {}  # ticket -> result, or the failure's one line
+        self._failed: set[int] = set()  # tickets whose failure ``failures`` counts (not a cancellation)
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._tag = 0
@@ -111,23 +134,31 @@ class RefreshCoordinator:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> RefreshCoordinator:
         self._started_ray = ensure_ray(self.cfg)
-        self.pool = ActorPool(self._new_actor, self.cfg.num_workers)
-        try:  # fail here, loudly, if the cluster cannot host the pool
-            ray.get([a.pid.remote() for a in self.actors], timeout=self.cfg.start_timeout_seconds)
+        self.pool = ActorPool(self._new_actor, self.cfg.num_workers, self.cfg.spare_workers,
+                              self.cfg.replace_timeout_seconds)
+        try:  # fail here, loudly, if the cluster cannot host the pool (spares included)
+            ray.get([a.pid.remote() for a in [*self.actors, *self.pool.spares]],
+                    timeout=self.cfg.start_timeout_seconds)
         except GetTimeoutError:
-            need = self.cfg.num_workers * self.cfg.cpus_per_worker
+            count = self.cfg.num_workers + self.cfg.spare_workers
+            need = count * self.cfg.cpus_per_worker
             have = ray.available_resources().get("CPU", 0)
             self.shutdown()
             why = (f"Ray has {have:g} CPUs free now, so the actors were slow to start (a loaded machine?): raise "
                    "refresh.start_timeout_seconds" if have >= need else f"Ray has {have:g} free")
             raise OpenbookError(f"refresh pool did not start within {self.cfg.start_timeout_seconds:.0f}s: "
-                                f"{self.cfg.num_workers} actors need {need:g} CPUs; {why}") from None
+                                f"{count} actors (spares included) need {need:g} CPUs; {why}") from None
         self.tokens.keep_doc_ids(np.asarray(self.doc_ids))  # actors read their rows' ids by path
         return self
 
     @property
     def actors(self) -> list:
         return self.pool.actors if self.pool is not None else []
+
+    @property
+    def healthy(self) -> bool:
+        """The pool has its full set of live actors (spares included) and the last refresh did not fail."""
+        return self.pool is not None and bool(self.actors) and self.pool.healthy and not self.last_failed
 
     def _new_actor(self, slot: int):
         opts = {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker}
@@ -184,6 +215,11 @@ class RefreshCoordinator:
             self._results.clear()
         return newest
 
+    def counted_failure(self, ticket: int) -> bool:
+        """Refresh ``ticket`` failed and ``failures`` counts it (a cancelled or unknown one is not counted)."""
+        with self._lock:
+            return ticket in self._failed
+
     def outcome(self, ticket: int) -> RefreshResult | str | None:
         """A refresh's result, its failure (one line), or None while it is queued or running."""
         with self._lock:
@@ -217,6 +253,7 @@ class RefreshCoordinator:
                 self._jobs.popleft()
                 self._outcomes[job[0]] = outcome
                 while len(self._outcomes) > 64:  # tickets nobody asks for (asap mode) must not pile up
+                    self._failed.discard(next(iter(self._outcomes)))
                     del self._outcomes[next(iter(self._outcomes))]
                 if self._cancel.is_set():
                     self._jobs.clear()
@@ -230,13 +267,16 @@ class RefreshCoordinator:
             log.info("refresh for step %d cancelled", encoder_step)
             return "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is counted; training goes on
-            self.failures += 1
-            self.last_error = one_line(e)
+            with self._lock:
+                self.failures += 1
+                self._failed.add(tag)
+                self.last_error, self.last_failed = one_line(e), True
             log.error("refresh for step %d failed: %s", encoder_step, self.last_error)
             return self.last_error
         with self._lock:
             self._results.append(result)
             self.completed += 1
+            self.last_failed = False
         log.info("published snapshot v%d (encoder_step %d) in %.1fs", result.version, encoder_step,
                  result.duration)
         return result
@@ -253,7 +293,7 @@ class RefreshCoordinator:
         staging = store.stage()
         try:
             trained = self._train_quantizer(tag, weights, deadline)
-            retried = self._write_shards(tag, weights, staging, trained, deadline)
+            retried = self._write_shards(tag, weights, staging, trained, deadline, encoder_step)
             encode_s = time.time() - t0
             version = store.publish_shards(staging, encoder_step=encoder_step, index_cfg=self.target.index,
                                            count=len(self.tokens), weights_time=weights_time,
@@ -278,22 +318,26 @@ class RefreshCoordinator:
         cfg, n = self.target.index, len(self.tokens)
         rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=min(n, cfg.train_size), replace=False))
         for attempt in range(self.cfg.max_shard_retries + 1):
+            actor = self.actors[0]
             try:
-                return self._await(self.actors[0].train_quantizer.remote(tag, weights, rows, cfg), deadline)
+                return self._await(actor.train_quantizer.remote(tag, weights, rows, cfg), deadline)
             except RayActorError:
                 log.warning("actor died training the index quantizer (attempt %d); retrying", attempt + 1)
-                self.pool.replace(0, self.actors[0])
+                self.pool.replace(0, actor)
         raise RefreshFailed("index training failed: its actor kept dying")
 
-    def _write_shards(self, tag: int, weights, staging: Path, trained, deadline: float) -> int:
+    def _write_shards(self, tag: int, weights, staging: Path, trained, deadline: float, encoder_step: int) -> int:
         self.shards_done = 0
+        ranges = self.shard_ranges()
+        progress = Progress(encoder_step, len(ranges))
 
         def finished(i: int, ref: ray.ObjectRef) -> None:
             self.shards_done += 1
+            progress.shard_done(ranges[i][2] - ranges[i][1])
 
         cfg = self.target.index
         retried = run_shards(
-            self.pool, self.shard_ranges(),
+            self.pool, ranges,
             lambda actor, s: actor.encode_shard.remote(tag, weights, str(staging), *s, cfg, trained),
             finished, self.cfg.max_shard_retries, lambda refs: self._check(deadline, refs))
         self.retried_shards += retried
@@ -317,3 +361,4 @@ class RefreshCoordinator:
                 # Actor tasks cannot be force-cancelled; shutdown kills the actor, and a killed
                 # publisher leaves only a hidden temp dir that SnapshotStore.cleanup removes.
                 self._check(deadline, {ref: None})
+            self.pool.check()  # a replacement actor 0 that never comes up fails the refresh

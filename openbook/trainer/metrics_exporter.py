@@ -3,7 +3,9 @@
 The values are the ones already logged to TensorBoard (``trainer.callback_metrics``), so both views
 agree. The exporter must come after ``IndexRefreshCallback`` in the callback list: it reads what that
 callback logged in the same ``on_train_batch_end``. Its registry is private (not prometheus_client's
-global one), so several trainers in one process do not collide.
+global one), so several trainers in one process do not collide. Every series carries the labels ``run``
+(which run it is, for a Prometheus that scrapes several) and ``rank``. A port that cannot be bound is
+logged as a warning and the run goes on without the endpoint: monitoring never stops training.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 import pytorch_lightning as pl
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from openbook.errors import OpenbookError
 from openbook.trainer.config import MonitorConfig
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "openbook_swap_stall_seconds": ("refresh/swap_stall_seconds", "time the loop waited at the last step"),
     "openbook_refresh_in_flight": ("refresh/in_flight", "1 while a refresh is running"),
     "openbook_refresh_wait_seconds": ("refresh/wait_seconds", "time the last step waited for a refresh due then"),
+    "openbook_refresh_healthy": ("refresh/healthy", "1 when the encoder pool has all its actors up and the last "
+                                 "refresh did not fail, else 0"),
     "openbook_train_loss": ("train/loss", "training loss at the last step"),
 }
 # Counters mirror running totals; prometheus_client exposes them with a ``_total`` suffix.
@@ -38,6 +41,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "openbook_refresh_waits": ("refresh/waits", "swap steps at which the trainer waited for its refresh"),
 }
 STEP = "openbook_train_step"
+LABELS = ("run", "rank")
 
 
 def exported_names() -> set[str]:
@@ -46,30 +50,43 @@ def exported_names() -> set[str]:
 
 
 class PrometheusExporter(pl.Callback):
-    def __init__(self, cfg: MonitorConfig):
-        self.cfg = cfg
+    """``run``: the value of every series' ``run`` label (make_trainer passes the run dir's name)."""
+
+    def __init__(self, cfg: MonitorConfig, run: str):
+        self.cfg, self.run = cfg, run
         self.registry = CollectorRegistry()
-        self.gauges = {name: Gauge(name, doc, registry=self.registry) for name, (_, doc) in GAUGES.items()}
-        self.counters = {name: Counter(name, doc, registry=self.registry)
-                         for name, (_, doc) in COUNTERS.items()}
-        self.step = Gauge(STEP, "optimizer steps taken", registry=self.registry)
-        for gauge in self.gauges.values():
-            gauge.set(math.nan)  # nothing known yet (NaN, not a misleading 0)
+        self._families = {name: Gauge(name, doc, LABELS, registry=self.registry) for name, (_, doc) in GAUGES.items()}
+        self._families |= {name: Counter(name, doc, LABELS, registry=self.registry)
+                           for name, (_, doc) in COUNTERS.items()}
+        self._families[STEP] = Gauge(STEP, "optimizer steps taken", LABELS, registry=self.registry)
+        self.gauges, self.counters, self.step = {}, {}, None  # this run's series, once fit starts
         self._totals = dict.fromkeys(COUNTERS, 0.0)
         self._server = self._thread = None
         self.port: int | None = None  # the bound port while serving
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self._server is None:
+            self._label(str(trainer.global_rank))
             self._serve()
+
+    def _label(self, rank: str) -> None:
+        """This run's series (the rank is known only once fit starts)."""
+        series = {name: family.labels(run=self.run, rank=rank) for name, family in self._families.items()}
+        self.gauges = {name: series[name] for name in GAUGES}
+        self.counters = {name: series[name] for name in COUNTERS}
+        self.step = series[STEP]
+        for gauge in self.gauges.values():
+            gauge.set(math.nan)  # nothing known yet (NaN, not a misleading 0)
 
     def _serve(self) -> None:
         where = f"{self.cfg.bind_address}:{self.cfg.prometheus_port}"
         try:
             self._server, self._thread = start_http_server(self.cfg.prometheus_port, self.cfg.bind_address,
                                                            registry=self.registry)
-        except OSError as e:
-            raise OpenbookError(f"monitor: cannot serve Prometheus on {where}: {e.strerror or e}") from None
+        except OSError as e:  # a taken port: the run matters more than its dashboard
+            log.warning("monitor: cannot serve Prometheus on %s (%s); training goes on without the endpoint",
+                        where, e.strerror or e)
+            return
         self.port = self._server.server_port
         log.info("Prometheus metrics on http://%s/metrics", where)
 
@@ -106,5 +123,6 @@ class PrometheusExporter(pl.Callback):
             self._server = self._thread = None
 
 
-def monitor_callbacks(cfg: MonitorConfig) -> list[pl.Callback]:
-    return [PrometheusExporter(cfg)] if cfg.prometheus_port else []
+def monitor_callbacks(cfg: MonitorConfig, run: str) -> list[pl.Callback]:
+    """``run``: the ``run`` label of every series."""
+    return [PrometheusExporter(cfg, run)] if cfg.prometheus_port else []

@@ -73,6 +73,8 @@ class IndexRefreshCallback(pl.Callback):
         self._step = 0  # global step after the last finished batch (checkpoints record it)
         self._last_refresh_step = -1  # the schedule's position: step of the last trigger
         self._base = {"skipped": 0, "failures": 0, "published": 0}  # counts from before a resume
+        self._coord_counts = (0, 0)  # the coordinator's (skipped, failures), kept once it is shut down
+        self._own_failures = 0  # failures the coordinator does not count: loads, refreshes lost or cancelled
         self._resume: RefresherState | None = None  # a checkpoint's state, applied at fit start
 
     # -- start and stop ----------------------------------------------------------------------
@@ -241,6 +243,7 @@ class IndexRefreshCallback(pl.Callback):
                                                weights_time=p.weights_time)
         else:
             p.error = "its snapshot is gone and the checkpoint holds no weights to redo it"
+            self._count_failure()
 
     # -- every step --------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
@@ -309,6 +312,8 @@ class IndexRefreshCallback(pl.Callback):
     def _settled(self, p: Pending, out, step: int) -> None:
         if isinstance(out, str):
             p.error = out
+            if not self.coordinator.counted_failure(p.ticket):  # cancelled, or unknown to the coordinator
+                self._count_failure()
         else:
             p.published = Published.of(out)
             self._record(out, step)
@@ -319,6 +324,7 @@ class IndexRefreshCallback(pl.Callback):
             return True
         if p.ticket is None:
             p.error = "it was never submitted"
+            self._count_failure()
             return True
         out = self.coordinator.wait_for(p.ticket, timeout)
         if out is None:
@@ -350,7 +356,7 @@ class IndexRefreshCallback(pl.Callback):
             self._swap(trainer, pre, force=True)  # the plan orders swaps, not version numbers
         else:
             log.error("snapshot v%d not swapped in on any rank: %s", pub.version, pre.error or "another rank failed")
-            self.stats.failures += 1
+            self._count_failure()
 
     def _preload(self, trainer: pl.Trainer) -> None:
         """Start loading the next refresh due as soon as it is published (rank 0 tells the others)."""
@@ -398,7 +404,7 @@ class IndexRefreshCallback(pl.Callback):
             state = float(trainer.strategy.all_gather(flag).min().item())
         if state < 0:
             log.error("snapshot v%d not swapped in: %s", target.version, self._prefetch.error or "another rank failed")
-            self.stats.failures += 1
+            self._count_failure()
             self._drop(target)
         elif state > 0:
             self._swap(trainer, self._prefetch)
@@ -431,10 +437,17 @@ class IndexRefreshCallback(pl.Callback):
 
     # -- metrics -----------------------------------------------------------------------------
     def metrics_counts(self) -> None:
-        """Refresh the skipped/failures counters from the coordinator (plus those from before a resume)."""
+        """Refresh the skipped/failures counters: the coordinator's, this callback's own (loads that failed,
+        refreshes due that the coordinator did not count) and those from before a resume."""
         if self.coordinator is not None:
-            self.stats.skipped = self._base["skipped"] + self.coordinator.skipped
-            self.stats.failures = max(self.stats.failures, self._base["failures"] + self.coordinator.failures)
+            self._coord_counts = (self.coordinator.skipped, self.coordinator.failures)
+        skipped, failures = self._coord_counts
+        self.stats.skipped = self._base["skipped"] + skipped
+        self.stats.failures = self._base["failures"] + failures + self._own_failures
+
+    def _count_failure(self) -> None:
+        self._own_failures += 1
+        self.metrics_counts()
 
     def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.metrics_counts()
@@ -451,6 +464,8 @@ class IndexRefreshCallback(pl.Callback):
             "refresh/skipped": float(self.stats.skipped),
             "refresh/failures": float(self.stats.failures),
             "refresh/in_flight": float(bool(self.coordinator and self.coordinator.busy)),
+            # rank 0 with refresh on: the pool has all its actors up and the last refresh did not fail
+            "refresh/healthy": float(self.coordinator.healthy) if self.coordinator is not None else 1.0,
         }
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -112,7 +112,7 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
         callbacks = [*callbacks, StepProgressBar()]
     if cfg.monitor.prometheus_port:  # after the refresh callback: the exporter reads what it logged
         from openbook.trainer.metrics_exporter import monitor_callbacks
-        callbacks = [*callbacks, *monitor_callbacks(cfg.monitor)]
+        callbacks = [*callbacks, *monitor_callbacks(cfg.monitor, run_name(cfg))]
     # Always there: periodic checkpoints (if asked for), the preemption checkpoint, and the RNG state a resume
     # restores. Lightning runs checkpoint callbacks last, after the refresh callback and Preemption.
     from openbook.trainer.checkpoints import StepCheckpoint
@@ -127,6 +127,12 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
                   num_sanity_val_steps=0, deterministic=False)
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+def run_name(cfg: RecipeConfig) -> str:
+    """What tells this run from others in shared monitoring: its run dir's name (unique per run, where the
+    recipe's name is shared by every run of it), else the recipe's name."""
+    return Path(cfg.run_dir).resolve().name or cfg.name
 
 
 def fit(trainer: pl.Trainer, parts: TrainParts, loader: DataLoader, ckpt_path=None, **kwargs) -> None:
