@@ -50,7 +50,7 @@ def ensure_stages(cfg: RecipeConfig) -> list[dict]:
         trained += ensure_stages(stage)
         t0 = time.perf_counter()
         log.warning("training prerequisite stage %s (not counted in the benchmark)", config.name)
-        run_train(load_recipe(config, [f"run_dir={ROOT / stage.run_dir}"]), progress=False)
+        run_train(load_recipe(config, [f"run_dir={ROOT / stage.run_dir}"]), progress=False, overwrite=True)
         trained.append({"stage": config.name, "seconds": time.perf_counter() - t0})
     return trained
 
@@ -65,7 +65,7 @@ def ensure_warm_start(config: Path, run_dir: Path, steps: int) -> list[dict]:
     t0 = time.perf_counter()
     over = [f"train.max_steps={steps}", "train.val_every_n_steps=0", f"run_dir={run_dir}"]
     over += [f"generator.source={ROOT / base.generator.source}"] if base.generator.source.startswith("runs/") else []
-    run_train(load_recipe(config, over), progress=False)
+    run_train(load_recipe(config, over), progress=False, overwrite=True)  # an interrupted stage left a part
     return [{"stage": f"{config.name} for {steps} steps", "seconds": time.perf_counter() - t0}]
 
 

@@ -100,7 +100,7 @@ def run(model: str, condition: str, study: StudyConfig, tmp: Path, every: int | 
     if cfg is None:
         return None
     t0 = time.perf_counter()
-    s = run_train(cfg, progress=False)
+    s = run_train(cfg, progress=False, overwrite=True)  # a rerun replaces an interrupted one
     init = Path(cfg.retriever.init_from).name if cfg.retriever.init_from else "random init"
     res = RunResult(model, condition, seconds=time.perf_counter() - t0,
                     setup=f"{cfg.data.world.num_passages:,} passages, batch {cfg.train.batch_size}, retriever: {init}")

@@ -88,7 +88,8 @@ def test_trigger_while_busy_is_skipped_not_queued(setup, tmp_path):
 def test_actor_killed_mid_refresh_is_replaced_and_its_shard_retried(setup, tmp_path):
     import ray
 
-    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=60, batch_size=8)
+    # a delay per shard keeps the refresh running past the kill however fast the machine is
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=60, batch_size=8, inject_delay_seconds=0.1)
     try:
         state = _perturbed_state(setup[2], 3)
         pids = ray.get([a.pid.remote() for a in coord.actors])
@@ -125,7 +126,7 @@ def test_failed_refresh_is_counted_and_the_last_good_snapshot_stays(setup, tmp_p
 def test_shutdown_cancels_in_flight_work_and_leaves_no_orphans(setup, tmp_path):
     import ray
 
-    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=150, batch_size=4)
+    coord = _coordinator(setup, tmp_path / "snaps", num_workers=2, shards=150, batch_size=4, inject_delay_seconds=0.05)
     pids = ray.get([a.pid.remote() for a in coord.actors])
     assert coord.submit(numpy_state(setup[2].doc_encoder), 1)
     while coord.shards_done < 2 and coord.busy:
