@@ -1,4 +1,4 @@
-"""A full disk (issue 19): a snapshot that does not fit costs that write only.
+"""A full disk (issue 19): a checkpoint or a snapshot that does not fit costs that write only.
 
 The disks are real and small: a tmpfs mounted by a child process in user and mount namespaces of its own
 (``unshare -Urm``, no root; tests/helpers.py ``on_small_disks``). Writes past its size fail with ENOSPC
@@ -10,10 +10,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 from tests.helpers import mount_small_disk, on_small_disks, small_disks_work, tiny_recipe
 
@@ -51,6 +54,67 @@ def fill(path: Path) -> None:
 def on_disk(path: Path) -> int:
     """Bytes the files under ``path`` take on a tmpfs (whole pages)."""
     return sum(-(-p.stat().st_size // PAGE) * PAGE for p in path.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _ckpt_recipe(tmp: Path, max_steps: int):
+    return tiny_recipe(tmp, train={"max_steps": max_steps, "checkpoint_every_n_steps": 2, "keep_checkpoints": 1,
+                                   "log_every_n_steps": 1}, refresh={"enabled": False})
+
+
+def train_with_a_small_checkpoint_disk(tmp: str) -> dict:
+    """(In the child.) ``openbook train``'s run, 6 steps, a checkpoint every 2 on a disk one checkpoint fills."""
+    from openbook.models.retriever import build_retriever
+    from openbook.trainer.checkpoints import checkpoint_root
+    from openbook.trainer.train import run_train
+
+    tmp = Path(tmp)
+    cfg = _ckpt_recipe(tmp, 6)
+    model, _ = build_retriever(cfg.retriever)
+    one = 12 * sum(p.numel() for p in model.parameters())  # fp32 weights + Adam's 2 moments: one model.ckpt
+    root = checkpoint_root(cfg.run_dir)
+    mount_small_disk(root, one * 3 // 2)  # the step-2 checkpoint fits; the step-4 one does not beside it
+    with logged("openbook.trainer.checkpoints") as warnings:
+        summary = run_train(cfg, progress=False)
+    names = sorted(p.name for p in root.iterdir())
+    shutil.copytree(root, tmp / "kept")  # the tmpfs goes with this process
+    return {"summary": summary, "names": names, "warnings": warnings}
+
+
+class Losses(pl.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+@needs_small_disks
+def test_a_checkpoint_that_does_not_fit_is_skipped_and_training_goes_on(tmp_path):
+    from openbook.trainer.checkpoints import list_checkpoints, resolve_checkpoint
+    from openbook.trainer.train import build_parts, fit, make_trainer, train_loader
+    from tests.test_cli import tb_scalars
+
+    out = on_small_disks("tests.test_disk_full:train_with_a_small_checkpoint_disk", str(tmp_path))
+    assert out["summary"]["steps"] == 6 and out["summary"]["checkpoint_failures"] == 2, out["summary"]
+    assert out["names"] == ["step-00000002"]  # no partial .tmp-* dir; the failures pruned nothing
+    assert len(out["warnings"]) == 2, out["warnings"]
+    for step, line in zip((4, 6), out["warnings"]):
+        assert line.startswith(f"checkpoint step-{step:08d} not written: No space left on device (partial files "
+                               "removed); training goes on, the last good checkpoint is step-00000002"), line
+        assert "\n" not in line
+    assert (tmp_path / "run" / "retriever.pt").is_file()  # the run ended normally, final weights saved
+    failures = tb_scalars(tmp_path / "run", "checkpoint/failures")
+    assert min(failures.values()) == 0.0 and max(failures.values()) == 2.0, failures
+    # the checkpoint written before the disk filled resumes the run (on a disk with room now)
+    cfg = _ckpt_recipe(tmp_path, 8)
+    parts, seen = build_parts(cfg), Losses()
+    trainer = make_trainer(cfg, [parts.callback, seen], logger=False, enable_progress_bar=False)
+    fit(trainer, parts, train_loader(parts), resolve_checkpoint(str(tmp_path / "kept" / "step-00000002"), cfg.run_dir))
+    assert seen.steps == list(range(3, 9)) and trainer.global_step == 8
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-00000008"]
+    assert trainer.callback_metrics["checkpoint/failures"] == 0.0  # the step-2 checkpoint predates the failures
 
 
 # --------------------------------------------------------------------------------------------- snapshots
@@ -185,3 +249,50 @@ def test_a_refresh_out_of_room_deletes_old_snapshots_and_retries_once(tmp_path):
     assert out["after_fifth"] == [1, 3, 4] and out["latest"] == 4 and out["hidden"] == []
     assert out["task_error"] == ["RayTaskError(OSError)", True, errno.ENOSPC]
 
+
+def ddp_train_with_a_small_checkpoint_disk(tmp: str) -> dict:
+    """(In the child.) ``openbook train`` under 2-process DDP (gloo), the checkpoints on a disk one fills."""
+    import subprocess
+    import sys
+
+    from openbook.models.retriever import build_retriever
+    from openbook.trainer.checkpoints import checkpoint_root
+    from openbook.trainer.train import config_yaml
+
+    tmp = Path(tmp)
+    cfg = _ckpt_recipe(tmp, 6)
+    (tmp / "recipe.yaml").write_text(config_yaml(cfg))
+    model, _ = build_retriever(cfg.retriever)
+    root = checkpoint_root(cfg.run_dir)
+    mount_small_disk(root, 12 * sum(p.numel() for p in model.parameters()) * 3 // 2)
+    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "openbook"), "train", "--config",
+                             str(tmp / "recipe.yaml"), "--quiet", *[a for s in sets for a in ("--set", s)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # a rank stuck in a collective the other skipped: both ranks go
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    return {"rc": proc.returncode, "stdout": stdout, "stderr": stderr[-3000:],
+            "names": sorted(p.name for p in root.iterdir())}
+
+
+@pytest.mark.slow
+@needs_small_disks
+def test_under_ddp_a_checkpoint_that_does_not_fit_is_skipped_on_every_rank(tmp_path):
+    """Rank 0 writes, and its failure must not leave rank 1 waiting in a collective rank 0 skipped (without
+    the extra barrier in ``StepCheckpoint.save`` this run hangs): it ends, both ranks train every step, and
+    one line per failure is logged (by rank 0)."""
+    import json
+
+    from tests.test_cli import rank_histories
+
+    out = on_small_disks("tests.test_disk_full:ddp_train_with_a_small_checkpoint_disk", str(tmp_path))
+    assert out["rc"] == 0, out["stderr"]
+    summary = json.loads(out["stdout"][out["stdout"].index("{"):])
+    assert summary["steps"] == 6 and summary["checkpoint_failures"] == 2
+    assert out["names"] == ["step-00000002"]
+    assert out["stderr"].count("not written: No space left on device (partial files removed)") == 2
+    h0, h1 = rank_histories(tmp_path / "run")
+    assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 6  # both ranks trained every step

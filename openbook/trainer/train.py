@@ -171,8 +171,16 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
+            "checkpoint_failures": checkpoint_failures(trainer),
             "tensorboard": str(Path(parts.cfg.run_dir) / "tb"),
             **({"missing_gold_dropped": parts.data.dropped} if parts.data.dropped else {})}
+
+
+def checkpoint_failures(trainer: pl.Trainer) -> int:
+    """Step checkpoints that could not be written (a full disk...); 0 without checkpointing."""
+    from openbook.trainer.checkpoints import StepCheckpoint
+
+    return sum(c.failed for c in trainer.callbacks if isinstance(c, StepCheckpoint))
 
 
 def config_yaml(cfg: RecipeConfig) -> str:
