@@ -149,7 +149,7 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
     in_use = dev_recall(parts, snap) if has_gold and snap.sharded else None  # a search over ranks: all of them take part
     if not trainer.is_global_zero:  # rank 0 saves and reports for the run
         return {}
-    save_final(parts)
+    save_final(parts, trainer.global_step)
     summary = run_summary(parts, trainer, seconds)
     if has_gold:
         k = cfg.train.eval_k
@@ -187,12 +187,19 @@ def config_yaml(cfg: RecipeConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_final(parts) -> None:
-    """The resolved recipe and the weights the model's spec saves (``openbook search`` and later stages load them)."""
+def save_final(parts, step: int | None = None) -> None:
+    """The resolved recipe and the weights the model's spec saves (``openbook search`` and later stages load them),
+    with the global ``step`` they were taken at (``build-index`` stamps its snapshot with it; ``search`` compares)."""
+    from openbook.trainer.weights import FINAL_STEP_FILE, write_final_step
+
     run = Path(parts.cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(config_yaml(parts.cfg))
     parts.spec.save(parts.module, run)
+    if step is not None:
+        write_final_step(run, step)
+    else:  # a step left by an earlier run must not describe these weights
+        (run / FINAL_STEP_FILE).unlink(missing_ok=True)
 
 
 def save_history(parts, rank: int) -> Path:
