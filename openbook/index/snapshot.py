@@ -485,7 +485,8 @@ class SnapshotStore:
 
     def stage(self) -> Path:
         """A new hidden staging dir: :meth:`publish` writes into one; for a format-2 snapshot shard writers
-        (:func:`write_shard`) fill it and :meth:`publish_shards` makes it a version. A writer killed meanwhile leaves it for :meth:`cleanup`."""
+        (:func:`write_shard`) fill it and :meth:`publish_shards` makes it a version. A writer killed meanwhile
+        leaves it for :meth:`cleanup`."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
