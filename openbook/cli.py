@@ -21,7 +21,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
     from openbook.trainer.build_index import run_build_index
 
     cfg = load_recipe(args.config, args.overrides)
-    summary = run_build_index(cfg, progress=not args.quiet)
+    summary = run_build_index(cfg, progress=not args.quiet, weights=args.weights)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-index", help="encode a corpus and publish an index snapshot")
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--weights", choices=["latest", "init"], default="latest",
+                   help="latest: the run's newest weights (final or step checkpoint; the recipe's own if it has "
+                        "none); init: the recipe's own (seeded init, or retriever.init_from)")
     p.set_defaults(func=_cmd_build_index)
 
     p = sub.add_parser("train", help="train a recipe with asynchronous index refresh; exits 75 when preempted "

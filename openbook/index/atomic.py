@@ -53,8 +53,12 @@ def fsync_path(path: Path) -> None:
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
+    """What ``np.save`` writes, but the data goes through Python's file API: a full disk then raises OSError
+    with its errno (ENOSPC), where numpy's ``tofile`` reports only a short write."""
+    arr = np.ascontiguousarray(arr)
     with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+        f.write(arr.reshape(-1).view(np.uint8))
         f.flush()
         os.fsync(f.fileno())
 

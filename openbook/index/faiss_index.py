@@ -9,6 +9,7 @@ use squared L2 distances.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import numpy as np
 
 from openbook.config import opt
 from openbook.errors import ConfigError, SnapshotError
-from openbook.index.atomic import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -290,9 +290,12 @@ class FaissIndex:
             self._apply_search_params()
 
     def save(self, path: Path) -> None:
-        """Write the CPU index to ``path`` and fsync it."""
-        faiss.write_index(self.cpu, str(path))
-        fsync_path(Path(path))
+        """Write the CPU index to ``path`` and fsync it. The bytes pass through a Python file, so a full disk
+        raises OSError (ENOSPC), as every other snapshot write does, not faiss's RuntimeError."""
+        with open(path, "wb") as f:
+            faiss.write_index(self.cpu, faiss.PyCallbackIOWriter(f.write))
+            f.flush()
+            os.fsync(f.fileno())
 
     def _apply_search_params(self) -> None:
         # ParameterSpace reaches through wrappers (PreTransform, Refine, IDMap) and raises for a

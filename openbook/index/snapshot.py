@@ -15,6 +15,10 @@ Publishing writes everything into a hidden ``.tmp-*`` dir, fsyncs each file and 
 the next version with one ``os.rename`` — so a ``vNNNNNN`` dir is complete or absent, whatever
 moment a writer is killed at. Readers only ever look at ``vNNNNNN`` dirs holding a manifest.
 
+A publish that fails writing (a full disk, a quota: an OSError) removes its partial files, deletes every
+old snapshot not protected and not the newest good one (:meth:`SnapshotStore.free_space`) and tries once
+more; if that fails too it is a one-line :class:`SnapshotError`, and the snapshots kept still load.
+
 Crash hook (tests only): with ``OPENBOOK_TEST_CRASH_PUBLISH=<stage>`` in the environment, ``publish``
 calls ``os._exit(137)`` (no cleanup, like SIGKILL) when it reaches ``<stage>``, one of
 ``after_embeddings``, ``after_index``, ``before_rename``. ``<stage>:hang`` instead prints
@@ -34,10 +38,10 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -78,6 +82,7 @@ HIGHWATER = ".highwater"
 CRASH_ENV = "OPENBOOK_TEST_CRASH_PUBLISH"
 CRASH_STAGES = ("after_embeddings", "after_index", "before_rename")
 
+T = TypeVar("T")
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _TMP_DIR = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -392,7 +397,8 @@ class SnapshotStore:
     def publish(self, embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray, *, encoder_step: int,
                 index_cfg: IndexConfig, weights_time: float | None = None, meta: dict | None = None,
                 index: VectorIndex | None = None, protect: Iterable[int] = ()) -> IndexSnapshot:
-        """Write a new snapshot atomically and return it (loaded); then prune and clean up.
+        """Write a new snapshot atomically and return it (loaded); then prune and clean up. Out of space, it
+        frees what it may and tries once more (:meth:`with_space`).
 
         The index is built from the float16-rounded embeddings, so index scores and stored embeddings
         agree exactly. A passed ``index`` must hold row i = embeddings[i].
@@ -403,21 +409,11 @@ class SnapshotStore:
         if index.ntotal != emb16.shape[0] or index.dim != emb16.shape[1]:
             raise SnapshotError(f"publish: index has {index.ntotal} vectors of dim {index.d}, embeddings "
                                 f"{emb16.shape}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            files = self._write_payload(tmp, emb16, ids, index)
-            created = time.time()
-            body = {"format": FORMAT, "version": 0, "encoder_step": int(encoder_step), "created_at": created,
-                    "weights_time": float(created if weights_time is None else weights_time),
-                    "dim": int(emb16.shape[1]), "count": int(emb16.shape[0]), "factory": index_cfg.factory,
-                    "files": files, "checksum": files_checksum(files), "meta": dict(meta or {}),
-                    "index_config": dataclasses.asdict(index_cfg)}
-            version = self._claim(tmp, body)
-        except BaseException:
-            rmtree(tmp)  # a clean failure leaves nothing; only a killed writer leaves .tmp-* for cleanup()
-            raise
+        head = {"format": FORMAT, "encoder_step": int(encoder_step), "weights_time": weights_time,
+                "dim": int(emb16.shape[1]), "count": int(emb16.shape[0]), "factory": index_cfg.factory,
+                "meta": dict(meta or {}), "index_config": dataclasses.asdict(index_cfg)}
+        protect = tuple(protect)
+        version, body = self.with_space(lambda: self._write(emb16, ids, index, head), protect)
         self._last_good = version
         log.info("published snapshot %s (%d docs, encoder_step %d)", self.path(version), body["count"],
                  encoder_step)
@@ -425,9 +421,72 @@ class SnapshotStore:
         self.cleanup()
         return self.load(version, verify=False)
 
+    def _write(self, emb16: np.ndarray, ids: np.ndarray, index: VectorIndex, head: dict) -> tuple[int, dict]:
+        """One attempt at a format-1 snapshot: its version and manifest."""
+        tmp = self.stage()
+        try:
+            files = self._write_payload(tmp, emb16, ids, index)
+            created = time.time()
+            wt = head["weights_time"]
+            body = {**head, "version": 0, "created_at": created, "weights_time": float(created if wt is None else wt),
+                    "files": files, "checksum": files_checksum(files)}
+            return self._claim(tmp, body), body
+        except BaseException:
+            rmtree(tmp)  # a clean failure leaves nothing; only a killed writer leaves .tmp-* for cleanup()
+            raise
+
+    def with_space(self, write: Callable[[], T], protect: Iterable[int] = ()) -> T:
+        """``write()``; if it fails for lack of space (:func:`write_error`), :meth:`free_space` and call it once
+        more. A failure then, or with nothing to free, is a one-line :class:`SnapshotError`. ``write`` must
+        remove its own partial files (every writer here does)."""
+        protect = tuple(protect)
+        try:
+            return write()
+        except Exception as e:
+            first = write_error(e)
+            if first is None:
+                raise
+        freed = self.free_space(protect)
+        if not freed:
+            raise SnapshotError(f"{self.root}: cannot publish a snapshot: {_why(first)}; no old snapshot to "
+                                "delete") from None
+        log.warning("publishing under %s failed: %s; deleted %s to make room, trying once more", self.root,
+                    _why(first), ", ".join(freed))
+        try:
+            return write()
+        except Exception as e:
+            again = write_error(e)
+            if again is None:
+                raise
+        raise SnapshotError(f"{self.root}: cannot publish a snapshot: {_why(again)}, even after deleting "
+                            f"{', '.join(freed)}") from None
+
+    def free_space(self, protect: Iterable[int] = ()) -> list[str]:
+        """Delete every snapshot except the ``protect``-ed ones and the newest good one, and the leftovers of
+        dead writers (a publish failed for lack of space); the names of what went."""
+        keep = set(protect) | {v for v in (self._last_good, self._newest_whole()) if v is not None}
+        gone = [version_dir_name(v) for v in self._remove([v for v in self.versions() if v not in keep])]
+        return gone + [p.name for p in self.cleanup()]
+
+    def _newest_whole(self) -> int | None:
+        """The newest version whose manifest reads and whose files have their recorded sizes (no hashing)."""
+        for v in reversed(self.versions()):
+            path = self.path(v)
+            try:
+                m = _read_manifest(path)
+                _check_files(path, m, verify=False)
+                for e in m.shard_entries(str(path / MANIFEST)) if m.format == FORMAT_SHARDED else ():
+                    for name, want in e.files.items():
+                        check_file(path / e.name / name, want, False)
+            except SnapshotError:
+                continue
+            return v
+        return None
+
     def stage(self) -> Path:
-        """A new hidden staging dir for a format-2 snapshot: shard writers (:func:`write_shard`) fill it,
-        :meth:`publish_shards` makes it a version. A writer killed meanwhile leaves it for :meth:`cleanup`."""
+        """A new hidden staging dir: :meth:`publish` writes into one; for a format-2 snapshot shard writers
+        (:func:`write_shard`) fill it and :meth:`publish_shards` makes it a version. A writer killed meanwhile
+        leaves it for :meth:`cleanup`."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -500,8 +559,12 @@ class SnapshotStore:
         if version <= self._highwater():
             return
         tmp = self.root / f"{HIGHWATER}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(f"{version}\n")
-        os.replace(tmp, self.root / HIGHWATER)
+        try:
+            tmp.write_text(f"{version}\n")
+            os.replace(tmp, self.root / HIGHWATER)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _claim(self, tmp: Path, body: dict) -> int:
         """Rename ``tmp`` to the next free ``vNNNNNN``; a name taken by a concurrent writer -> try the next."""
@@ -518,7 +581,10 @@ class SnapshotStore:
                     raise
                 version = max(version + 1, self._next_version())
                 continue
-            self._raise_highwater(version)
+            try:
+                self._raise_highwater(version)
+            except OSError as e:  # the version is published: only the guard against reuse is behind
+                log.warning("%s: could not record version %d in %s: %s", self.root, version, HIGHWATER, _why(e))
             fsync_path(self.root)
             return version
         raise SnapshotError(f"{self.root}: could not claim a version after 1000 attempts")
@@ -532,10 +598,11 @@ class SnapshotStore:
         keep = set(versions[-self.keep:]) | set(protect)
         if self._last_good is not None:
             keep.add(self._last_good)  # a corrupt newer snapshot must never cost us the last good one
+        return self._remove([v for v in versions if v not in keep])
+
+    def _remove(self, versions: list[int]) -> list[int]:
         removed = []
         for v in versions:
-            if v in keep:
-                continue
             trash = self.root / f"{TRASH_PREFIX}{version_dir_name(v)}-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(self.path(v), trash)
@@ -573,6 +640,21 @@ class SnapshotStore:
         except FileNotFoundError:
             return False  # renamed/removed under us: its owner is active
         return time.time() - newest > self.stale_seconds
+
+
+def write_error(e: BaseException) -> OSError | None:
+    """The OSError of a failed write (ENOSPC, EDQUOT, EFBIG...) behind ``e``, which may be a Ray task error
+    re-raising what an actor's write raised (its ``cause``); None for anything else, timeouts and lost
+    connections included (OSErrors too, but no write failed)."""
+    cause = getattr(e, "cause", None)
+    err = cause if isinstance(cause, OSError) else e
+    if isinstance(err, OSError) and not isinstance(err, (TimeoutError, ConnectionError)):
+        return err
+    return None
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or one_line(e)
 
 
 def _pid_alive(pid: int) -> bool:

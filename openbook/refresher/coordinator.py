@@ -285,11 +285,25 @@ class RefreshCoordinator:
                  protect: tuple) -> RefreshResult:
         """Each actor encodes its row ranges and writes them as shards straight into the staging dir of the
         next snapshot (format 2); this thread then commits it (checks, manifest, one rename). No process
-        holds all N embeddings, and only the weights and small shard entries pass the object store."""
+        holds all N embeddings, and only the weights and small shard entries pass the object store.
+
+        Out of space (an OSError here, or in an actor's shard write: ``ray.get`` re-raises it as a task error
+        that is also an OSError, the original in its ``cause``), the old snapshots not in ``protect`` except
+        the newest good one are deleted and the refresh runs once more (:meth:`SnapshotStore.with_space`)."""
         t0 = time.time()
         deadline = t0 + self.cfg.timeout_seconds
         weights = ray.put(state)
         store = SnapshotStore(self.target.root, keep=self.target.keep)
+        version, encode_s, retried = store.with_space(
+            lambda: self._attempt(tag, weights, store, encoder_step, weights_time, protect, deadline), protect)
+        return RefreshResult(version=version, path=str(store.path(version)), encoder_step=encoder_step,
+                             weights_time=weights_time, duration=time.time() - t0, encode_seconds=encode_s,
+                             docs=len(self.tokens), retried_shards=retried)
+
+    def _attempt(self, tag: int, weights, store: SnapshotStore, encoder_step: int, weights_time: float,
+                 protect: tuple, deadline: float) -> tuple[int, float, int]:
+        """One try: (version, encode seconds, shards retried); a failure leaves no staging dir behind."""
+        t0 = time.time()
         staging = store.stage()
         try:
             trained = self._train_quantizer(tag, weights, deadline)
@@ -301,9 +315,7 @@ class RefreshCoordinator:
         except BaseException:
             rmtree(staging)
             raise
-        return RefreshResult(version=version, path=str(store.path(version)), encoder_step=encoder_step,
-                             weights_time=weights_time, duration=time.time() - t0, encode_seconds=encode_s,
-                             docs=len(self.tokens), retried_shards=retried)
+        return version, encode_s, retried
 
     def shard_ranges(self) -> list[tuple[int, int, int]]:
         """(shard, first row, end row) of each index shard: ``index.shards`` of them (0: one per actor)."""

@@ -181,5 +181,24 @@ def _run(pool: ActorPool, shards: Sequence, submit, on_done, max_retries: int, c
                 todo.appendleft(i)
                 retried += 1
                 continue
+            except Exception:
+                _drain(inflight, check)
+                raise
             on_done(i, ref)
     return retried
+
+
+def _drain(inflight: dict, check: Callable[[list[ray.ObjectRef]], None] | None) -> None:
+    """A shard failed: cancel the queued ones and let the running ones end, so none writes after the caller
+    has removed what the failed run wrote (a full disk would fill again with orphans)."""
+    for ref in inflight:
+        ray.cancel(ref)
+    try:
+        while inflight:
+            if check is not None:
+                check(list(inflight))
+            done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0.2)
+            for ref in done:
+                inflight.pop(ref)
+    except Exception:  # noqa: BLE001 - cancelled or past the deadline: the shard's own error is the one to raise
+        log.warning("stopped waiting for %d running shards after a failed one", len(inflight))

@@ -61,40 +61,67 @@ def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
 
 
 class StepCheckpoint(Checkpoint):
-    """Every ``every`` optimizer steps (0: only when asked, e.g. at preemption), ``trainer.save_checkpoint`` into ``step-{n:08d}/model.ckpt`` plus
-    ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch RNG states (Lightning
-    does not), so a resumed run draws the same dropout masks and negatives."""
+    """Every ``every`` optimizer steps (0: only when asked, as at preemption), ``trainer.save_checkpoint`` into
+    ``step-{n:08d}/model.ckpt`` plus ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch RNG states (Lightning
+    does not), so a resumed run draws the same dropout masks and negatives.
+
+    A write that fails with an OSError (a full disk, a quota) costs that checkpoint only: its partial files
+    are removed, one line is logged, ``failed`` counts it (logged as ``checkpoint/failures``) and training
+    goes on; the older checkpoints are not pruned, so the last good one stays."""
 
     def __init__(self, run_dir: str | Path, every: int, keep: int, config_yaml: str):
         self.root, self.every, self.keep, self.config_yaml = checkpoint_root(run_dir), every, keep, config_yaml
         self.saved: list[Path] = []
         self.last_step = -1  # the step last saved (a preemption checkpoint may come first at a periodic step)
+        self.failed = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every > 0 and step > 0 and step % self.every == 0 and step != self.last_step:
             self.save(trainer, step)
+        pl_module.log("checkpoint/failures", float(self.failed), on_step=True, on_epoch=False, rank_zero_only=True)
 
-    def save(self, trainer: pl.Trainer, step: int) -> Path:
+    def save(self, trainer: pl.Trainer, step: int) -> Path | None:
+        """Write the step-``step`` checkpoint; its final path, or None if it could not be written. Every rank
+        calls it (the collectives below run on all of them, in the same order, whatever happens on rank 0)."""
         self.last_step = step
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
-        if trainer.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        error = _attempt(lambda: _fresh_dir(tmp)) if trainer.is_global_zero else None
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp / CKPT_FILE)  # every rank calls it; rank 0 writes
-        if trainer.is_global_zero:
-            (tmp / CONFIG_FILE).write_text(self.config_yaml)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.replace(final)
-            self.saved.append(final)
-            self._prune()
-            log.info("checkpoint %s", final)
-        trainer.strategy.barrier()
+        try:
+            trainer.save_checkpoint(tmp / CKPT_FILE)  # collective: every rank calls it; rank 0 writes
+        except OSError as e:
+            error = error or e
+            # it raised before its closing barrier, which the other ranks have entered: enter it too
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+        if trainer.is_global_zero and error is None:
+            error = _attempt(lambda: self._commit(tmp, final))
+        if trainer.is_global_zero and error is not None:
+            self._give_up(tmp, final, error)
+        # rank 0's outcome, so every rank returns and counts the same (and waits for rank 0 to finish)
+        ok = trainer.strategy.broadcast(error is None, src=0)
+        if not ok:
+            self.failed += 1
+            return None
         return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(self.config_yaml)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+        self.saved.append(final)
+        self._prune()
+        log.info("checkpoint %s", final)
+
+    def _give_up(self, tmp: Path, final: Path, error: OSError) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = list_checkpoints(self.root.parent)
+        last = f"the last good checkpoint is {good[-1].name}" if good else "no checkpoint written yet"
+        log.warning("checkpoint %s not written: %s (partial files removed); training goes on, %s", final.name,
+                    error.strerror or error, last)
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.root.parent)[:-self.keep]:
@@ -103,12 +130,27 @@ class StepCheckpoint(Checkpoint):
     def state_dict(self) -> dict:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         return {"rng": {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-                        "torch": torch.get_rng_state()}}
+                        "torch": torch.get_rng_state()}, "failed": self.failed}
 
     def load_state_dict(self, state: dict) -> None:
+        self.failed = state.get("failed", 0)  # failures before the resume still count
         rng = state.get("rng")
         if rng:
             random.setstate(rng["python"])
             name, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
             torch.set_rng_state(rng["torch"])
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # left by a killed writer
+    path.mkdir(parents=True)
+
+
+def _attempt(write) -> OSError | None:
+    """Run ``write()``; the OSError it raised (a full disk, a quota...), or None."""
+    try:
+        write()
+    except OSError as e:
+        return e
+    return None

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
+import logging
 
 from openbook.data.bundle import prepare_data
 from openbook.errors import SnapshotError
 from openbook.models.retriever import build_retriever
-from openbook.recipe import load_recipe
+from openbook.recipe import RecipeConfig, load_recipe
 from openbook.trainer.pipeline import encode_queries
+from openbook.trainer.weights import RunWeights, latest_weights, load_into
+
+log = logging.getLogger(__name__)
 
 
 def run_search(config: str, overrides: list[str], query: str, k: int) -> list[str]:
@@ -21,10 +22,9 @@ def run_search(config: str, overrides: list[str], query: str, k: int) -> list[st
     if snap is None:
         raise SnapshotError(f"{cfg.snapshot_dir}: no valid snapshot; run `openbook build-index --config {config}`")
     model, tokenizer = build_retriever(cfg.retriever)
-    weights = Path(cfg.run_dir) / "retriever.pt"  # written by `openbook train`
-    if weights.is_file():
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    # else: the seeded init reproduces the encoder that built a `build-index` snapshot
+    weights = latest_weights(cfg.run_dir)  # what `openbook build-index` encodes with by default
+    load_into(model, weights)
+    warn_if_mismatched(cfg, config, snap, weights)
     corpus = prepare_data(cfg.data).corpus
     q = encode_queries(model, tokenizer, [query], cfg.retriever.query_max_length)
     rows, scores = snap.search(q, k)
@@ -35,3 +35,18 @@ def run_search(config: str, overrides: list[str], query: str, k: int) -> list[st
         doc = corpus[int(r)]
         lines.append(f"{s:9.3f}  {doc['id']}  {doc['title']}: {doc['text']}")
     return lines
+
+
+def warn_if_mismatched(cfg: RecipeConfig, config: str, snap, weights: RunWeights) -> bool:
+    """One warning line when the snapshot was encoded at another step than the query encoder's weights: its
+    passages and the queries then come from different encoders. Not when the doc encoder never trains (its
+    weights are the same at every step). Returns whether it warned."""
+    from openbook.registry import model_spec
+
+    if snap.encoder_step == weights.step or not model_spec(cfg.model).trains_doc_encoder(cfg):
+        return False
+    where = f" ({weights.path})" if weights.path else " (the recipe's own)"
+    log.warning("snapshot v%d was encoded with the weights of step %d, the query encoder is the %s weights of step "
+                "%d%s: scores mix two encoders; `openbook build-index --config %s` re-encodes with the latter",
+                snap.version, snap.encoder_step, weights.source, weights.step, where, config)
+    return True

@@ -198,7 +198,7 @@ def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, tra
     in_use = dev_recall(parts, snap) if has_gold and snap.sharded else None  # a search over ranks: all of them take part
     if not trainer.is_global_zero:  # rank 0 saves and reports for the run
         return {}
-    save_final(parts)
+    save_final(parts, trainer.global_step)
     summary = run_summary(parts, trainer, seconds)
     if has_gold:
         summary.update(gold_recalls(parts, snap, start, in_use))
@@ -241,20 +241,35 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
+            "checkpoint_failures": checkpoint_failures(trainer),
             "tensorboard": str(Path(parts.cfg.run_dir) / "tb"),
             **({"missing_gold_dropped": parts.data.dropped} if parts.data.dropped else {})}
+
+
+def checkpoint_failures(trainer: pl.Trainer) -> int:
+    """Step checkpoints that could not be written (a full disk...); 0 without checkpointing."""
+    from openbook.trainer.checkpoints import StepCheckpoint
+
+    return sum(c.failed for c in trainer.callbacks if isinstance(c, StepCheckpoint))
 
 
 def config_yaml(cfg: RecipeConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_final(parts) -> None:
-    """The resolved recipe and the weights the model's spec saves (``openbook search`` and later stages load them)."""
+def save_final(parts, step: int | None = None) -> None:
+    """The resolved recipe and the weights the model's spec saves (``openbook search`` and later stages load them),
+    with the global ``step`` they were taken at (``build-index`` stamps its snapshot with it; ``search`` compares)."""
+    from openbook.trainer.weights import FINAL_STEP_FILE, write_final_step
+
     run = Path(parts.cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(config_yaml(parts.cfg))
     parts.spec.save(parts.module, run)
+    if step is not None:
+        write_final_step(run, step)
+    else:  # a step left by an earlier run must not describe these weights
+        (run / FINAL_STEP_FILE).unlink(missing_ok=True)
 
 
 def save_history(parts, rank: int) -> Path:
