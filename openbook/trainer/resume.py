@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from openbook.config import to_dict
 from openbook.errors import OpenbookError
 from openbook.recipe import RecipeConfig, load_recipe
 from openbook.trainer.checkpoints import CONFIG_FILE, list_checkpoints, resolve_checkpoint
@@ -51,9 +52,7 @@ def check_resume(cfg: RecipeConfig, ckpt: Path) -> None:
 
 
 def _dump(cfg: RecipeConfig) -> str:
-    from openbook.trainer.train import config_yaml
-
-    return config_yaml(cfg)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)  # as train.config_yaml writes it
 
 
 def find_checkpoint(resume: str, run_dir: str | None) -> Path | None:
