@@ -179,3 +179,29 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_as_if_uninterrupted(tm
     assert sorted(got) == sorted(want) and len(want) == end
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_run_stops_on_every_rank_after_the_same_step(tmp_path):
+    """2-process DDP (gloo): SIGTERM reaches rank 0 only; the ranks agree at the next step boundary, both stop
+    after the same step, the checkpoint is written once and every process exits 75."""
+    from tests.test_cli import DDP
+
+    path = recipe(tmp_path, max_steps=10000, checkpoint_every_n_steps=4)
+    run, err_file = tmp_path / "run", tmp_path / "err.txt"
+    with err_file.open("w") as err_f:
+        proc = subprocess.Popen([OPENBOOK, "train", "--config", str(path), "--quiet",
+                                 *[a for s in DDP for a in ("--set", s)]], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=err_f, text=True)
+        while not (run / "checkpoints" / "step-00000004").is_dir():
+            assert proc.poll() is None, err_file.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the launching process is rank 0; rank 1 is its child
+        proc.wait(timeout=600)
+    err = err_file.read_text()
+    assert proc.returncode == 75, err[-3000:]
+    h0, h1 = (json.loads((run / f"refresh_history_rank{r}.json").read_text())["versions"] for r in (0, 1))
+    assert h0 == h1 and h0, (h0, h1)
+    stopped = h0[-1][0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{stopped:08d}"
+    assert err.count("received SIGTERM") == 1 and not (run / LOCK_FILE).exists()
