@@ -39,6 +39,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "openbook_refresh_failures": ("refresh/failures", "refreshes (or snapshot loads) that failed"),
     "openbook_refresh_skipped": ("refresh/skipped", "refresh triggers skipped because one was in flight"),
     "openbook_refresh_waits": ("refresh/waits", "swap steps at which the trainer waited for its refresh"),
+    "openbook_checkpoint_failures": ("checkpoint/failures", "step checkpoints not written (a full disk, a quota)"),
 }
 STEP = "openbook_train_step"
 LABELS = ("run", "rank")
