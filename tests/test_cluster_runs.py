@@ -205,3 +205,15 @@ def test_a_two_process_ddp_run_stops_on_every_rank_after_the_same_step(tmp_path)
     stopped = h0[-1][0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{stopped:08d}"
     assert err.count("received SIGTERM") == 1 and not (run / LOCK_FILE).exists()
+
+
+def test_empty_output_dirs_are_not_results(tmp_path):
+    """A run dir with empty checkpoints/ and tb/ (made by hand, or a mount point for them) is not a finished
+    run's; one TensorBoard event file is."""
+    from openbook.trainer.rundir import results_in
+
+    for name in ("checkpoints", "tb", "snapshots"):
+        (tmp_path / name).mkdir()
+    assert results_in(tmp_path) == []
+    (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"x")
+    assert results_in(tmp_path) == ["tb"]

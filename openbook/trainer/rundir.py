@@ -136,7 +136,8 @@ class RunLock:
 def results_in(run_dir: str | Path) -> list[str]:
     """The names of a previous run's results in ``run_dir`` (empty: nothing to lose)."""
     run = Path(run_dir)
-    found = [name for name in RESULTS if (run / name).exists()]
+    found = [name for name in RESULTS if (run / name).is_file()
+             or (run / name).is_dir() and any(f.is_file() for f in (run / name).rglob("*"))]  # an empty dir is none
     return found + sorted(p.name for g in RESULT_GLOBS for p in run.glob(g))
 
 
