@@ -38,6 +38,13 @@ def _coordinator(setup, root, batch_size: int = 64, shards: int = 0, **refresh):
     return RefreshCoordinator(rcfg, encode, model.doc_tower_spec(), tokens, data.corpus.ids, target).start()
 
 
+def _assert_encoded_with(setup, root, version: int, state) -> None:
+    """Snapshot ``version`` under ``root`` holds what a direct encode with ``state`` gives."""
+    snap = SnapshotStore(root).load(version)
+    np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32),
+                               _direct(setup, state).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
 def _direct(setup, state):
     cfg, _, _, tok, tokens = setup
     tower = DocTowerSpec(cfg.retriever, len(tok)).build()
@@ -101,9 +108,7 @@ def test_actor_killed_mid_refresh_is_replaced_and_its_shard_retried(setup, tmp_p
         res = coord.wait(timeout=180)
         assert res is not None, coord.last_error
         assert res.retried_shards >= 1 and coord.failures == 0
-        snap = SnapshotStore(tmp_path / "snaps").load(res.version)
-        np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32),
-                                   _direct(setup, state).astype(np.float32), rtol=2e-3, atol=2e-3)
+        _assert_encoded_with(setup, tmp_path / "snaps", res.version, state)
     finally:
         coord.shutdown()
 
@@ -257,9 +262,7 @@ def test_a_spare_takes_a_killed_actors_slot_at_once_and_a_new_spare_starts(setup
         assert len(coord.actors) == 2 and len(coord.pool.spares) == 1 and coord.pool.spares[0] != spare
         ray.get(coord.pool.spares[0].pid.remote(), timeout=300)  # the new spare comes up ...
         assert coord.healthy  # ... and the pool is whole again
-        snap = SnapshotStore(tmp_path / "snaps").load(res.version)
-        np.testing.assert_allclose(np.asarray(snap.embeddings, np.float32),
-                                   _direct(setup, state).astype(np.float32), rtol=2e-3, atol=2e-3)
+        _assert_encoded_with(setup, tmp_path / "snaps", res.version, state)
     finally:
         coord.shutdown()
 
