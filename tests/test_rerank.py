@@ -216,3 +216,25 @@ def test_a_rerank_run_trains_refreshes_and_counts_the_passages_it_encodes(tmp_pa
     assert max(keep.versions) >= 2  # the index still refreshes on the schedule
     assert parts.module.retrieval.rerank_encoded == steps * batch * kp
     assert float(trainer.callback_metrics["retrieval/rerank_encoded"]) == steps * batch * kp
+
+
+REALM = {"salient_spans": "title_words", "reader_hidden": 32, "reader_ffn": 64}
+GEN = {"d_model": 32, "ffn": 64}
+
+
+@pytest.mark.parametrize(("model", "extra"), [
+    ("dense_retriever", {}),
+    ("rag", {"generator": GEN}),
+    ("fid", {"generator": GEN, "fid": {"distill": True}}),
+    ("realm_qa", {"realm": REALM}),
+    ("realm_pretrain", {"realm": REALM}),  # the own passage excluded from the K' + 1 searched
+])
+def test_every_model_that_retrieves_trains_with_rerank(tmp_path, model, extra):
+    steps, batch, kp = 2, 4, 7
+    cfg = small(tmp_path, model=model, reader={"n_docs": 2, "max_context_length": 48},
+                train={"max_steps": steps, "batch_size": batch}, refresh={"strategy": "rerank", "rerank_candidates": kp,
+                                                                        "enabled": False}, **extra)
+    parts, _, trainer = _fit(cfg)
+    assert trainer.global_step == steps
+    assert parts.module.retrieval.rerank_encoded == steps * batch * kp
+    assert float(trainer.callback_metrics["retrieval/rerank_encoded"]) == steps * batch * kp
