@@ -17,7 +17,11 @@ class TrainConfig:
     negatives: int = opt(8, "hard negatives per question, from the (stale) index's top-k")
     data_negatives: int = opt(1, "dense retriever: of those, up to this many come from the question's own hard "
                                  "negatives (DPR's hard_negative_ctxs), when the QA data has them")
-    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); turns the refresh off")
+    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); turns the refresh off "
+                                   "(refresh.strategy: query_side says the same)")
+    freeze_retriever: bool = opt(False, "neither retriever tower trains (the 'frozen' baseline): the index is built "
+                                 "once from the initial weights and the refresh is simply off (even with "
+                                 "refresh.enabled); the reader still trains (rag, fid, realm_*)")
     closed_book: bool = opt(False, "rag/fid: the reader sees the question alone, no passage (the no-retrieval "
                             "baseline); retrieval still runs but nothing of it reaches the reader")
     eval_k: int = opt(5, "k of the logged retrieval recall@k")

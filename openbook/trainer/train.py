@@ -82,7 +82,8 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
     every refresh would rebuild the same index) and an in-process build of the first index otherwise."""
     cfg, refresh = s.cfg, s.cfg.refresh
     if refresh.enabled and not spec.trains_doc_encoder(cfg):
-        log.info("refresh off: the doc encoder does not train (train.freeze_doc_encoder, or FiD without distill)")
+        log.info("refresh off: the doc encoder does not train (train.freeze_doc_encoder, train.freeze_retriever, "
+                 "refresh.strategy query_side, or FiD without distill)")
         refresh = dataclasses.replace(refresh, enabled=False)
 
     target = index_target(cfg, s.data.corpus)
