@@ -64,7 +64,8 @@ class Study:
 
     def common(self, model: Model) -> list[str]:
         return [*model.sets, f"data.world.num_passages={self.passages}", f"data.world.dev_fraction={self.dev_fraction}",
-                f"train.max_steps={self.steps}", "train.val_every_n_steps=0", f"train.val_questions={self.val_questions}",
+                f"train.max_steps={self.steps}", "train.val_every_n_steps=0", "train.validate_at_start=false",
+                f"train.val_questions={self.val_questions}",
                 "train.eval_k=5", f"train.warmup_steps={max(1, self.steps // 10)}", f"index.shards={self.shards}",
                 f"refresh.swap_lag={self.swap_lag}", f"refresh.rolling_parts={self.rolling_parts}",
                 f"refresh.rerank_candidates={self.rerank_candidates}"]
@@ -113,7 +114,9 @@ def encoded_per_step(r: dict) -> float:
     s = r["summary"]
     steps = max(int(s.get("steps", 0)), 1)
     refresh = float(s.get("passages_encoded_by_refresh", 0)) - float(s.get("passages_encoded_initial", 0))
-    return (max(refresh, 0.0) + float(s.get("rerank_encoded", 0))) / steps
+    series = r.get("scalars", {}).get("retrieval/rerank_encoded", {})  # cumulative, logged every step
+    rerank = float(s.get("rerank_encoded", max(series.values(), default=0.0)))
+    return (max(refresh, 0.0) + rerank) / steps
 
 
 def mean_lag(r: dict) -> float:

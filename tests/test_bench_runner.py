@@ -136,6 +136,8 @@ def test_encoding_cost_counts_refreshes_after_the_first_index_and_rerank_candida
                        "rerank_encoded": 100 * 32 * 20}}
     assert encoded_per_step(run) == (2000 * 10 + 64000) / 100
     assert encoded_per_step({"summary": {"steps": 100}}) == 0  # closed book / frozen: nothing after the first index
+    logged = {"summary": {"steps": 10}, "scalars": {"retrieval/rerank_encoded": {"0": 640.0, "9": 6400.0}}}
+    assert encoded_per_step(logged) == 640  # the cumulative count's last value
 
 
 def test_intervals_and_the_share_of_a_gap_against_independent_arithmetic():

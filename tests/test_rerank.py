@@ -4,7 +4,6 @@ checked against references computed here independently (a direct encode, float64
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import faiss
 import numpy as np
@@ -178,7 +177,6 @@ def _fit(cfg, parts=None):
 
 
 def test_query_side_trains_the_query_tower_against_one_index(tmp_path):
-    t0 = time.time()
     cfg = small(tmp_path, train={"max_steps": 6}, refresh={"strategy": "query_side", "schedule": "2"})
     assert cfg.refresh.enabled and cfg.doc_tower_frozen
     parts = build_parts(cfg)
@@ -189,7 +187,6 @@ def test_query_side_trains_the_query_tower_against_one_index(tmp_path):
     for name, v in numpy_state(parts.model.doc_encoder).items():
         np.testing.assert_array_equal(v, doc0[name], err_msg=name)
     assert any(not np.array_equal(v, query0[n]) for n, v in numpy_state(parts.model.query_encoder).items())
-    assert time.time() - t0 < 120
 
 
 def test_freeze_retriever_trains_the_reader_only(tmp_path):

@@ -26,6 +26,9 @@ class TrainConfig:
                             "baseline); retrieval still runs but nothing of it reaches the reader")
     eval_k: int = opt(5, "k of the logged retrieval recall@k")
     val_every_n_steps: int = opt(0, "evaluate on dev questions every N steps (0: only after training)")
+    validate_at_start: bool = opt(True, "evaluate the dev questions before the first step too (the summary's "
+                                  "dev_*_at_start); off saves one evaluation where the start is known (a study's "
+                                  "conditions share it); gold recall at the start is always reported")
     val_questions: int = opt(200, "dev questions per evaluation")
     val_batch_size: int = opt(16, "questions per evaluation batch")
     seed: int = opt(0, "seed for init, data order and dropout")

@@ -181,8 +181,8 @@ def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, tra
     own_recall = has_gold and dev is None  # no validation loop logs val/recall@k: it is logged here
     callbacks = [parts.callback, *([DevRecallLogger(parts, cfg.train.val_every_n_steps)] if own_recall else [])]
     trainer = make_trainer(cfg, callbacks, enable_progress_bar=progress, **trainer_overrides)
-    at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
-                else {})
+    first = dev is not None and cfg.train.validate_at_start and ckpt is None
+    at_start = validate_at_start(parts, trainer, dev) if first and trainer.world_size == 1 else {}
     start = dev_recall(parts) if has_gold else None
     if own_recall and ckpt is None:  # a resumed run logged step 0 the first time
         log_scalars(trainer, {recall_tag(cfg): start}, 0)
