@@ -67,6 +67,15 @@ class RecipeConfig:
                              f"for their swap (refresh.swap_lag={self.refresh.swap_lag}, schedule "
                              f"'{self.refresh.schedule}'): a publish would prune one; raise snapshots.keep to "
                              f"{waiting} or lower the lag")
+        if self.refresh.strategy == "rolling":
+            if not self.refresh.enabled:
+                raise ValueError("refresh.strategy rolling re-encodes part of the index at each refresh, but "
+                                 "refresh.enabled is false: turn refresh on or use strategy full")
+            shards = self.index.shards or self.refresh.num_workers
+            if shards < self.refresh.rolling_parts:
+                raise ValueError(f"refresh.strategy rolling needs at least refresh.rolling_parts="
+                                 f"{self.refresh.rolling_parts} index shards, got {shards} (index.shards, or "
+                                 "refresh.num_workers when it is 0): raise index.shards or lower rolling_parts")
         if self.train.freeze_doc_encoder and self.retriever.shared:
             raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
         if self.model not in MODELS:
