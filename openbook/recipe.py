@@ -71,6 +71,7 @@ class RecipeConfig:
             raise ValueError(f"model {self.model!r} is not one of {model_names()}")
         self._check_frozen()
         self._check_rerank()
+        self._check_rolling()
         if self.train.closed_book and not MODELS[self.model].generates:
             raise ValueError(f"train.closed_book needs a generator (model: rag or fid), not {self.model}: "
                              "a span reader or a retriever cannot answer without passages")
@@ -103,6 +104,18 @@ class RecipeConfig:
             raise ValueError(f"{what} with retriever.shared would freeze the query tower too")
         if t.freeze_retriever and self.model in ("dense_retriever", "ict"):
             raise ValueError(f"train.freeze_retriever with model {self.model}: nothing would train (it has no reader)")
+
+    def _check_rolling(self) -> None:
+        if self.refresh.strategy != "rolling":
+            return
+        if not self.refresh.enabled:
+            raise ValueError("refresh.strategy rolling re-encodes part of the index at each refresh, but "
+                             "refresh.enabled is false: turn refresh on or use strategy full")
+        shards = self.index.shards or self.refresh.num_workers
+        if shards < self.refresh.rolling_parts:
+            raise ValueError(f"refresh.strategy rolling needs at least refresh.rolling_parts="
+                             f"{self.refresh.rolling_parts} index shards, got {shards} (index.shards, or "
+                             "refresh.num_workers when it is 0): raise index.shards or lower rolling_parts")
 
     def _check_rerank(self) -> None:
         if self.refresh.strategy != "rerank":

@@ -240,6 +240,7 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
             "index_version": parts.holder.version, "index_encoder_step": parts.holder.get().encoder_step,
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
+            "passages_encoded_by_refresh": stats.initial_docs + sum(e.docs for e in stats.events),
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
             "checkpoint_failures": checkpoint_failures(trainer),
@@ -279,5 +280,6 @@ def save_history(parts, rank: int) -> Path:
     path = Path(parts.cfg.run_dir) / f"refresh_history_rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"versions": stats.versions, "events": [dataclasses.asdict(e) for e in stats.events],
-                                "skipped": stats.skipped, "failures": stats.failures, "waits": stats.waits}))
+                                "skipped": stats.skipped, "failures": stats.failures, "waits": stats.waits,
+                                "initial_docs": stats.initial_docs}))
     return path
