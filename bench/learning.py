@@ -23,24 +23,31 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import ROOT, machine, write_section
+from bench.common import OUT_ENV, ROOT, machine, write_section
+from bench.common import QUICK as QUICK_MD
 from bench.plots import PLOTS, link
 from bench.seeds import run_all
-from bench.study_runs import MODELS, QUICK, Study
+from bench.study_runs import MODELS, QUICK, Condition, Study, frozen_from_start
 from bench.study_stats import t_interval
 from bench.study_text import Results, cost, header, metric, model_section
 
 OUT = Path("runs") / "learning"
 
 
-def run_model(study: Study, model, parallel: int) -> tuple[Results, int]:
-    """Every condition x seed of ``model``; (results by condition, runs reused from a cache)."""
-    jobs = study.jobs(model, OUT)
+def run_model(study: Study, model, parallel: int, quick: bool = False) -> tuple[Results, int]:
+    """Every condition x seed of ``model``; (results by condition, runs reused from a cache). Quick runs are
+    not kept in bench/results."""
+    jobs = study.jobs(model, OUT.with_name(OUT.name + "_quick") if quick else OUT)
+    for _, j in jobs:
+        j.keep = not quick
     cached = sum((ROOT / j.run_dir / "bench_result.json").exists() or (ROOT / j.kept).exists() for _, j in jobs)
     results = run_all([j for _, j in jobs], parallel)
     res: Results = {}
     for (c, _), r in zip(jobs, results):
         res.setdefault(c.name, (c, []))[1].append(r)
+    if not model.reader and "query_side" in res:  # frozen = the start; listed first, as for the other models
+        c, runs = res["query_side"]
+        res = {"frozen": (Condition("frozen", ()), frozen_from_start(runs)), **res}
     return res, cached
 
 
@@ -87,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     load, t0 = os.getloadavg(), time.perf_counter()
     sections, runs, cached = [], 0, 0
     for model in models:
-        res, hit = run_model(study, model, args.jobs)
+        res, hit = run_model(study, model, args.jobs, args.quick)
         runs, cached = runs + sum(len(rs) for _, rs in res.values()), cached + hit
         setup = f"`{model.config}` {' '.join('--set ' + s for s in model.sets)}".strip()
         sections.append(model_section(model.name, setup, res, study, link(plot(model.name, res, suffix), model.name)))
         print(sections[-1], flush=True)
     minutes = (time.perf_counter() - t0) / 60
     body = "\n\n".join([header(study, args.quick, machine(), load, minutes, runs, cached), *sections])
-    write_section("learning", body)
+    write_section("learning", body, QUICK_MD if args.quick and OUT_ENV not in os.environ else None)
     return 0
 
 

@@ -112,6 +112,7 @@ def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
     assert list(rag) == ["closed book", "frozen", "query_side", "full @10", "full @40", "rolling @10", "rolling @40",
                          "rerank @10", "rerank @40", "fresh every step"]
     assert "closed book" not in by_model["REALM open-QA"] and "closed book" not in by_model["dense retriever"]
+    assert "frozen" in by_model["REALM open-QA"] and "frozen" not in by_model["dense retriever"]  # the start's figures
     assert rag["closed book"].train.closed_book and rag["closed book"].reader.n_docs == 1
     assert rag["frozen"].train.freeze_retriever and not rag["frozen"].refresh.enabled
     assert rag["query_side"].refresh.strategy == "query_side"
