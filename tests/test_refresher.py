@@ -18,6 +18,7 @@ from openbook.index import SnapshotStore
 from openbook.models.retriever import DocTowerSpec, build_retriever
 from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
 from openbook.refresher.encode import encode_rows, numpy_state
+from openbook.refresher.publish import publish_in_process
 from tests.helpers import tiny_recipe, wait_gone
 
 
@@ -357,5 +358,31 @@ def test_rolling_refreshes_reencode_one_part_each_and_carry_the_rest_over(setup,
         assert "other shard ranges" in line
         m = store.load(res.version).manifest
         assert [s["encoder_step"] for s in m.shards] == [40] * 4 and m.rotation == {"parts": 3, "part": -1}
+    finally:
+        coord.shutdown()
+
+
+def test_an_in_process_first_index_is_a_rolling_base(setup, tmp_path):
+    """The first index built in this process (refresh off, or the evaluation before training) is written in the
+    shards the pool writes, so the first rolling refresh re-encodes part 0 only, instead of everything, and the
+    sharded search returns what one exact search over all rows returns."""
+    import faiss
+
+    cfg, data, model, _, tokens = setup
+    root = tmp_path / "snaps"
+    coord = _coordinator(setup, root, num_workers=1, shards=6, strategy="rolling", rolling_parts=3)
+    try:
+        snap, _ = publish_in_process(coord.target, model.doc_encoder, tokens, data.corpus.ids, 0, 64)
+        assert snap.manifest.format == 2 and [(s["lo"], s["hi"]) for s in snap.manifest.shards] == [
+            (lo, hi) for _, lo, hi in coord.shard_ranges()]
+        emb = np.asarray(snap.embeddings, np.float32)
+        flat = faiss.IndexFlatIP(emb.shape[1])
+        flat.add(emb)
+        q = emb[:7] + 0.01
+        np.testing.assert_array_equal(snap.search(q, 5)[0], flat.search(q, 5)[1])
+        coord.set_base(str(snap.path))
+        res = coord.wait_for(coord.submit(_perturbed_state(model, 7), 10), timeout=300)
+        assert not isinstance(res, str) and res is not None, res
+        assert res.part == 0 and res.docs == sum(hi - lo for s, lo, hi in coord.shard_ranges() if s * 3 // 6 == 0)
     finally:
         coord.shutdown()

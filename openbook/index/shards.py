@@ -51,6 +51,14 @@ SHARD_FILES = (EMBEDDINGS_FILE, DOC_IDS_FILE, INDEX_FILE)
 _SHARD_DIR = re.compile(r"^shard-(\d{5,})$")
 
 
+def row_ranges(n: int, count: int) -> list[tuple[int, int, int]]:
+    """(shard, first row, end row) of ``count`` near-equal shards over ``n`` rows (at most ``n`` shards): the
+    one split the actor pool and an in-process build both use, so a rolling refresh can build on either."""
+    count = max(1, min(count, n))
+    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    return [(s, int(lo), int(hi)) for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+
+
 def shard_name(shard: int) -> str:
     return f"{SHARD_PREFIX}{shard:05d}"
 

@@ -39,7 +39,7 @@ from openbook.data.tokcache import TokenizedCorpus
 from openbook.errors import OpenbookError, SnapshotError
 from openbook.index import SnapshotStore
 from openbook.index.atomic import check_file, fsync_path, rmtree
-from openbook.index.shards import SHARD_FILES, SHARD_MANIFEST, shard_name
+from openbook.index.shards import SHARD_FILES, SHARD_MANIFEST, row_ranges, shard_name
 from openbook.index.snapshot import FORMAT_SHARDED, read_manifest, shard_dim
 from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.encode import EncoderSpec
@@ -453,10 +453,7 @@ class RefreshCoordinator:
 
     def shard_ranges(self) -> list[tuple[int, int, int]]:
         """(shard, first row, end row) of each index shard: ``index.shards`` of them (0: one per actor)."""
-        n = len(self.tokens)
-        count = min(self.target.index.shards or self.cfg.num_workers, n)
-        bounds = np.linspace(0, n, count + 1).round().astype(int)
-        return [(s, int(lo), int(hi)) for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+        return row_ranges(len(self.tokens), self.target.index.shards or self.cfg.num_workers)
 
     def _train_quantizer(self, tag: int, weights, deadline: float):
         """IVF/PQ: one actor encodes a seeded sample with the new weights and trains the quantizer once, so
