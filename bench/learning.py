@@ -45,7 +45,7 @@ def run_model(study: Study, model, parallel: int, quick: bool = False) -> tuple[
     res: Results = {}
     for (c, _), r in zip(jobs, results):
         res.setdefault(c.name, (c, []))[1].append(r)
-    if not model.reader and "query_side" in res:  # frozen = the start; listed first, as for the other models
+    if not model.frozen_trains and "query_side" in res:  # frozen = the start; listed first, as for the other models
         c, runs = res["query_side"]
         res = {"frozen": (Condition("frozen", ()), frozen_from_start(runs)), **res}
     return res, cached

@@ -104,6 +104,9 @@ class RecipeConfig:
             raise ValueError(f"{what} with retriever.shared would freeze the query tower too")
         if t.freeze_retriever and self.model in ("dense_retriever", "ict"):
             raise ValueError(f"train.freeze_retriever with model {self.model}: nothing would train (it has no reader)")
+        if t.freeze_retriever and self.reader.lr_scale == 0:
+            raise ValueError("train.freeze_retriever with reader.lr_scale 0: nothing would train (the reader is fixed "
+                             "too); the start is what such a run would give")
 
     def _check_rolling(self) -> None:
         if self.refresh.strategy != "rolling":

@@ -109,12 +109,15 @@ def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
     by_model = {m.name: dict((c.name, load_recipe(ROOT / j.config, j.overrides)) for c, j in study.jobs(m, tmp_path))
                 for m in MODELS}
     rag = by_model["RAG-Token"]
-    assert list(rag) == ["closed book", "frozen", "query_side", "full @10", "full @40", "rolling @10", "rolling @40",
+    assert list(rag) == ["closed book", "query_side", "full @10", "full @40", "rolling @10", "rolling @40",
                          "rerank @10", "rerank @40", "fresh every step"]
     assert "closed book" not in by_model["REALM open-QA"] and "closed book" not in by_model["dense retriever"]
     assert "frozen" in by_model["REALM open-QA"] and "frozen" not in by_model["dense retriever"]  # the start's figures
+    assert "frozen" not in rag and rag["query_side"].train.validate_at_start  # RAG's reader is fixed: frozen = start
+    assert not by_model["REALM open-QA"]["query_side"].train.validate_at_start
     assert rag["closed book"].train.closed_book and rag["closed book"].reader.n_docs == 1
-    assert rag["frozen"].train.freeze_retriever and not rag["frozen"].refresh.enabled
+    realm_frozen = by_model["REALM open-QA"]["frozen"]
+    assert realm_frozen.train.freeze_retriever and not realm_frozen.refresh.enabled
     assert rag["query_side"].refresh.strategy == "query_side"
     for name, n in (("full @10", 10), ("rolling @40", 40), ("rerank @10", 10)):
         cfg = rag[name]
@@ -126,7 +129,7 @@ def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
         for cfg in cfgs.values():
             assert cfg.data.world.num_passages == study.passages and cfg.train.val_questions >= 500
             assert round(study.passages * cfg.data.world.dev_fraction) >= 500 and cfg.index.shards >= 4
-    seeds = [j.seed for c, j in study.jobs(MODELS[0], tmp_path) if c.name == "frozen"]
+    seeds = [j.seed for c, j in study.jobs(MODELS[2], tmp_path) if c.name == "frozen"]
     assert seeds == [0, 1, 2]
 
 
@@ -139,6 +142,17 @@ def test_encoding_cost_counts_refreshes_after_the_first_index_and_rerank_candida
     assert encoded_per_step({"summary": {"steps": 100}}) == 0  # closed book / frozen: nothing after the first index
     logged = {"summary": {"steps": 10}, "scalars": {"retrieval/rerank_encoded": {"0": 640.0, "9": 6400.0}}}
     assert encoded_per_step(logged) == 640  # the cumulative count's last value
+
+
+def test_frozen_is_the_start_where_nothing_trains_with_the_retriever_frozen():
+    from bench.study_runs import frozen_from_start
+
+    runs = [{"summary": {"steps": 150, "dev_recall@5_at_start": 0.7 + i / 100, "dev_em_at_start": 0.1, "dev_em": 0.4,
+                         "dev_recall@5": 0.9}} for i in range(3)]
+    got = frozen_from_start(runs)
+    assert [g["summary"]["dev_recall@5"] for g in got] == [0.7, 0.71, 0.72]
+    assert [g["summary"]["dev_em"] for g in got] == [0.1] * 3
+    assert "dev_em" not in frozen_from_start([{"summary": {"steps": 9, "dev_recall@5_at_start": 0.5}}])[0]["summary"]
 
 
 def test_intervals_and_the_share_of_a_gap_against_independent_arithmetic():

@@ -147,6 +147,8 @@ def test_dev_recall_of_a_rerank_run_is_measured_on_the_reranked_list(stale):
      r"nothing live to rerank with"),
     ({"refresh": {"strategy": "query_side"}, "retriever": {"shared": True}}, r"query_side with retriever.shared"),
     ({"train": {"freeze_retriever": True}}, r"freeze_retriever with model dense_retriever: nothing would train"),
+    ({"model": "rag", "train": {"freeze_retriever": True}, "reader": {"lr_scale": 0.0}},
+     r"freeze_retriever with reader.lr_scale 0: nothing would train"),
 ])
 def test_bad_combinations_fail_in_one_line(tmp_path, sections, message):
     with pytest.raises(ConfigError, match=message):
