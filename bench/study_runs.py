@@ -54,9 +54,9 @@ class Condition:
 class Study:
     passages: int = 2000
     dev_fraction: float = 0.25  # 500 dev questions
-    steps: int = 150
+    steps: int = 100
     seeds: int = 3
-    intervals: tuple[int, ...] = (10, 40)
+    intervals: tuple[int, ...] = (5, 20)  # rolling @5 costs what full @20 does (R = 4)
     swap_lag: int = 5
     rolling_parts: int = 4
     rerank_candidates: int = 20

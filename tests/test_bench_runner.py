@@ -109,8 +109,9 @@ def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
     by_model = {m.name: dict((c.name, load_recipe(ROOT / j.config, j.overrides)) for c, j in study.jobs(m, tmp_path))
                 for m in MODELS}
     rag = by_model["RAG-Token"]
-    assert list(rag) == ["closed book", "query_side", "full @10", "full @40", "rolling @10", "rolling @40",
-                         "rerank @10", "rerank @40", "fresh every step"]
+    a, b = study.intervals
+    assert list(rag) == ["closed book", "query_side", f"full @{a}", f"full @{b}", f"rolling @{a}", f"rolling @{b}",
+                         f"rerank @{a}", f"rerank @{b}", "fresh every step"]
     assert "closed book" not in by_model["REALM open-QA"] and "closed book" not in by_model["dense retriever"]
     assert "frozen" in by_model["REALM open-QA"] and "frozen" not in by_model["dense retriever"]  # the start's figures
     assert "frozen" not in rag and rag["query_side"].train.validate_at_start  # RAG's reader is fixed: frozen = start
@@ -119,7 +120,7 @@ def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
     realm_frozen = by_model["REALM open-QA"]["frozen"]
     assert realm_frozen.train.freeze_retriever and not realm_frozen.refresh.enabled
     assert rag["query_side"].refresh.strategy == "query_side"
-    for name, n in (("full @10", 10), ("rolling @40", 40), ("rerank @10", 10)):
+    for name, n in ((f"full @{a}", a), (f"rolling @{b}", b), (f"rerank @{a}", a)):
         cfg = rag[name]
         assert (cfg.refresh.mode, cfg.refresh.schedule, cfg.refresh.strategy) == ("async", str(n), name.split()[0])
         assert cfg.refresh.swap_lag == study.swap_lag  # the deterministic refresh, a fixed lag
