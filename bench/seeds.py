@@ -101,7 +101,7 @@ def run_job(job: Job) -> dict:
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from bench.study_runs import all_scalars
+    from bench.tb_scalars import all_scalars
 
     found = all_scalars(run_dir / "tb") if (run_dir / "tb").is_dir() else {}
     keep = ("val/", "retrieval/", "train/retrieval_utility", "train/span_in_docs", "train/span_in_top", "index/lag_steps",
