@@ -44,6 +44,8 @@ def run_model(study: Study, model, parallel: int, quick: bool = False) -> tuple[
     results = run_all([j for _, j in jobs], parallel)
     res: Results = {}
     for (c, _), r in zip(jobs, results):
+        if "passages_encoded_initial" not in r["summary"]:  # runs from before the summary said: the whole corpus
+            r["summary"]["passages_encoded_initial"] = study.passages
         res.setdefault(c.name, (c, []))[1].append(r)
     if not model.frozen_trains and "query_side" in res:  # frozen = the start; listed first, as for the other models
         c, runs = res["query_side"]

@@ -111,12 +111,13 @@ def final(r: dict, metric: str) -> float:
 
 def encoded_per_step(r: dict) -> float:
     """Passages the doc encoder encoded per training step beyond the k it scores for the loss: the
-    refreshes' (after the initial index, which every condition with an index builds once) and the rerank
-    candidates. The k retrieved passages a live doc tower scores with gradient are part of the training
-    step in every condition with a trained doc tower and are not counted."""
+    refreshes' (after the first index, which every condition with an index builds once) and the rerank
+    candidates. The k retrieved passages a live doc tower scores with gradient are part of the training step
+    in every condition with a trained doc tower and are not counted."""
     s = r["summary"]
     steps = max(int(s.get("steps", 0)), 1)
-    refresh = float(s.get("passages_encoded_by_refresh", 0)) - float(s.get("passages_encoded_initial", 0))
+    first = s.get("passages_encoded_initial", 0)
+    refresh = float(s.get("passages_encoded_by_refresh", 0)) - float(first)
     series = r.get("scalars", {}).get("retrieval/rerank_encoded", {})  # cumulative, logged every step
     rerank = float(s.get("rerank_encoded", max(series.values(), default=0.0)))
     return (max(refresh, 0.0) + rerank) / steps

@@ -58,6 +58,7 @@ def test_rolling_refresh_bounds_staleness_and_reports_the_shard_lags(tmp_path, r
     assert parts.callback.stats.failures == 0
     summary = run_summary(parts, trainer, 0.0)
     assert summary["passages_encoded_by_refresh"] == n + sum(e.docs for e in events)
+    assert summary["passages_encoded_initial"] == n
     # the snapshot swapped in at step 23 (the step-20 refresh, part 1) holds shards of the last 3 refreshes
     assert watch.index[23] == (1, (16, 16, 20, 20, 12, 12)), watch.index
 

@@ -241,6 +241,7 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "index_version": parts.holder.version, "index_encoder_step": parts.holder.get().encoder_step,
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
             "passages_encoded_by_refresh": stats.initial_docs + sum(e.docs for e in stats.events),
+            "passages_encoded_initial": stats.initial_docs,
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
             "checkpoint_failures": checkpoint_failures(trainer),
