@@ -363,7 +363,7 @@ def test_rolling_refreshes_reencode_one_part_each_and_carry_the_rest_over(setup,
 
 
 def test_an_in_process_first_index_is_a_rolling_base(setup, tmp_path):
-    """The first index built in this process (refresh off, or the evaluation before training) is written in the
+    """Under rolling, the first index built in this process (the evaluation before training) is written in the
     shards the pool writes, so the first rolling refresh re-encodes part 0 only, instead of everything, and the
     sharded search returns what one exact search over all rows returns."""
     import faiss
@@ -372,7 +372,7 @@ def test_an_in_process_first_index_is_a_rolling_base(setup, tmp_path):
     root = tmp_path / "snaps"
     coord = _coordinator(setup, root, num_workers=1, shards=6, strategy="rolling", rolling_parts=3)
     try:
-        snap, _ = publish_in_process(coord.target, model.doc_encoder, tokens, data.corpus.ids, 0, 64)
+        snap, _ = publish_in_process(coord.target, model.doc_encoder, tokens, data.corpus.ids, 0, 64, sharded=True)
         assert snap.manifest.format == 2 and [(s["lo"], s["hi"]) for s in snap.manifest.shards] == [
             (lo, hi) for _, lo, hi in coord.shard_ranges()]
         emb = np.asarray(snap.embeddings, np.float32)

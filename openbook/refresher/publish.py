@@ -47,15 +47,18 @@ def encode_corpus(encoder, tokens: TokenizedCorpus, batch_size: int, progress: b
 
 
 def publish_in_process(target: IndexTarget, encoder, tokens: TokenizedCorpus, doc_ids: np.ndarray,
-                       encoder_step: int, batch_size: int, progress: bool = False) -> tuple[IndexSnapshot, dict]:
-    """Encode every passage here (no actor pool) and publish a snapshot; returns (snapshot, stats)."""
+                       encoder_step: int, batch_size: int, progress: bool = False,
+                       sharded: bool = False) -> tuple[IndexSnapshot, dict]:
+    """Encode every passage here (no actor pool) and publish a snapshot; returns (snapshot, stats).
+    ``sharded`` (and ``index.shards`` > 1): in the shards the pool's refreshes write, so a rolling refresh
+    can build on it; else one index over all rows (format 1)."""
     weights_time = time.time()
     t0 = time.perf_counter()
     emb = encode_corpus(encoder, tokens, batch_size, progress)
     encode_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     store = SnapshotStore(target.root, keep=target.keep)
-    if target.index.shards > 1:  # the layout the pool's refreshes write (a rolling refresh builds on it)
+    if sharded and target.index.shards > 1:
         snap = publish_sharded(store, target, emb, doc_ids, encoder_step, weights_time)
     else:
         snap = store.publish(emb, doc_ids, encoder_step=encoder_step, index_cfg=target.index,

@@ -95,7 +95,7 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
         snap, stats = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
-                                         cfg.encode.batch_size, progress)
+                                         cfg.encode.batch_size, progress, sharded=refresh.strategy == "rolling")
         log.info("index v%d built in this process from the step-%d weights: %d passages, %.0f passages/s, "
                  "published in %.1f s", snap.version, step, stats["docs"], stats["docs_per_second"],
                  stats["publish_seconds"])
