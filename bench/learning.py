@@ -40,17 +40,25 @@ def run_model(study: Study, model, parallel: int, quick: bool = False) -> tuple[
     jobs = study.jobs(model, OUT.with_name(OUT.name + "_quick") if quick else OUT)
     for _, j in jobs:
         j.keep = not quick
-    cached = sum((ROOT / j.run_dir / "bench_result.json").exists() or (ROOT / j.kept).exists() for _, j in jobs)
+    cached = kept_runs(study, model, quick)
     results = run_all([j for _, j in jobs], parallel)
     res: Results = {}
     for (c, _), r in zip(jobs, results):
         if "passages_encoded_initial" not in r["summary"]:  # runs from before the summary said: the whole corpus
             r["summary"]["passages_encoded_initial"] = study.passages
+        r["closed_book"] = c.name == "closed book"
         res.setdefault(c.name, (c, []))[1].append(r)
     if not model.frozen_trains and "query_side" in res:  # frozen = the start; listed first, as for the other models
         c, runs = res["query_side"]
         res = {"frozen": (Condition("frozen", ()), frozen_from_start(runs)), **res}
     return res, cached
+
+
+def kept_runs(study: Study, model, quick: bool) -> int:
+    """Runs of ``model`` whose result is already there (its run dir, or bench/results)."""
+    jobs = study.jobs(model, OUT.with_name(OUT.name + "_quick") if quick else OUT)
+    return sum((ROOT / j.run_dir / "bench_result.json").exists() or (not quick and (ROOT / j.kept).exists())
+               for _, j in jobs)
 
 
 def plot(model: str, res: Results, suffix: str) -> Path:
@@ -92,17 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - {m.name for m in study.models}
     if unknown:
         ap.error(f"unknown model {sorted(unknown)} (known: {', '.join(m.name for m in study.models)})")
-    models = [m for m in study.models if not wanted or m.name in wanted]
     load, t0 = os.getloadavg(), time.perf_counter()
-    sections, runs, cached = [], 0, 0
-    for model in models:
+    sections, runs, cached, pending = [], 0, 0, []
+    for model in study.models:
+        kept = kept_runs(study, model, args.quick)
+        if wanted and model.name not in wanted and kept < len(study.jobs(model, OUT)):  # not asked for, not all there
+            pending.append(f"{model.name} ({kept} of {len(study.jobs(model, OUT))} runs done)")
+            continue
         res, hit = run_model(study, model, args.jobs, args.quick)
         runs, cached = runs + sum(len(rs) for _, rs in res.values()), cached + hit
         setup = f"`{model.config}` {' '.join('--set ' + s for s in model.sets)}".strip()
-        sections.append(model_section(model.name, setup, res, study, link(plot(model.name, res, suffix), model.name)))
+        note = "" if model.frozen_trains else (
+            "\"frozen\" is the start here: with the retriever frozen nothing would train ("
+            + ("the recipe keeps its reader fixed" if model.generates else "no reader") + "), so its figures are "
+            "those before the first step, evaluated by the query_side runs.")
+        sections.append(model_section(model.name, setup, res, study, link(plot(model.name, res, suffix), model.name),
+                                      note))
         print(sections[-1], flush=True)
     minutes = (time.perf_counter() - t0) / 60
-    body = "\n\n".join([header(study, args.quick, machine(), load, minutes, runs, cached), *sections])
+    todo = [f"**Not run yet**: {', '.join(pending)}; `python -m bench.learning` runs what is missing."] if pending else []
+    body = "\n\n".join([header(study, args.quick, machine(), load, minutes, runs, cached), *todo, *sections])
     write_section("learning", body, QUICK_MD if args.quick and OUT_ENV not in os.environ else None)
     return 0
 

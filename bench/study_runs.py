@@ -106,6 +106,8 @@ def final(r: dict, metric: str) -> float:
     s = r["summary"]
     if metric == "em":
         return float(s.get("dev_em", NAN))
+    if r.get("closed_book"):  # no retrieval: the retriever it never used has no recall to report
+        return NAN
     return float(s.get("dev_recall@5", s.get("dev_recall@5_index_in_use", NAN)))
 
 
