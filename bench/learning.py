@@ -1,136 +1,128 @@
-"""Learning study (issue 8): does retrieval help, and does the async refresh close the gap?
+"""Learning study (issue 20): does the refresh pay, and what do cheaper refresh strategies buy?
 
-For RAG-Token, RAG-Sequence, REALM open-QA and FiD (their tiny recipes in configs/, on a smaller
-world and fewer steps), four conditions: (a) closed book, (b) frozen doc index (query tower only),
-(c) async refresh with the doc encoder trained, (d) a fresh index every step (sync, the upper bound).
-Dev answer EM and gold-passage recall@5 vs steps, a table and a PNG per model; then a refresh-interval
-sweep (async) for one model: how lag trades against accuracy.
+RAG-Token, RAG-Sequence, REALM open-QA and the dense retriever, each under closed book, a frozen
+retriever, query-side training, full / rolling / rerank refresh at two intervals, and a fresh index every
+step; several seeds each, every run with the deterministic refresh. Reported per condition: the mean and
+95% interval of final dev recall@5 and EM and the passages encoded per training step; a plot of quality
+against encoding cost; the share of the frozen -> fresh gap async full refresh closes; and whether
+rolling matches full at 1/R of its cost. (bench/study_runs.py: what runs; bench/study_text.py: the prose.)
 
-    python -m bench.learning            # 80 steps per run, 17 runs (FULL below)
-    python -m bench.learning --quick    # 20 steps per run: checks the machinery, not the learning
+    python -m bench.learning                         # 4 models x 9-10 conditions x 3 seeds
+    python -m bench.learning --models RAG-Token      # one model (a comma-separated subset)
+    python -m bench.learning --quick                 # tiny runs: checks the machinery, not the learning
+
+Each run is cached under runs/learning/ and bench/results/ (committed), so an interrupted study picks up
+where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, machine, table, write_section
-from bench.plots import PLOTS, line_panels, link
-from bench.stages import ensure_stages, ensure_warm_start
-from bench.study_runs import (
-    ASYNC,
-    CONDITIONS,
-    FROZEN,
-    MODELS,
-    SYNC1,
-    RunResult,
-    StudyConfig,
-    fmt_curve,
-    run,
-    warm_start_dir,
-)
-from bench.study_text import findings, header, sweep_text
-from openbook.recipe import load_recipe
+from bench.common import OUT_ENV, ROOT, machine, write_section
+from bench.common import QUICK as QUICK_MD
+from bench.plots import PLOTS, link
+from bench.seeds import run_all
+from bench.study_runs import MODELS, QUICK, Condition, Study, frozen_from_start
+from bench.study_stats import t_interval
+from bench.study_text import Results, cost, header, metric, model_section
 
-FULL = StudyConfig(steps=80, val_every=20, async_every=10, lag_sweep=(1, 10, 30), warm_steps=100)
-QUICK = StudyConfig(passages=300, dev_fraction=0.2, steps=20, val_every=10, val_questions=30, async_every=5,
-                    lag_sweep=(1, 5), batch_size=16)
+OUT = Path("runs") / "learning"
 
 
-def study_models(study: StudyConfig, tmp: Path, models: list[str]) -> dict[str, list[RunResult]]:
-    out = {}
-    for model in models:
-        out[model] = [r for c in CONDITIONS if (r := run(model, c, study, tmp)) is not None]
-        logging.warning("%s done: %s", model, [(r.condition, r.em[-1], r.recall[-1]) for r in out[model]])
-    return out
+def run_model(study: Study, model, parallel: int, quick: bool = False) -> tuple[Results, int]:
+    """Every condition x seed of ``model``; (results by condition, runs reused from a cache). Quick runs are
+    not kept in bench/results."""
+    jobs = study.jobs(model, OUT.with_name(OUT.name + "_quick") if quick else OUT)
+    for _, j in jobs:
+        j.keep = not quick
+    cached = kept_runs(study, model, quick)
+    results = run_all([j for _, j in jobs], parallel)
+    res: Results = {}
+    for (c, _), r in zip(jobs, results):
+        if "passages_encoded_initial" not in r["summary"]:  # runs from before the summary said: the whole corpus
+            r["summary"]["passages_encoded_initial"] = study.passages
+        r["closed_book"] = c.name == "closed book"
+        res.setdefault(c.name, (c, []))[1].append(r)
+    if not model.frozen_trains and "query_side" in res:  # frozen = the start; listed first, as for the other models
+        c, runs = res["query_side"]
+        res = {"frozen": (Condition("frozen", ()), frozen_from_start(runs)), **res}
+    return res, cached
 
 
-def sweep(study: StudyConfig, tmp: Path, done: list[RunResult]) -> list[tuple[int, RunResult]]:
-    """Async refresh every N steps for ``study.lag_model``; (c) is reused for its own interval."""
-    reuse = next(r for r in done if r.condition == ASYNC)
-    return [(n, reuse if n == study.async_every else run(study.lag_model, ASYNC, study, tmp, every=n))
-            for n in study.lag_sweep]
+def kept_runs(study: Study, model, quick: bool) -> int:
+    """Runs of ``model`` whose result is already there (its run dir, or bench/results)."""
+    jobs = study.jobs(model, OUT.with_name(OUT.name + "_quick") if quick else OUT)
+    return sum((ROOT / j.run_dir / "bench_result.json").exists() or (not quick and (ROOT / j.kept).exists())
+               for _, j in jobs)
 
 
-def model_rows(results: list[RunResult]) -> list[dict]:
-    return [{"condition": r.condition, "dev EM": fmt_curve(r.em), "dev recall@5": fmt_curve(r.recall),
-             "refreshes": r.refreshes if not math.isnan(r.mean_lag) else "–",
-             "mean lag (steps)": _lag(r),
-             "seconds": round(r.seconds)} for r in results]
+def plot(model: str, res: Results, suffix: str) -> Path:
+    """Dev recall@5 and EM (mean, 95% interval) against passages encoded per step, one point per condition."""
+    from bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (m, label) in zip(axes, (("recall", "dev recall@5"), ("em", "dev EM"))):
+        for name, (_c, rs) in res.items():
+            ci = t_interval(metric(rs, m))
+            if ci.n == 0 or ci.mean != ci.mean:
+                continue
+            ax.errorbar([cost(rs)], [ci.mean], yerr=[[ci.mean - ci.lo], [ci.hi - ci.mean]], fmt="o", capsize=3,
+                        label=name)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("passages encoded per training step (symlog)")
+        ax.set_ylabel(f"final {label} (mean, 95% CI)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{model}: quality vs encoding cost", fontsize=10)
+    fig.tight_layout()
+    path = PLOTS / f"learning_{model.lower().replace(' ', '_').replace('-', '_')}{suffix}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def sweep_rows(points: list[tuple[int, RunResult]], sync1: RunResult, frozen: RunResult) -> list[dict]:
-    named = [(f"async every {n}", r) for n, r in points] + [("sync every 1 (d)", sync1),
-                                                           ("never: frozen doc index (b)", frozen)]
-    return [{"refresh": name, "refreshes": r.refreshes, "mean lag (steps)": _lag(r), "final dev EM": f"{r.em[-1]:.2f}",
-             "final dev recall@5": f"{r.recall[-1]:.2f}", "seconds": round(r.seconds)} for name, r in named]
-
-
-def _lag(r: RunResult) -> str:
-    return "–" if math.isnan(r.mean_lag) else f"{r.mean_lag:.1f}"
-
-
-def plot_model(model: str, results: list[RunResult], suffix: str) -> Path:
-    slug = model.lower().replace(" ", "_").replace("-", "_")
-    panels = [(metric, "training step", {r.condition: (r.steps, getattr(r, attr)) for r in results})  # NaN: no line
-              for metric, attr in (("dev answer EM", "em"), ("dev gold recall@5", "recall"))]
-    return line_panels(PLOTS / f"learning_{slug}{suffix}.png", f"{model}: dev EM and recall@5 vs steps", panels)
-
-
-def plot_sweep(model: str, points: list[tuple[int, RunResult]], sync1: RunResult, suffix: str) -> Path:
-    curves = {f"async every {n}": (r.steps, r.recall) for n, r in points}
-    curves["sync every 1"] = (sync1.steps, sync1.recall)
-    runs = sorted([r for _, r in points] + [sync1], key=lambda r: r.mean_lag)  # a line from low to high lag
-    lag = [r.mean_lag for r in runs]
-    final = {"final dev recall@5": (lag, [r.recall[-1] for r in runs]), "final dev EM": (lag, [r.em[-1] for r in runs])}
-    return line_panels(PLOTS / f"learning_lag_sweep{suffix}.png", f"{model}: refresh lag vs accuracy",
-                       [("dev gold recall@5", "training step", curves), ("final dev metric", "mean lag (steps)", final)])
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    ap.add_argument("--models", default="", help="comma-separated subset of " + ", ".join(m.name for m in MODELS))
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    study, suffix = (QUICK, "_quick") if args.quick else (FULL, "")
-    models = [m.strip() for m in args.models.split(",")]
-    load = os.getloadavg()
-    stages = []
-    for m in models:
-        stages += ensure_stages(load_recipe(ROOT / MODELS[m]))
-    if study.warm_steps and any(m.startswith("RAG") for m in models):
-        stages += ensure_warm_start(ROOT / MODELS["RAG-Token"], warm_start_dir(study), study.warm_steps)
-    import ray
-
-    from openbook.refresher.coordinator import local_ray_options
-
-    ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        results = study_models(study, Path(d), models)
-        points = sweep(study, Path(d), results[study.lag_model]) if study.lag_model in results else []
-    wall = time.perf_counter() - t0
-    ray.shutdown()
-    body = [header(study, args.quick, machine(), load, stages, wall, results, points)]
-    for model, res in results.items():
-        body += [f"### {model} (`{MODELS[model]}`; {res[-1].setup})", "", table(model_rows(res)), "", link(plot_model(model, res, suffix), model), "",
-                 findings(res, study.val_questions), ""]
-    if points:
-        lag = study.lag_model
-        sync1 = next(r for r in results[lag] if r.condition == SYNC1)
-        frozen = next(r for r in results[lag] if r.condition == FROZEN)
-        body += [f"### Refresh interval sweep ({lag}, async)", "", table(sweep_rows(points, sync1, frozen)), "",
-                 link(plot_sweep(lag, points, sync1, suffix), "lag sweep"), "", sweep_text(points, sync1, frozen)]
-    print("\n".join(body))
-    write_section("learning", "\n".join(body))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    study, suffix = (QUICK, "_quick") if args.quick else (Study(), "")
+    wanted = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = set(wanted) - {m.name for m in study.models}
+    if unknown:
+        ap.error(f"unknown model {sorted(unknown)} (known: {', '.join(m.name for m in study.models)})")
+    load, t0 = os.getloadavg(), time.perf_counter()
+    sections, runs, cached, pending = [], 0, 0, []
+    for model in study.models:
+        kept = kept_runs(study, model, args.quick)
+        if wanted and model.name not in wanted and kept < len(study.jobs(model, OUT)):  # not asked for, not all there
+            pending.append(f"{model.name} ({kept} of {len(study.jobs(model, OUT))} runs done)")
+            continue
+        res, hit = run_model(study, model, args.jobs, args.quick)
+        runs, cached = runs + sum(len(rs) for _, rs in res.values()), cached + hit
+        setup = f"`{model.config}` {' '.join('--set ' + s for s in model.sets)}".strip()
+        note = "" if model.frozen_trains else (
+            "\"frozen\" is the start here: with the retriever frozen nothing would train ("
+            + ("the recipe keeps its reader fixed" if model.generates else "no reader") + "), so its figures are "
+            "those before the first step, evaluated by the query_side runs.")
+        sections.append(model_section(model.name, setup, res, study, link(plot(model.name, res, suffix), model.name),
+                                      note))
+        print(sections[-1], flush=True)
+    minutes = (time.perf_counter() - t0) / 60
+    todo = [f"**Not run yet**: {', '.join(pending)}; `python -m bench.learning` runs what is missing."] if pending else []
+    body = "\n\n".join([header(study, args.quick, machine(), load, minutes, runs, cached), *todo, *sections])
+    write_section("learning", body, QUICK_MD if args.quick and OUT_ENV not in os.environ else None)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -37,6 +37,7 @@ from openbook.recipe import load_recipe
 log = logging.getLogger("bench.seeds")
 OUT = Path("runs") / "seeds"  # relative to ROOT, where the runs start: a cached result moves with the checkout
 OPENBOOK = str(Path(sys.executable).parent / "openbook")
+KEPT = Path("bench") / "results"  # relative to ROOT
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Job:
     sets: list[str] = field(default_factory=list)
     tag: str = ""  # a variant within the group (the sweep's lag)
     root: Path = OUT
+    keep: bool = False  # also keep the result in bench/results/ (committed: a study longer than a sitting)
 
     @property
     def name(self) -> str:
@@ -59,6 +61,10 @@ class Job:
     @property
     def overrides(self) -> list[str]:
         return [f"train.seed={self.seed}", f"run_dir={self.run_dir}", *self.sets]
+
+    @property
+    def kept(self) -> Path:
+        return KEPT / f"{self.root.name}-{self.name}.json"
 
     def command(self) -> list[str]:
         return [OPENBOOK, "train", "--config", self.config, "--quiet", *[a for s in self.overrides for a in ("--set", s)]]
@@ -75,10 +81,10 @@ def run_job(job: Job) -> dict:
     done = ROOT / job.run_dir / "bench_result.json"
     cmd = job.command()
     key = job.resolved()
-    if done.exists():
-        cached = json.loads(done.read_text())
+    for found in (done, *([ROOT / job.kept] if job.keep else [])):
+        cached = json.loads(found.read_text()) if found.exists() else {}
         if same_recipe(cached.get("key", ""), key):
-            if (ROOT / job.run_dir / "tb").is_dir():  # figures added since the run read its TensorBoard log again
+            if found == done and (ROOT / job.run_dir / "tb").is_dir():  # figures added since: read its log again
                 cached["scalars"] = scalars(ROOT / job.run_dir)
             return cached
     log.warning("running %s", job.name)
@@ -89,14 +95,16 @@ def run_job(job: Job) -> dict:
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     result = {"key": key, "summary": summary, "scalars": scalars(ROOT / job.run_dir)}
     done.write_text(json.dumps(result))
+    if job.keep:
+        (ROOT / job.kept).write_text(json.dumps(result))
     return result
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from bench.study_runs import all_scalars
+    from bench.tb_scalars import all_scalars
 
     found = all_scalars(run_dir / "tb") if (run_dir / "tb").is_dir() else {}
-    keep = ("val/", "train/retrieval_utility", "train/span_in_docs", "train/span_in_top", "index/lag_steps",
+    keep = ("val/", "retrieval/", "train/retrieval_utility", "train/span_in_docs", "train/span_in_top", "index/lag_steps",
             "refresh/waits")
     return {tag: {str(s): v for s, v in zip(*series)} for tag, series in found.items() if tag.startswith(keep)}
 

@@ -1,166 +1,146 @@
-"""One training run of the learning study: its overrides, and its dev curve read back from the run."""
+"""The learning study's runs (issue 20): which models, which conditions, and what is read back from a run.
+
+Each run is one ``openbook train`` process (bench.seeds' :class:`~bench.seeds.Job`: cached under
+``runs/learning/`` and in ``bench/results/`` while its resolved recipe is unchanged), so the study can be
+stopped and picked up again, in another checkout too.
+"""
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ROOT
-from openbook.recipe import RecipeConfig, load_recipe
-from openbook.registry import MODELS as MODEL_ENTRIES
+from bench.seeds import Job
 
-MODELS = {"RAG-Token": "configs/rag_token_tiny.yaml", "RAG-Sequence": "configs/rag_sequence_tiny.yaml",
-          "REALM open-QA": "configs/realm_qa_tiny.yaml", "FiD": "configs/fid_tiny.yaml"}
-CLOSED, FROZEN, ASYNC, SYNC1 = ("(a) closed book", "(b) frozen doc index", "(c) async refresh",
-                                "(d) fresh index every step")
-CONDITIONS = (CLOSED, FROZEN, ASYNC, SYNC1)
 NAN = float("nan")
 
 
+@dataclass(frozen=True)
+class Model:
+    name: str
+    config: str
+    sets: tuple[str, ...] = ()
+    generates: bool = True  # a generator can be trained closed book; a span reader or a retriever cannot
+    frozen_trains: bool = True  # False: with the retriever frozen nothing trains (no reader, or the recipe keeps
+    # its reader fixed), so "frozen" is the start, which the query_side runs evaluate (see frozen_from_start)
+
+
+# Every model starts from the same ICT warm start (stage 1b of the RAG recipes: trained on another world),
+# so the gold passage is often, not always, in the top 5 at step 0 and retrieval has something to learn.
+ICT = "retriever.init_from=runs/retriever_pretrain_tiny"
+MODELS = [
+    Model("RAG-Token", "configs/rag_token_tiny.yaml", frozen_trains=False),  # reader.lr_scale 0: the reader is fixed
+    Model("RAG-Sequence", "configs/rag_sequence_tiny.yaml", frozen_trains=False),
+    Model("REALM open-QA", "configs/realm_qa_tiny.yaml", (ICT,), generates=False),
+    Model("dense retriever", "configs/fid_retriever_tiny.yaml", (ICT, "retriever.projection_dim=128"),
+          generates=False, frozen_trains=False),
+]
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    sets: tuple[str, ...]
+    strategy: str = ""  # the refresh strategy compared ("" for the baselines)
+    every: int = 0  # refresh interval (steps); 0 = never re-encodes
+
+    @property
+    def tag(self) -> str:
+        return self.name.replace(" ", "_").replace("@", "").replace("(", "").replace(")", "")
+
+
 @dataclass(kw_only=True)
-class StudyConfig:
-    passages: int | None = None  # None: the recipe's own world
-    dev_fraction: float | None = None
-    steps: int = 80
-    batch_size: int | None = None  # None: the recipe's own
-    val_every: int = 20
-    val_questions: int = 100
-    async_every: int = 10
-    lag_sweep: tuple[int, ...] = (1, 10, 30)
-    lag_model: str = "RAG-Token"
-    warm_steps: int = 0  # > 0: both RAG models start from the RAG-Token recipe's retriever after this many steps
+class Study:
+    passages: int = 2000
+    dev_fraction: float = 0.25  # 500 dev questions
+    steps: int = 150
+    seeds: int = 3
+    intervals: tuple[int, ...] = (5, 20)  # rolling @5 costs what full @20 does (R = 4)
+    swap_lag: int = 5
+    rolling_parts: int = 4
+    rerank_candidates: int = 20
+    shards: int = 4  # every condition: rolling needs >= rolling_parts shards; Flat search is exact either way
+    val_questions: int = 500
+    models: list[Model] = field(default_factory=lambda: list(MODELS))
+
+    def common(self, model: Model) -> list[str]:
+        """What every run of ``model`` changes in its recipe (its learning rate and warm-up stay: with the RAG
+        recipe's 50 warm-up steps cut to 10, dev recall@5 fell below its start within 100 steps, under
+        query_side from 0.56 to 0.33-0.59 and with full refresh every 5 steps to 0.47-0.50)."""
+        return [*model.sets, f"data.world.num_passages={self.passages}", f"data.world.dev_fraction={self.dev_fraction}",
+                f"train.max_steps={self.steps}", "train.val_every_n_steps=0", "train.validate_at_start=false",
+                f"train.val_questions={self.val_questions}",
+                "train.eval_k=5", f"index.shards={self.shards}",
+                f"refresh.swap_lag={self.swap_lag}", f"refresh.rolling_parts={self.rolling_parts}",
+                f"refresh.rerank_candidates={self.rerank_candidates}"]
+
+    def conditions(self, model: Model) -> list[Condition]:
+        off = ("refresh.enabled=false",)
+        out = []
+        if model.generates:  # the question alone; the generator trains (RAG keeps it fixed otherwise)
+            out.append(Condition("closed book", ("train.closed_book=true", *off, "reader.n_docs=1",
+                                                 "reader.lr_scale=1.0")))
+        out += [Condition("frozen", ("train.freeze_retriever=true", *off))] if model.frozen_trains else []
+        start = () if model.frozen_trains else ("train.validate_at_start=true",)  # frozen's figures, per seed
+        out += [Condition("query_side", ("refresh.strategy=query_side", *off, *start), "query_side")]
+        for strategy in ("full", "rolling", "rerank"):
+            for n in self.intervals:
+                out.append(Condition(f"{strategy} @{n}", ("refresh.enabled=true", "refresh.mode=async",
+                                                          f"refresh.schedule={n}", f"refresh.strategy={strategy}"),
+                                     strategy, n))
+        out.append(Condition("fresh every step", ("refresh.enabled=true", "refresh.mode=sync", "refresh.schedule=1",
+                                                  "refresh.strategy=full"), "full", 1))
+        return out
+
+    def jobs(self, model: Model, root: Path) -> list[tuple[Condition, Job]]:
+        slug = model.name.lower().replace(" ", "_").replace("-", "_")
+        return [(c, Job(slug, model.config, seed, [*self.common(model), *c.sets], c.tag, root=root, keep=True))
+                for c in self.conditions(model) for seed in range(self.seeds)]
 
 
-@dataclass
-class RunResult:
-    model: str
-    condition: str
-    steps: list[int] = field(default_factory=list)
-    em: list[float] = field(default_factory=list)
-    recall: list[float] = field(default_factory=list)
-    mean_lag: float = NAN
-    refreshes: int = 0
-    seconds: float = NAN
-    setup: str = ""
+QUICK = Study(passages=300, dev_fraction=0.2, steps=12, seeds=2, intervals=(3, 6), swap_lag=2, val_questions=60)
 
 
-def condition_overrides(cfg: RecipeConfig, condition: str, every: int) -> list[str] | None:
-    """Overrides that turn a recipe into a study condition; None when it does not apply."""
-    if condition == CLOSED:
-        if not MODEL_ENTRIES[cfg.model].generates:
-            return None  # a span reader extracts from passages: with none it has nothing to answer from
-        # the question alone; one identical context is the same model as K copies
-        return ["train.closed_book=true", "train.freeze_doc_encoder=true", "refresh.enabled=false",
-                "reader.n_docs=1", "reader.lr_scale=1.0"]
-    # FiD-KD: FiD's only path from reader to retriever (without the score prior, which KD would distil back)
-    kd = ["fid.distill=true", "fid.score_prior=0"] if cfg.model == "fid" else []
-    if condition == FROZEN:
-        return [*kd, "train.freeze_doc_encoder=true", "refresh.enabled=false"]
-    mode, schedule = ("sync", 1) if condition == SYNC1 else ("async", every)
-    return [*kd, "refresh.enabled=true", f"refresh.mode={mode}", f"refresh.schedule={schedule}"]
+# -- what a run gives ---------------------------------------------------------------------------------
 
-
-def recipe(model: str, condition: str, study: StudyConfig, run_dir: Path, every: int) -> RecipeConfig | None:
-    base = load_recipe(ROOT / MODELS[model])
-    extra = condition_overrides(base, condition, every)
-    if extra is None:
-        return None
-    common = [f"run_dir={run_dir}", f"train.max_steps={study.steps}", f"train.val_every_n_steps={study.val_every}",
-              f"train.val_questions={study.val_questions}", "train.eval_k=5",
-              f"train.warmup_steps={min(base.train.warmup_steps, study.steps // 10)}"]
-    common += [f"data.world.num_passages={study.passages}"] if study.passages else []
-    common += [f"data.world.dev_fraction={study.dev_fraction}"] if study.dev_fraction else []
-    common += [f"train.batch_size={study.batch_size}"] if study.batch_size else []
-    if study.warm_steps and base.model == "rag":
-        common.append(f"retriever.init_from={warm_start_dir(study)}")
-    for key in ("generator.source", "retriever.init_from", "realm.init_from"):  # earlier runs, from any cwd
-        value = _get(base, key)
-        if value and value.startswith("runs/"):
-            common.append(f"{key}={ROOT / value}")
-    return load_recipe(ROOT / MODELS[model], common + extra)
-
-
-def warm_start_dir(study: StudyConfig) -> Path:
-    return ROOT / "runs" / f"learning_rag_warmstart_{study.warm_steps}"
-
-
-def _get(cfg: RecipeConfig, dotted: str):
-    section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def run(model: str, condition: str, study: StudyConfig, tmp: Path, every: int | None = None) -> RunResult | None:
-    from openbook.trainer.train import run_train
-
-    every = every or study.async_every
-    tag = f"{model}-{condition}-{every}".replace(" ", "_").replace("(", "").replace(")", "")
-    cfg = recipe(model, condition, study, tmp / tag, every)
-    if cfg is None:
-        return None
-    t0 = time.perf_counter()
-    s = run_train(cfg, progress=False, overwrite=True)  # a rerun replaces an interrupted one
-    init = Path(cfg.retriever.init_from).name if cfg.retriever.init_from else "random init"
-    res = RunResult(model, condition, seconds=time.perf_counter() - t0,
-                    setup=f"{cfg.data.world.num_passages:,} passages, batch {cfg.train.batch_size}, retriever: {init}")
-    _read_curve(res, Path(cfg.run_dir), s, cfg.train.closed_book, cfg.train.val_every_n_steps)
-    if cfg.refresh.enabled:
-        res.refreshes, res.mean_lag = s["refreshes_published"], mean_lag(Path(cfg.run_dir))
-    return res
-
-
-def _read_curve(res: RunResult, run_dir: Path, summary: dict, closed_book: bool, every: int) -> None:
-    """Step 0 (before training), every in-fit validation (TensorBoard), and the final evaluation."""
-    scalars = all_scalars(run_dir / "tb")
-    em, rec = (_by_step(*scalars.get(tag, ([], [])), every) for tag in ("val/em", "val/recall@5"))
-    em[0], rec[0] = summary.get("dev_em_at_start", NAN), summary.get("dev_recall@5_at_start", NAN)
-    em[summary["steps"]], rec[summary["steps"]] = summary["dev_em"], summary.get("dev_recall@5", NAN)
-    res.steps = sorted(em)
-    res.em = [float(em[s]) for s in res.steps]
-    res.recall = [NAN if closed_book else float(rec.get(s, NAN)) for s in res.steps]
-
-
-def _by_step(steps: list[int], values: list[float], every: int) -> dict[int, float]:
-    """Lightning logs an in-fit validation at the step before the one it follows (19 for "after 20")."""
-    return {s + 1 if s and (s + 1) % every == 0 else s: v for s, v in zip(steps, values)}
-
-
-def _writer(events: Path) -> list[str]:
-    """The host and pid in ``events.out.tfevents.<time>.<host>.<pid>.<n>``: which process wrote the file."""
-    return events.name.split(".")[4:-1]
-
-
-def all_scalars(tb: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar in every events file the newest process wrote into ``tb`` (validate-at-start, fit and
-    the final validate each write their own file; openbook's report reads only the newest). Files of an
-    earlier, interrupted run in the same directory are left out: TensorBoard would merge them in."""
-    import shutil
-    import tempfile
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(tb.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
-    newest = [f for f in files if _writer(f) == _writer(files[-1])]
-    with tempfile.TemporaryDirectory() as tmp:
-        for f in newest:
-            shutil.copy(f, Path(tmp) / f.name)
-        acc = EventAccumulator(tmp, size_guidance={"scalars": 0})
-        acc.Reload()
-        return {tag: ([e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)])
-                for tag in acc.Tags()["scalars"]}
-
-
-def mean_lag(run_dir: Path) -> float:
-    """Mean over steps of (step - the step whose doc-encoder weights built the index in use)."""
-    from openbook.trainer.report import lag_from_history, load_history
-
-    history = load_history(run_dir)
-    if not history or not history.get("versions"):
+def final(r: dict, metric: str) -> float:
+    """Final dev EM (``em``) or recall@5 (``recall``) on the dev questions, with the index in use."""
+    s = r["summary"]
+    if metric == "em":
+        return float(s.get("dev_em", NAN))
+    if r.get("closed_book"):  # no retrieval: the retriever it never used has no recall to report
         return NAN
-    lags = lag_from_history(history)[1]
-    return float(sum(lags) / len(lags)) if lags else NAN
+    return float(s.get("dev_recall@5", s.get("dev_recall@5_index_in_use", NAN)))
 
 
-def fmt_curve(values: list[float]) -> str:
-    return " → ".join("–" if math.isnan(v) else f"{v:.2f}" for v in values)
+def encoded_per_step(r: dict) -> float:
+    """Passages the doc encoder encoded per training step beyond the k it scores for the loss: the
+    refreshes' (after the first index, which every condition with an index builds once) and the rerank
+    candidates. The k retrieved passages a live doc tower scores with gradient are part of the training step
+    in every condition with a trained doc tower and are not counted."""
+    s = r["summary"]
+    steps = max(int(s.get("steps", 0)), 1)
+    first = s.get("passages_encoded_initial", 0)
+    refresh = float(s.get("passages_encoded_by_refresh", 0)) - float(first)
+    series = r.get("scalars", {}).get("retrieval/rerank_encoded", {})  # cumulative, logged every step
+    rerank = float(s.get("rerank_encoded", max(series.values(), default=0.0)))
+    return (max(refresh, 0.0) + rerank) / steps
+
+
+def mean_lag(r: dict) -> float:
+    """Mean over steps of (step - encoder step of the index in use); NaN without refreshes."""
+    lags = list(r.get("scalars", {}).get("index/lag_steps", {}).values())
+    return float(sum(lags) / len(lags)) if lags and r["summary"].get("refreshes_published") else NAN
+
+
+def finite(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def frozen_from_start(runs: list[dict]) -> list[dict]:
+    """When nothing trains with the retriever frozen, "frozen" ends where it starts: the query_side runs' figures
+    before their first step (``dev_recall@5_at_start``, and ``dev_em_at_start`` where there is a reader)."""
+    return [{"summary": {"steps": r["summary"]["steps"], "seconds": 0.0, "dev_recall@5": r["summary"]["dev_recall@5_at_start"],
+                         **({"dev_em": r["summary"]["dev_em_at_start"]} if "dev_em_at_start" in r["summary"] else {})}}
+            for r in runs]

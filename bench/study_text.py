@@ -1,103 +1,153 @@
-"""The learning study's prose: the setup it ran and what the numbers say, computed from the results."""
+"""The learning study's tables and prose, computed from the runs' results (nothing typed by hand)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 
-from bench.study_runs import ASYNC, CLOSED, FROZEN, SYNC1, RunResult, StudyConfig
+from bench.common import table
+from bench.study_runs import Condition, Study, encoded_per_step, final, mean_lag
+from bench.study_stats import difference, share_of_gap, t_interval
+
+Results = dict[str, tuple[Condition, list[dict]]]  # condition name -> (condition, one result per seed)
+
+GOAL_SHARE, GOAL_COST = 0.80, 0.25
 
 
-def stderr(p: float, n: int) -> float:
-    """Binomial standard error of a rate measured on ``n`` questions."""
-    return math.sqrt(max(p * (1 - p), 1.0 / n) / n)  # floor: a 0/n rate is not known to be exactly 0
+def metric(rs: list[dict], name: str) -> list[float]:
+    return [final(r, name) for r in rs]
 
 
-def header(study: StudyConfig, quick: bool, machine: str, load: tuple[float, float, float], stages: list[dict],
-           wall: float, results: dict[str, list[RunResult]], points: list) -> str:
+def cost(rs: list[dict]) -> float:
+    return statistics.fmean(encoded_per_step(r) for r in rs)
+
+
+def condition_rows(res: Results) -> list[dict]:
+    rows = []
+    for name, (_c, rs) in res.items():
+        lag = [x for x in (mean_lag(r) for r in rs) if not math.isnan(x)]
+        rows.append({"condition": name, "passages encoded / step": f"{cost(rs):.0f}",
+                     "mean index lag (steps)": f"{statistics.fmean(lag):.1f}" if lag else "–",
+                     "dev recall@5, mean [95% CI]": str(t_interval(metric(rs, "recall"))),
+                     "per seed": " / ".join("–" if math.isnan(v) else f"{v:.2f}" for v in metric(rs, "recall")),
+                     "dev EM, mean [95% CI]": str(t_interval(metric(rs, "em"))),
+                     "minutes / run": _minutes(rs)})
+    return rows
+
+
+def _minutes(rs: list[dict]) -> str:
+    secs = [r["summary"].get("seconds", math.nan) for r in rs]
+    return "–" if not any(secs) else f"{statistics.fmean(secs) / 60:.1f}"
+
+
+def gap_answers(res: Results, study: Study, base: str = "frozen") -> list[dict]:
+    """For each full-refresh interval: the share of the ``base`` -> fresh-every-step gap it closes."""
+    if base not in res or "fresh every step" not in res:
+        return []
+    rows = []
+    for n in study.intervals:
+        name = f"full @{n}"
+        if name not in res:
+            continue
+        row = {"from": base, "condition": name}
+        for m in ("recall", "em"):
+            low, mid, high = (metric(res[k][1], m) for k in (base, name, "fresh every step"))
+            point, lo, hi, per = share_of_gap(low, mid, high)
+            gap = statistics.fmean(high) - statistics.fmean(low)
+            label = "recall@5" if m == "recall" else "EM"
+            row[f"{label} gap"] = f"{gap:+.3f}"
+            row[f"share of the {label} gap closed [95% CI]"] = (
+                f"{point:.0%} [{lo:.0%}, {hi:.0%}]" if not math.isnan(point) else "–")
+            row[f"{label} per seed"] = " / ".join("–" if math.isnan(p) else f"{p:.0%}" for p in per)
+        rows.append(row)
+    return rows
+
+
+def rolling_answers(res: Results, study: Study) -> list[dict]:
+    """Rolling against full: at the same interval (1/R of the cost) and at the same cost (R x the interval)."""
+    rows = []
+    pairs = [(f"rolling @{n}", f"full @{n}") for n in study.intervals]
+    pairs += [(f"rolling @{a}", f"full @{b}") for a in study.intervals for b in study.intervals
+              if b == a * study.rolling_parts]
+    for roll, full in pairs:
+        if roll not in res or full not in res:
+            continue
+        row = {"rolling": roll, "vs": full, "cost ratio": f"{cost(res[roll][1]) / max(cost(res[full][1]), 1e-9):.2f}"}
+        for m, label in (("recall", "recall@5"), ("em", "EM")):
+            d = difference(metric(res[roll][1], m), metric(res[full][1], m))
+            row[f"{label}: rolling − full [95% CI]"] = f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]"
+            row[f"{label} matches (0 in the interval)"] = "yes" if d.contains(0.0) else "no"
+        rows.append(row)
+    return rows
+
+
+def model_section(model: str, setup: str, res: Results, study: Study, plot_link: str, note: str = "") -> str:
+    parts = [f"### {model}", "", setup, "", table(condition_rows(res)), "", *([note, ""] if note else []), plot_link, ""]
+    gaps = gap_answers(res, study) + gap_answers(res, study, "query_side")
+    if gaps:
+        parts += ["Share of the gap to a fresh index every step that async `full` refresh closes:", "", table(gaps), ""]
+    rolls = rolling_answers(res, study)
+    if rolls:
+        parts += ["`rolling` against `full`:", "", table(rolls), ""]
+    parts += [verdict(model, res, study), ""]
+    return "\n".join(parts)
+
+
+def verdict(model: str, res: Results, study: Study) -> str:
+    """One paragraph: the frozen/fresh gap, whether full closes >= 80% of it, whether rolling matches at 25%."""
+    if "frozen" not in res or "fresh every step" not in res:
+        return ""
+    out = []
+    fr, fresh = (t_interval(metric(res[k][1], "recall")) for k in ("frozen", "fresh every step"))
+    if fresh.mean <= fr.mean:
+        out.append(f"{model}: fresh every step ({fresh.mean:.3f}) is not above the frozen retriever ({fr.mean:.3f}) "
+                   "in dev recall@5: there is no gap for a refresh to close.")
+        return " ".join(out)
+    sep = "clearly below" if fr.hi < fresh.lo else "not clearly below (the intervals overlap)"
+    out.append(f"{model}: the frozen retriever's dev recall@5 {fr.mean:.3f} is {sep} fresh every step's {fresh.mean:.3f}.")
+    for n in study.intervals:
+        name = f"full @{n}"
+        if name in res:
+            point, lo, hi, _ = share_of_gap(*(metric(res[k][1], "recall") for k in ("frozen", name, "fresh every step")))
+            met = "meets" if point >= GOAL_SHARE else "misses"
+            out.append(f"Async full refresh every {n} steps closes {point:.0%} [{lo:.0%}, {hi:.0%}] of the recall@5 gap "
+                       f"({met} the {GOAL_SHARE:.0%} goal{'; the interval reaches below it' if met == 'meets' and lo < GOAL_SHARE else ''}).")
+    for n in study.intervals:
+        roll, full = f"rolling @{n}", f"full @{n}"
+        if roll in res and full in res:
+            d = difference(metric(res[roll][1], "recall"), metric(res[full][1], "recall"))
+            ratio = cost(res[roll][1]) / max(cost(res[full][1]), 1e-9)
+            ok = "within" if d.contains(0.0) else "outside"
+            out.append(f"Rolling every {n} steps at {ratio:.0%} of full's encoding: recall@5 {d.mean:+.3f} "
+                       f"[{d.lo:+.3f}, {d.hi:+.3f}] against full every {n} (0 is {ok} the interval).")
+    return " ".join(out)
+
+
+def header(study: Study, quick: bool, machine: str, load: tuple[float, ...], minutes: float, runs: int,
+           cached: int) -> str:
     cmd = "python -m bench.learning" + (" --quick" if quick else "")
-    runs = [r for res in results.values() for r in res] + [r for _, r in points if r not in
-                                                           [x for res in results.values() for x in res]]
-    world = (f"the generated world with {study.passages:,} passages, batch {study.batch_size}" if study.passages
-             else "its world and batch size, named with each table")
-    warm = (f"RAG-Token and RAG-Sequence start from the retriever of `configs/rag_token_tiny.yaml` after "
-            f"{study.warm_steps} of its steps (a stage, not counted), where its dev recall is rising: from a random "
-            "retriever, RAG needs several hundred steps before dev recall moves (README, RAG), more than this "
-            "budget." if study.warm_steps else "Every retriever starts as its recipe says.")
-    trained = ", ".join(f"`{s['stage']}` ({s['seconds']:.0f} s)" for s in stages) or "none (all reused)"
-    return f"""## Learning study: retrieval, frozen index, async refresh, fresh index
-
-`{cmd}` on {machine}. Load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min):
-on this shared 2-core machine other jobs were running, so seconds are wall times under contention.
-{len(runs)} training runs took {sum(r.seconds for r in runs) / 60:.1f} min in total ({wall / 60:.1f} min wall
-with start-up). Prerequisite stages are not counted: the pretrained tiny T5 reader and the retriever FiD
-starts from are reused from `runs/` (trained now if missing: {trained}).
-
-Settings chosen to fit the budget (the recipes' own runs take 5–13 min each): each recipe of `configs/` as it
-is ({world}) except {study.steps} steps; dev = {study.val_questions} questions, evaluated before training and
-every {study.val_every} steps. Curves read "step 0 → {study.val_every} → …". {warm}
-- **(a) closed book** (`train.closed_book`): the reader sees `[CLS] question [SEP]` only. Its generator is
-  trained (learning rate scale 1; the RAG recipes keep their pretrained reader fixed in (b)–(d)), so it gets
-  every chance to learn the answer prior from the training questions; one context instead of
-  K identical copies (the same model). REALM's span reader extracts answers from passages, so closed book
-  does not apply to it (no row).
-- **(b) frozen doc index** (`train.freeze_doc_encoder`, refresh off): the index is built once from the initial
-  doc encoder; only the query tower trains and doc scores come from the snapshot.
-- **(c) async refresh** every {study.async_every} steps (`refresh.mode: async`): both towers train; the Ray
-  pool re-encodes while training goes on and the new snapshot is swapped in when ready.
-- **(d) fresh index every step** (`refresh.schedule: "1"`, `refresh.mode: sync`): training waits for a full
-  re-encode after every step, so the index is never more than one step behind: the synchronous upper bound.
-
-"mean lag" is the mean over steps of (step − the step of the doc-encoder weights that built the index in
-use). Rates on {study.val_questions} questions have a standard error of up to
-{stderr(0.5, study.val_questions):.2f}; differences smaller than about twice that are noise.
-{fid_note()}
-"""
-
-
-def fid_note() -> str:
-    from bench.common import ROOT
-    from bench.study_runs import MODELS
-    from openbook.recipe import load_recipe
-
-    cfg = load_recipe(ROOT / MODELS["FiD"])
-    start = f"`{cfg.retriever.init_from}`" if cfg.retriever.init_from else "a random retriever"
-    return (f"FiD runs `{MODELS['FiD']}` with `fid.distill: true` in (b)–(d) (FiD-KD, the only path from its reader "
-            f"to its retriever) and starts from {start}; its reader trains with learning rate scale "
-            f"{cfg.reader.lr_scale:g}.")
-
-
-def _final(results: list[RunResult], condition: str) -> RunResult | None:
-    return next((r for r in results if r.condition == condition), None)
-
-
-def findings(results: list[RunResult], n: int) -> str:
-    b, c, d, a = (_final(results, x) for x in (FROZEN, ASYNC, SYNC1, CLOSED))
-    lines = []
-    for metric, attr in (("recall@5", "recall"), ("EM", "em")):
-        vb, vc, vd = (getattr(r, attr)[-1] for r in (b, c, d))
-        gap, noise = vd - vb, 2 * math.sqrt(stderr(vb, n) ** 2 + stderr(vd, n) ** 2)
-        if abs(gap) < noise:
-            verdict = (f"the gap between (b) and (d) ({gap:+.2f}) is within noise (±{noise:.2f}), so whether "
-                       "async closes it cannot be told from this run")
-        else:
-            verdict = f"(d) − (b) = {gap:+.2f} (noise ±{noise:.2f}); async (c) closes {(vc - vb) / gap:.0%} of it"
-        lines.append(f"- Final dev {metric}: (b) {vb:.2f}, (c) {vc:.2f}, (d) {vd:.2f}: {verdict}.")
-        beyond = 2 * math.sqrt(stderr(vc, n) ** 2 + stderr(vd, n) ** 2)
-        if abs(vc - vd) >= beyond:  # the async run beating (or losing to) its own upper bound is worth saying
-            lines.append(f"  (c) − (d) = {vc - vd:+.2f}, beyond noise (±{beyond:.2f}).")
-    if a is not None:
-        best = max((b, c, d), key=lambda r: r.em[-1])
-        lines.append(f"- Closed book ends at EM {a.em[-1]:.2f}; the best retrieval condition, {best.condition}, "
-                     f"at {best.em[-1]:.2f}.")
-    return "\n".join(lines)
-
-
-def sweep_text(points: list[tuple[int, RunResult]], sync1: RunResult, frozen: RunResult) -> str:
-    ordered = sorted([(r.mean_lag, f"async every {k}", r) for k, r in points] + [(sync1.mean_lag, "sync every 1", sync1)],
-                     key=lambda t: t[0])
-    best = max(ordered, key=lambda t: t[2].recall[-1])
-    worst = min(ordered, key=lambda t: t[2].recall[-1])
-    return ("Final dev recall@5 by mean lag: " + ", ".join(f"{lag:.1f} steps ({name}) {r.recall[-1]:.2f}"
-                                                           for lag, name, r in ordered)
-            + f"; never refreshed (b): {frozen.recall[-1]:.2f}. Best: {best[1]} ({best[2].recall[-1]:.2f}), "
-              f"worst: {worst[1]} ({worst[2].recall[-1]:.2f}).")
+    return "\n".join([
+        "## Learning study: does the refresh pay, and what do cheaper refresh strategies buy?", "",
+        f"`{cmd}` on {machine}. Load average at start {' / '.join(f'{x:.2f}' for x in load)}. {runs} training runs "
+        f"({cached} of them reused from earlier sittings, `bench/results/learning-*.json`); this sitting "
+        f"{minutes:.0f} min.", "",
+        f"Every run: the model's recipe in `configs/` on a {study.passages:,}-passage world with "
+        f"{round(study.passages * study.dev_fraction)} dev questions (`data.world.dev_fraction` {study.dev_fraction}), "
+        f"{study.steps} steps, {study.seeds} seeds (`train.seed` 0–{study.seeds - 1}: init, data order, dropout; the "
+        f"world and the warm starts fixed), `index.shards` {study.shards}, dev recall@5 and EM on all dev questions "
+        f"after the last step. Every refreshing run uses the deterministic refresh (`refresh.mode: async`, "
+        f"`refresh.swap_lag` {study.swap_lag}; fresh every step: `sync`), so a condition's spread is its seeds', not "
+        "the machine's. Every model starts from the RAG recipes' ICT warm start (trained on another world), where "
+        "the gold passage is in the top 5 for most questions but not all, so retrieval has something to learn.", "",
+        "Conditions: **closed book** (generators: the question alone, the generator trained); **frozen** "
+        "(`train.freeze_retriever`: neither tower trains, the index of step 0 throughout; where nothing else would "
+        "train, the start); **query_side** "
+        "(`refresh.strategy: query_side`: the doc tower and its index frozen, the query tower trains); then, with "
+        "both towers training, at two refresh intervals each: **full** (re-encode the corpus), **rolling** "
+        f"(each refresh re-encodes the next 1/{study.rolling_parts} of the shards), **rerank** (full refreshes, and "
+        f"each step re-scores the index's top {study.rerank_candidates} per question with the live doc encoder and "
+        "keeps the best k); and **fresh every step** (a full re-encode after every step, waited for: the upper "
+        "bound). \"passages encoded / step\": the doc encoder's passages beyond the k it scores for the loss "
+        "(refreshes after the initial index, and rerank candidates), per training step. Intervals are 95% "
+        "Student-t over seeds; the share of a gap is a ratio of means with a paired bootstrap interval over seeds.",
+    ])

@@ -67,13 +67,72 @@ class RecipeConfig:
                              f"for their swap (refresh.swap_lag={self.refresh.swap_lag}, schedule "
                              f"'{self.refresh.schedule}'): a publish would prune one; raise snapshots.keep to "
                              f"{waiting} or lower the lag")
-        if self.train.freeze_doc_encoder and self.retriever.shared:
-            raise ValueError("train.freeze_doc_encoder with retriever.shared would freeze the query tower too")
         if self.model not in MODELS:
             raise ValueError(f"model {self.model!r} is not one of {model_names()}")
+        self._check_frozen()
+        self._check_rerank()
+        self._check_rolling()
         if self.train.closed_book and not MODELS[self.model].generates:
             raise ValueError(f"train.closed_book needs a generator (model: rag or fid), not {self.model}: "
                              "a span reader or a retriever cannot answer without passages")
+
+    @property
+    def doc_tower_frozen(self) -> bool:
+        """Whether the doc tower (and so the index) stays as built at the start: ``train.freeze_doc_encoder``,
+        ``train.freeze_retriever`` or ``refresh.strategy: query_side``. The one place that decides it; the
+        modules freeze by it and the specs turn the refresh off by it."""
+        t = self.train
+        return t.freeze_doc_encoder or t.freeze_retriever or self.refresh.strategy == "query_side"
+
+    @property
+    def rerank_candidates(self) -> int:
+        """K' candidates per query re-scored with the live doc encoder (``refresh.strategy: rerank``), else 0."""
+        return self.refresh.rerank_candidates if self.refresh.strategy == "rerank" else 0
+
+    @property
+    def retrieved_k(self) -> int:
+        """The k passages per query the model reads from the index (what rerank keeps of its K')."""
+        if self.model == "dense_retriever":  # the positive's hard negatives and the logged recall@k
+            return max(self.train.negatives + 1, self.train.eval_k)
+        return self.reader.n_docs
+
+    def _check_frozen(self) -> None:
+        t = self.train
+        if (t.freeze_doc_encoder or self.refresh.strategy == "query_side") and not t.freeze_retriever \
+                and self.retriever.shared:
+            what = "train.freeze_doc_encoder" if t.freeze_doc_encoder else "refresh.strategy query_side"
+            raise ValueError(f"{what} with retriever.shared would freeze the query tower too")
+        if t.freeze_retriever and self.model in ("dense_retriever", "ict"):
+            raise ValueError(f"train.freeze_retriever with model {self.model}: nothing would train (it has no reader)")
+        if t.freeze_retriever and self.reader.lr_scale == 0:
+            raise ValueError("train.freeze_retriever with reader.lr_scale 0: nothing would train (the reader is fixed "
+                             "too); the start is what such a run would give")
+
+    def _check_rolling(self) -> None:
+        if self.refresh.strategy != "rolling":
+            return
+        if not self.refresh.enabled:
+            raise ValueError("refresh.strategy rolling re-encodes part of the index at each refresh, but "
+                             "refresh.enabled is false: turn refresh on or use strategy full")
+        shards = self.index.shards or self.refresh.num_workers
+        if shards < self.refresh.rolling_parts:
+            raise ValueError(f"refresh.strategy rolling needs at least refresh.rolling_parts="
+                             f"{self.refresh.rolling_parts} index shards, got {shards} (index.shards, or "
+                             "refresh.num_workers when it is 0): raise index.shards or lower rolling_parts")
+
+    def _check_rerank(self) -> None:
+        if self.refresh.strategy != "rerank":
+            return
+        if self.doc_tower_frozen:
+            raise ValueError("refresh.strategy rerank needs a training doc encoder (nothing live to rerank with), "
+                             "not train.freeze_doc_encoder / train.freeze_retriever")
+        if self.model == "ict":
+            raise ValueError("refresh.strategy rerank: model ict retrieves nothing from the index")
+        k = self.retrieved_k
+        if self.refresh.rerank_candidates <= k:
+            what = ("max(train.negatives + 1, train.eval_k)" if self.model == "dense_retriever" else "reader.n_docs")
+            raise ValueError(f"refresh.rerank_candidates={self.refresh.rerank_candidates} must exceed the k the model "
+                             f"reads, {what}={k}")
 
     def _refreshes_waiting(self) -> int:
         lag = self.refresh.lag

@@ -102,24 +102,93 @@ def test_reencode_rows_come_from_real_refreshes(tmp_path, ray_session):
 
 
 def test_study_conditions_are_the_recipes_with_a_few_overrides(tmp_path):
-    from bench.study_runs import ASYNC, CLOSED, FROZEN, SYNC1, StudyConfig, recipe
+    from bench.study_runs import MODELS, Study
+    from openbook.recipe import load_recipe
 
-    s = StudyConfig(passages=300, steps=12, val_every=4)
-    closed = recipe("RAG-Token", CLOSED, s, tmp_path, 5)
-    assert closed.train.closed_book and not closed.refresh.enabled and closed.reader.n_docs == 1
-    assert recipe("REALM open-QA", CLOSED, s, tmp_path, 5) is None  # a span reader cannot answer closed book
-    frozen = recipe("FiD", FROZEN, s, tmp_path, 5)
-    assert frozen.train.freeze_doc_encoder and not frozen.refresh.enabled and frozen.train.max_steps == 12
-    sync = recipe("RAG-Sequence", SYNC1, s, tmp_path, 5)
-    assert (sync.refresh.mode, sync.refresh.schedule, sync.rag.variant) == ("sync", "1", "sequence")
-    asy = recipe("REALM open-QA", ASYNC, s, tmp_path, 5)
-    assert (asy.refresh.mode, asy.refresh.schedule, asy.data.world.num_passages) == ("async", "5", 300)
+    study = Study()
+    by_model = {m.name: dict((c.name, load_recipe(ROOT / j.config, j.overrides)) for c, j in study.jobs(m, tmp_path))
+                for m in MODELS}
+    rag = by_model["RAG-Token"]
+    a, b = study.intervals
+    assert list(rag) == ["closed book", "query_side", f"full @{a}", f"full @{b}", f"rolling @{a}", f"rolling @{b}",
+                         f"rerank @{a}", f"rerank @{b}", "fresh every step"]
+    assert "closed book" not in by_model["REALM open-QA"] and "closed book" not in by_model["dense retriever"]
+    assert "frozen" in by_model["REALM open-QA"] and "frozen" not in by_model["dense retriever"]  # the start's figures
+    assert "frozen" not in rag and rag["query_side"].train.validate_at_start  # RAG's reader is fixed: frozen = start
+    assert not by_model["REALM open-QA"]["query_side"].train.validate_at_start
+    assert rag["closed book"].train.closed_book and rag["closed book"].reader.n_docs == 1
+    realm_frozen = by_model["REALM open-QA"]["frozen"]
+    assert realm_frozen.train.freeze_retriever and not realm_frozen.refresh.enabled
+    assert rag["query_side"].refresh.strategy == "query_side"
+    for name, n in ((f"full @{a}", a), (f"rolling @{b}", b), (f"rerank @{a}", a)):
+        cfg = rag[name]
+        assert (cfg.refresh.mode, cfg.refresh.schedule, cfg.refresh.strategy) == ("async", str(n), name.split()[0])
+        assert cfg.refresh.swap_lag == study.swap_lag  # the deterministic refresh, a fixed lag
+    fresh = rag["fresh every step"]
+    assert (fresh.refresh.mode, fresh.refresh.schedule, fresh.refresh.strategy) == ("sync", "1", "full")
+    for cfgs in by_model.values():
+        for cfg in cfgs.values():
+            assert cfg.data.world.num_passages == study.passages and cfg.train.val_questions >= 500
+            assert round(study.passages * cfg.data.world.dev_fraction) >= 500 and cfg.index.shards >= 4
+    seeds = [j.seed for c, j in study.jobs(MODELS[2], tmp_path) if c.name == "frozen"]
+    assert seeds == [0, 1, 2]
 
 
-def test_mean_lag_and_validation_steps(tmp_path):
-    from bench.study_runs import _by_step, mean_lag
+def test_encoding_cost_counts_refreshes_after_the_first_index_and_rerank_candidates():
+    from bench.study_runs import encoded_per_step
 
-    history = {"versions": [[1, 1], [2, 1], [3, 2], [4, 2]], "events": [{"version": 2, "submitted_step": 2}]}
-    (tmp_path / "refresh_history_rank0.json").write_text(json.dumps(history))
-    assert mean_lag(tmp_path) == (1 + 2 + 1 + 2) / 4
-    assert _by_step([0, 19, 39, 40], [0.1, 0.2, 0.3, 0.4], 20) == {0: 0.1, 20: 0.2, 40: 0.4}
+    run = {"summary": {"steps": 100, "passages_encoded_by_refresh": 2000 * 11, "passages_encoded_initial": 2000,
+                       "rerank_encoded": 100 * 32 * 20}}
+    assert encoded_per_step(run) == (2000 * 10 + 64000) / 100
+    assert encoded_per_step({"summary": {"steps": 100}}) == 0  # closed book / frozen: nothing after the first index
+    logged = {"summary": {"steps": 10}, "scalars": {"retrieval/rerank_encoded": {"0": 640.0, "9": 6400.0}}}
+    assert encoded_per_step(logged) == 640  # the cumulative count's last value
+
+
+def test_frozen_is_the_start_where_nothing_trains_with_the_retriever_frozen():
+    from bench.study_runs import frozen_from_start
+
+    runs = [{"summary": {"steps": 150, "dev_recall@5_at_start": 0.7 + i / 100, "dev_em_at_start": 0.1, "dev_em": 0.4,
+                         "dev_recall@5": 0.9}} for i in range(3)]
+    got = frozen_from_start(runs)
+    assert [g["summary"]["dev_recall@5"] for g in got] == [0.7, 0.71, 0.72]
+    assert [g["summary"]["dev_em"] for g in got] == [0.1] * 3
+    assert "dev_em" not in frozen_from_start([{"summary": {"steps": 9, "dev_recall@5_at_start": 0.5}}])[0]["summary"]
+
+
+def test_intervals_and_the_share_of_a_gap_against_independent_arithmetic():
+    from bench.study_stats import difference, share_of_gap, t_interval
+
+    ci = t_interval([0.5, 0.6, 0.7])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
+    assert math.isclose(ci.mean, 0.6) and math.isclose(ci.hi - ci.mean, half, rel_tol=1e-4)
+    stats = pytest.importorskip("scipy.stats")
+    ci5 = t_interval([0.1, 0.4, 0.35, 0.2, 0.3])
+    ref = stats.t.interval(0.95, 4, loc=np.mean([0.1, 0.4, 0.35, 0.2, 0.3]), scale=stats.sem([0.1, 0.4, 0.35, 0.2, 0.3]))
+    assert np.allclose([ci5.lo, ci5.hi], ref, atol=1e-3)
+    d = difference([0.7, 0.8, 0.9], [0.6, 0.7, 0.8])
+    assert math.isclose(d.mean, 0.1) and math.isclose(d.lo, 0.1) and d.contains(0.1) and not d.contains(0.0)
+    point, lo, hi, per = share_of_gap([0.5, 0.6, 0.7], [0.9, 0.92, 0.95], [1.0, 1.0, 1.0])
+    assert math.isclose(point, (np.mean([0.9, 0.92, 0.95]) - 0.6) / (1.0 - 0.6))
+    assert lo <= point <= hi and np.allclose(per, [0.8, 0.8, 0.95 / 0.3 - 0.7 / 0.3])
+
+
+def test_a_study_run_is_also_kept_in_bench_results(tmp_path, monkeypatch):
+    import bench.seeds as seeds
+    from bench.seeds import Job, run_job
+    from openbook.trainer.train import config_yaml
+    from tests.helpers import tiny_recipe
+
+    monkeypatch.setattr(seeds, "KEPT", tmp_path / "kept")
+    (tmp_path / "kept").mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(config_yaml(tiny_recipe(tmp_path, cache=tmp_path / "cache", train={"max_steps": 2},
+                                              refresh={"enabled": False})))
+    job = Job("tiny", str(recipe), seed=0, root=tmp_path / "learning", keep=True)
+    first = run_job(job)
+    assert json.loads(job.kept.read_text()) == first and job.kept.name == "learning-tiny-s0.json"
+    import shutil
+
+    shutil.rmtree(job.run_dir)  # another checkout: only bench/results has it
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran again")))
+    assert run_job(job)["summary"] == first["summary"]

@@ -151,3 +151,15 @@ def test_a_recipe_resolves_by_name_from_any_directory(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config file not found \(a path, or a shipped recipe: .*default") as err:
         load_recipe("no_such_recipe")
     assert "\n" not in str(err.value)
+
+
+def test_rolling_refresh_needs_refresh_on_and_at_least_r_shards():
+    rolling = {"strategy": "rolling", "rolling_parts": 4}
+    with pytest.raises(ConfigError, match="needs at least refresh.rolling_parts=4 index shards, got 3"):
+        from_dict(RecipeConfig, {"refresh": rolling, "index": {"shards": 3}})
+    with pytest.raises(ConfigError, match="got 2 .index.shards, or refresh.num_workers when it is 0"):
+        from_dict(RecipeConfig, {"refresh": {**rolling, "num_workers": 2}, "index": {"shards": 0}})
+    with pytest.raises(ConfigError, match="refresh.enabled is false"):
+        from_dict(RecipeConfig, {"refresh": {**rolling, "enabled": False}, "index": {"shards": 4}})
+    cfg = from_dict(RecipeConfig, {"refresh": {**rolling, "num_workers": 4}, "index": {"shards": 0}})
+    assert cfg.refresh.strategy == "rolling"

@@ -92,3 +92,15 @@ def test_reader_lr_scale_sets_the_generators_rate(tmp_path, scale):
             assert in_opt.get(id(p)) == (pytest.approx(2e-3 * scale) if scale else None)
         else:
             assert in_opt[id(p)] == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_validate_at_start_off_skips_only_the_first_answer_evaluation(tmp_path, at_start):
+    from openbook.trainer.train import run_train
+
+    cfg = tiny_recipe(tmp_path, model="rag", generator={"d_model": 32, "ffn": 64, "dropout": 0.0},
+                      reader={"n_docs": 2, "max_context_length": 48}, refresh={"enabled": False},
+                      train={"max_steps": 2, "batch_size": 4, "val_questions": 8, "validate_at_start": at_start})
+    s = run_train(cfg, progress=False)
+    assert ("dev_em_at_start" in s) == at_start
+    assert "dev_em" in s and "dev_recall@5_at_start" in s  # the final evaluation and the start's gold recall stay

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from openbook.index import SnapshotStore
 from openbook.models.retriever import DocTowerSpec, build_retriever
 from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
 from openbook.refresher.encode import encode_rows, numpy_state
+from openbook.refresher.publish import publish_in_process
 from tests.helpers import tiny_recipe, wait_gone
 
 
@@ -306,3 +308,81 @@ def test_refresh_progress_is_logged_at_most_every_interval_and_at_the_end(caplog
         every.shard_done(rows=10)
     assert [r.getMessage().split(",")[0] for r in caplog.records] == [
         f"refresh for step 8: shards {k}/3" for k in (1, 2, 3)]
+
+
+def test_rolling_refreshes_reencode_one_part_each_and_carry_the_rest_over(setup, tmp_path, caplog):
+    """refresh.strategy rolling, 6 shards, R=3: after the initial full build (part -1), each refresh re-encodes
+    the next 2 shards (parts 0, 1, 2) with its own weights and hard-links the other 4 from the snapshot before.
+    Every shard then holds a direct encode of its rows with the weights of the step its manifest entry names."""
+    caplog.set_level(logging.INFO, logger="openbook.refresher.coordinator")
+    root = tmp_path / "snaps"
+    coord = _coordinator(setup, root, num_workers=2, shards=6, strategy="rolling", rolling_parts=3)
+    n = len(setup[4])
+    steps = [0, 10, 20, 30]
+    states = {step: _perturbed_state(setup[2], 40 + i) for i, step in enumerate(steps)}
+    try:
+        store, results = SnapshotStore(root), []
+        want_steps = [[0] * 6, [10, 10, 0, 0, 0, 0], [10, 10, 20, 20, 0, 0], [10, 10, 20, 20, 30, 30]]
+        for i, step in enumerate(steps):
+            res = coord.wait_for(coord.submit(states[step], step), timeout=300)
+            assert not isinstance(res, str) and res is not None, res
+            results.append(res)
+            m = store.load(res.version).manifest  # verifies every shard's sha256, the carried ones' too
+            assert m.rotation == {"parts": 3, "part": i - 1} == {"parts": 3, "part": res.part}
+            assert m.encoder_step == step and [s["encoder_step"] for s in m.shards] == want_steps[i]
+            assert res.oldest_step == min(want_steps[i]) == m.oldest_step
+            assert res.mean_step == pytest.approx(m.mean_step)
+            rows = sum(s["hi"] - s["lo"] for k, s in enumerate(m.shards) if k * 3 // 6 == res.part or not i)
+            assert res.docs == rows and (rows == n) == (i == 0), (i, rows)  # 1/3 of the rows, all at first
+            if i:  # carried shards are the base's files (same inode), re-encoded ones are new
+                base = Path(results[i - 1].path)
+                for k, shard in enumerate(m.shards):
+                    same = os.stat(base / shard["name"] / "embeddings.npy").st_ino == os.stat(
+                        Path(res.path) / shard["name"] / "embeddings.npy").st_ino
+                    assert same == (k * 3 // 6 != res.part), (i, k)
+        snap = store.load(results[-1].version)
+        direct = {step: _direct(setup, states[step]).astype(np.float32) for step in steps}
+        emb = np.asarray(snap.embeddings, np.float32)
+        for shard in snap.manifest.shards:
+            lo, hi = shard["lo"], shard["hi"]
+            np.testing.assert_allclose(emb[lo:hi], direct[shard["encoder_step"]][lo:hi], rtol=2e-3, atol=2e-3)
+            other = steps[(steps.index(shard["encoder_step"]) + 1) % 4]  # ... and not another step's weights
+            assert np.abs(emb[lo:hi] - direct[other][lo:hi]).max() > 1e-2
+        # a base that does not match (other shard ranges now): a full re-encode, said in one line
+        caplog.clear()
+        coord.target = dataclasses.replace(coord.target, index=dataclasses.replace(coord.target.index, shards=4))
+        res = coord.wait_for(coord.submit(states[0], 40), timeout=300)
+        assert not isinstance(res, str) and res is not None, res
+        assert (res.part, res.docs, res.oldest_step) == (-1, n, 40)
+        (line,) = [r.getMessage() for r in caplog.records if "re-encoding every shard" in r.getMessage()]
+        assert "other shard ranges" in line
+        m = store.load(res.version).manifest
+        assert [s["encoder_step"] for s in m.shards] == [40] * 4 and m.rotation == {"parts": 3, "part": -1}
+    finally:
+        coord.shutdown()
+
+
+def test_an_in_process_first_index_is_a_rolling_base(setup, tmp_path):
+    """Under rolling, the first index built in this process (the evaluation before training) is written in the
+    shards the pool writes, so the first rolling refresh re-encodes part 0 only, instead of everything, and the
+    sharded search returns what one exact search over all rows returns."""
+    import faiss
+
+    cfg, data, model, _, tokens = setup
+    root = tmp_path / "snaps"
+    coord = _coordinator(setup, root, num_workers=1, shards=6, strategy="rolling", rolling_parts=3)
+    try:
+        snap, _ = publish_in_process(coord.target, model.doc_encoder, tokens, data.corpus.ids, 0, 64, sharded=True)
+        assert snap.manifest.format == 2 and [(s["lo"], s["hi"]) for s in snap.manifest.shards] == [
+            (lo, hi) for _, lo, hi in coord.shard_ranges()]
+        emb = np.asarray(snap.embeddings, np.float32)
+        flat = faiss.IndexFlatIP(emb.shape[1])
+        flat.add(emb)
+        q = emb[:7] + 0.01
+        np.testing.assert_array_equal(snap.search(q, 5)[0], flat.search(q, 5)[1])
+        coord.set_base(str(snap.path))
+        res = coord.wait_for(coord.submit(_perturbed_state(model, 7), 10), timeout=300)
+        assert not isinstance(res, str) and res is not None, res
+        assert res.part == 0 and res.docs == sum(hi - lo for s, lo, hi in coord.shard_ranges() if s * 3 // 6 == 0)
+    finally:
+        coord.shutdown()

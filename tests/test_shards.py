@@ -11,7 +11,7 @@ import pytest
 from openbook.errors import SnapshotError
 from openbook.index.faiss_index import IndexConfig
 from openbook.index.shards import Rows, merge_topk, shard_name, write_shard
-from openbook.index.snapshot import FORMAT_SHARDED, SnapshotStore
+from openbook.index.snapshot import FORMAT_SHARDED, SnapshotStore, shards_checksum
 from openbook.index.vector_index import train_index
 
 FLAT = IndexConfig(factory="Flat", device="cpu")
@@ -135,3 +135,31 @@ def test_rows_gather_across_parts_in_the_requested_shape():
     assert r.shape == (5, 2) and r[np.array([[4, 0], [3, 2]])].tolist() == [[[8, 9], [0, 1]], [[6, 7], [4, 5]]]
     with pytest.raises(IndexError):
         r[np.array([5])]
+
+
+def test_shard_steps_are_recorded_and_a_manifest_without_them_still_loads(tmp_path):
+    """publish_shards records each shard's encoder_step (carried shards: their own) and the rotation; a manifest
+    written before rolling refreshes (no per-shard step) loads, its shards taking the manifest's step."""
+    x, ids = _data()
+    store = SnapshotStore(tmp_path)
+    staging = store.stage()
+    for i, (lo, hi) in enumerate([(0, 100), (100, 300)]):
+        write_shard(staging, i, lo, x[lo:hi], ids[lo:hi], FLAT)
+    v = store.publish_shards(staging, encoder_step=9, index_cfg=FLAT, count=300, shard_steps={shard_name(0): 3},
+                             rotation={"parts": 2, "part": 1})
+    m = store.load(v).manifest
+    assert [s["encoder_step"] for s in m.shards] == [3, 9] and m.rotation == {"parts": 2, "part": 1}
+    assert (m.oldest_step, m.mean_step) == (3, (100 * 3 + 200 * 9) / 300)
+    path = store.path(v) / "manifest.json"
+    old = json.loads(path.read_text())
+    for s in old["shards"]:
+        del s["encoder_step"]
+    del old["rotation"]
+    old["checksum"] = shards_checksum(old["shards"])
+    path.write_text(json.dumps(old))
+    m = store.load(v).manifest  # verifies
+    assert m.rotation == {} and (m.oldest_step, m.mean_step) == (9, 9.0)
+    old["shards"][0]["encoder_step"] = 1  # a step edited in by hand fails the checksum
+    path.write_text(json.dumps(old))
+    with pytest.raises(SnapshotError, match="checksum"):
+        store.load(v)

@@ -51,6 +51,14 @@ SHARD_FILES = (EMBEDDINGS_FILE, DOC_IDS_FILE, INDEX_FILE)
 _SHARD_DIR = re.compile(r"^shard-(\d{5,})$")
 
 
+def row_ranges(n: int, count: int) -> list[tuple[int, int, int]]:
+    """(shard, first row, end row) of ``count`` near-equal shards over ``n`` rows (at most ``n`` shards): the
+    one split the actor pool and an in-process build both use, so a rolling refresh can build on either."""
+    count = max(1, min(count, n))
+    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    return [(s, int(lo), int(hi)) for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+
+
 def shard_name(shard: int) -> str:
     return f"{SHARD_PREFIX}{shard:05d}"
 
@@ -64,15 +72,22 @@ class ShardEntry:
     hi: int
     files: dict[str, dict[str, Any]]
     writer: dict[str, Any] = dataclasses.field(default_factory=dict)  # host, pid (and Ray node) that wrote it
+    # the step of the weights that encoded it, as the snapshot manifest records it (a rolling refresh carries
+    # older shards over); None in shard.json and in older manifests: the manifest's encoder_step
+    encoder_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.encoder_step is None:
+            del out["encoder_step"]  # shard.json, and manifests of older versions, have none
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> ShardEntry:
         if not isinstance(data, dict) or not {"name", "lo", "hi", "files"} <= set(data) <= {
-                "name", "lo", "hi", "files", "writer"}:
-            raise SnapshotError(f"{where}: a shard entry needs exactly name, lo, hi, files (and optionally writer)")
+                "name", "lo", "hi", "files", "writer", "encoder_step"}:
+            raise SnapshotError(f"{where}: a shard entry needs exactly name, lo, hi, files (and optionally writer, "
+                                "encoder_step)")
         ok = (isinstance(data["name"], str) and _SHARD_DIR.match(data["name"]) and isinstance(data["lo"], int)
               and isinstance(data["hi"], int) and 0 <= data["lo"] < data["hi"] and isinstance(data["files"], dict)
               and sorted(data["files"]) == sorted(SHARD_FILES))
@@ -82,10 +97,12 @@ class ShardEntry:
             if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
                     and isinstance(entry.get("sha256"), str)):
                 raise SnapshotError(f"{where}: files['{name}'] needs an int 'size' and a str 'sha256'")
-        writer = data.get("writer", {})
+        writer, step = data.get("writer", {}), data.get("encoder_step")
         if not isinstance(writer, dict):
             raise SnapshotError(f"{where}: 'writer' must be an object")
-        return cls(data["name"], data["lo"], data["hi"], data["files"], writer)
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise SnapshotError(f"{where}: a shard's 'encoder_step' must be an int")
+        return cls(data["name"], data["lo"], data["hi"], data["files"], writer, step)
 
 
 def check_rows(embeddings: np.ndarray, doc_ids: Sequence[str] | np.ndarray,

@@ -98,7 +98,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "weights_time": (int, float), "dim": (int,), "count": (int,), "factory": (str,), "files": (dict,),
     "checksum": (str,), "meta": (dict,), "index_config": (dict,),
 }
-_OPTIONAL: dict[str, tuple[type, ...]] = {"shards": (list,)}  # format 2 only
+_OPTIONAL: dict[str, tuple[type, ...]] = {"shards": (list,), "rotation": (dict,)}  # format 2 only
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,8 @@ class Manifest:
     meta: dict[str, Any]
     index_config: dict[str, Any]  # the IndexConfig used to build (search params default to it)
     shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # format 2: ShardEntry dicts
+    # refresh.strategy rolling: {"parts": R, "part": g}, the block of shards this refresh re-encoded (-1: all)
+    rotation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +152,25 @@ class Manifest:
         check_shards(entries, self.count, where)
         return entries
 
+    def row_steps(self) -> list[tuple[int, int]]:
+        """(rows, encoder step) of each shard (format 1: one part); a shard without its own step (a manifest
+        older than rolling refreshes) was encoded at the manifest's ``encoder_step``."""
+        if self.format != FORMAT_SHARDED:
+            return [(self.count, self.encoder_step)]
+        return [(s["hi"] - s["lo"], self.encoder_step if s.get("encoder_step") is None else s["encoder_step"])
+                for s in self.shards]
+
+    @property
+    def oldest_step(self) -> int:
+        """The encoder step of the stalest shard."""
+        return min(step for _, step in self.row_steps())
+
+    @property
+    def mean_step(self) -> float:
+        """The row-weighted mean encoder step over the shards."""
+        parts = self.row_steps()
+        return sum(n * step for n, step in parts) / max(1, sum(n for n, _ in parts))
+
 
 def files_checksum(files: dict[str, dict[str, Any]]) -> str:
     """sha256 over the files' sha256 hex digests concatenated in file-name order."""
@@ -157,8 +178,10 @@ def files_checksum(files: dict[str, dict[str, Any]]) -> str:
 
 
 def shards_checksum(shards: list[dict[str, Any]]) -> str:
-    """Format 2: sha256 over each shard's name, row range and files checksum, in shard order."""
-    parts = [f"{s['name']}:{s['lo']}:{s['hi']}:{files_checksum(s['files'])}" for s in shards]
+    """Format 2: sha256 over each shard's name, row range and files checksum (and its encoder step, if the
+    manifest records one), in shard order."""
+    parts = [f"{s['name']}:{s['lo']}:{s['hi']}:{files_checksum(s['files'])}"
+             + (f":{s['encoder_step']}" if s.get("encoder_step") is not None else "") for s in shards]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -189,6 +212,11 @@ def _read_manifest(path: Path) -> Manifest:
     return Manifest.from_json(data, str(mpath))
 
 
+def read_manifest(path: str | Path) -> Manifest:
+    """The parsed manifest of the snapshot dir ``path`` (nothing else is read or checked)."""
+    return _read_manifest(Path(path))
+
+
 def _check_files(path: Path, m: Manifest, verify: bool) -> None:
     """Sizes always (cheap; catches truncation); sha256 of every byte only when ``verify``."""
     if m.format == FORMAT_SHARDED:
@@ -203,7 +231,7 @@ def _check_files(path: Path, m: Manifest, verify: bool) -> None:
         check_file(path / name, m.files[name], verify)
 
 
-def _shard_dim(shard_dir: Path) -> int:
+def shard_dim(shard_dir: Path) -> int:
     emb = _load_npy(shard_dir / EMBEDDINGS_FILE)
     if emb.ndim != 2:
         raise SnapshotError(f"{shard_dir / EMBEDDINGS_FILE}: expected [n, d], got shape {emb.shape}")
@@ -494,11 +522,15 @@ class SnapshotStore:
 
     def publish_shards(self, staging: Path, *, encoder_step: int, index_cfg: IndexConfig, count: int | None = None,
                        weights_time: float | None = None, meta: dict | None = None,
-                       protect: Iterable[int] = ()) -> int:
+                       protect: Iterable[int] = (), shard_steps: dict[str, int] | None = None,
+                       rotation: dict[str, int] | None = None) -> int:
         """Publish the shards written into ``staging`` as one format-2 snapshot and return its version: check
         that they tile the rows (``count`` of them, if given) and that their files are whole, write the
         manifest, claim the version. Shard contents are not re-hashed here (their writers recorded the
-        sha256; a full load verifies), and nothing is loaded: the committing process may hold no shard."""
+        sha256; a full load verifies), and nothing is loaded: the committing process may hold no shard.
+
+        Each shard entry records its ``encoder_step``: ``shard_steps[name]`` for a shard carried over from an
+        older snapshot (a rolling refresh), else ``encoder_step``. ``rotation``: recorded as is."""
         try:
             for p in staging.iterdir():  # a shard writer killed mid-write left its hidden part dir
                 if p.name.startswith((".part-", ".trash-")):
@@ -508,9 +540,11 @@ class SnapshotStore:
             if not entries:
                 raise SnapshotError(f"{staging}: no shards written")
             check_shards(entries, entries[-1].hi if count is None else count, str(staging))
-            dims = {_shard_dim(staging / e.name) for e in entries}
+            dims = {shard_dim(staging / e.name) for e in entries}
             if len(dims) != 1:
                 raise SnapshotError(f"{staging}: shards have different dims {sorted(dims)}")
+            steps = shard_steps or {}
+            entries = [dataclasses.replace(e, encoder_step=int(steps.get(e.name, encoder_step))) for e in entries]
             shards = [e.to_json() for e in entries]
             created = time.time()
             body = {"format": FORMAT_SHARDED, "version": 0, "encoder_step": int(encoder_step), "created_at": created,
@@ -518,6 +552,8 @@ class SnapshotStore:
                     "count": entries[-1].hi, "factory": index_cfg.factory, "files": {},
                     "checksum": shards_checksum(shards), "meta": dict(meta or {}),
                     "index_config": dataclasses.asdict(index_cfg), "shards": shards}
+            if rotation is not None:
+                body["rotation"] = dict(rotation)
             for e in entries:  # sizes only: a truncated shard file fails here, before the version exists
                 for name, want in e.files.items():
                     if not (staging / e.name / name).is_file():

@@ -34,6 +34,17 @@ class RefreshConfig:
         "on meanwhile and waits only if it is not ready by then): the index in use at every step follows from "
         "the config, so a seed reproduces a run; asap: swapped in as soon as it is loaded (wall-clock "
         "dependent, NOT reproducible); sync: block at each trigger until the refresh is in (swap_lag 1)")
+    strategy: Literal["full", "query_side", "rerank", "rolling"] = opt(
+        "full", "what a refresh re-encodes. full: the whole corpus with the latest doc encoder; query_side: "
+        "nothing: the doc tower and its index stay as built at the start (train.freeze_doc_encoder implied, "
+        "refresh off); rerank: full refreshes on the schedule, and each step takes rerank_candidates passages "
+        "per query from the (stale) index, re-encodes them with the live doc encoder and keeps the best by "
+        "live score; rolling: each refresh re-encodes the next 1/rolling_parts of the index shards (a refresh "
+        "costs 1/R of a full one; every passage is at most R refreshes stale)")
+    rolling_parts: int = opt(4, "rolling: R, the refreshes one rotation over the shards takes (needs at least R "
+                             "index shards: index.shards, or refresh.num_workers when that is 0)")
+    rerank_candidates: int = opt(20, "rerank: passages per query taken from the index and re-scored with the "
+                                 "live doc encoder (more than the k the model reads)")
     swap_lag: int = opt(10, "async: steps from a refresh's trigger to its swap (1 = the next step, as sync); "
                         "the pool has that many steps' time to re-encode before the trainer waits for it")
     num_workers: int = opt(1, "EncoderWorker actors in the pool")
@@ -84,6 +95,9 @@ class RefreshConfig:
             raise ValueError("check_every_n_steps must be >= 1")
         if self.swap_lag < 1:
             raise ValueError(f"refresh.swap_lag must be >= 1 (1 = swap at the next step), got {self.swap_lag}")
+        if self.rolling_parts < 1 or self.rerank_candidates < 1:
+            raise ValueError(f"refresh.rolling_parts and refresh.rerank_candidates must be >= 1, got "
+                             f"{self.rolling_parts}, {self.rerank_candidates}")
         if self.inject_delay_seconds < 0:
             raise ValueError(f"refresh.inject_delay_seconds must be >= 0, got {self.inject_delay_seconds}")
 

@@ -8,11 +8,23 @@ given one's outcome. A dead actor is replaced (at once by an idle spare, with ``
 and its shard retried; a replacement that is not up within ``refresh.replace_timeout_seconds`` fails the
 refresh rather than stalling it. Every failure is counted and the last good snapshot stays in use. While a
 refresh runs, an INFO line reports its progress at most every ``PROGRESS_SECONDS`` (and once at the end).
+
+``refresh.strategy: rolling`` (R = ``rolling_parts``): a refresh builds on a *base*, the snapshot the
+coordinator published last (the initial build included; :meth:`set_base` at resume). It re-encodes the
+next block of shards, g = (the base's rotation part + 1) mod R (shards s with s * R // S == g; a full
+build counts as part -1), and carries the others over from the base (hard links, a copy across
+filesystems) with their shard.json, so checksums still verify. The manifest records the rotation and each
+shard's encoder step. A base that is missing, unloadable or does not match (shard ranges, factory, dim)
+gives a full re-encode (one INFO line says why). Each shard's index is self-contained: a carried IVF/PQ
+shard keeps the quantizer it was built with, and searches merge per-shard top-k as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -24,9 +36,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from openbook.data.tokcache import TokenizedCorpus
-from openbook.errors import OpenbookError
+from openbook.errors import OpenbookError, SnapshotError
 from openbook.index import SnapshotStore
-from openbook.index.atomic import rmtree
+from openbook.index.atomic import check_file, fsync_path, rmtree
+from openbook.index.shards import SHARD_FILES, SHARD_MANIFEST, row_ranges, shard_name
+from openbook.index.snapshot import FORMAT_SHARDED, read_manifest, shard_dim
 from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.encode import EncoderSpec
 from openbook.refresher.pool import ActorPool, ShardFailed, run_shards
@@ -41,6 +55,37 @@ class RefreshCancelled(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one refresh does: the (shard, lo, hi) it encodes, the shards it carries over (shard -> (its dir in
+    the base snapshot, its encoder step)), and the rotation its manifest records (None under full)."""
+
+    encode: list[tuple[int, int, int]]
+    carried: dict[int, tuple[Path, int]]
+    rotation: dict[str, int] | None
+    dim: int = 0  # the base's (carried shards must match the encoded ones)
+    part: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "part", None if self.rotation is None else self.rotation["part"])
+
+
+def carry_shards(plan: Plan, staging: Path) -> None:
+    """Put each carried shard's files (shard.json included, so its checksums still hold) into ``staging`` under
+    its own name: hard links, or copies where the filesystem cannot link (another device, no link support)."""
+    for s, (src, _) in sorted(plan.carried.items()):
+        dst = staging / shard_name(s)
+        dst.mkdir()
+        for name in (*SHARD_FILES, SHARD_MANIFEST):
+            try:
+                os.link(src / name, dst / name)
+            except OSError:
+                if not (src / name).is_file():
+                    raise
+                shutil.copy2(src / name, dst / name)
+        fsync_path(dst)
+
+
 class RefreshFailed(ShardFailed):
     pass
 
@@ -53,8 +98,11 @@ class RefreshResult:
     weights_time: float  # when the encoder weights were snapshotted (lag_seconds counts from here)
     duration: float  # submit → published, seconds
     encode_seconds: float
-    docs: int
+    docs: int  # rows this refresh encoded (a rolling refresh: its part's)
     retried_shards: int
+    part: int | None = None  # rolling: the rotation part re-encoded (-1: a full build); None under full
+    oldest_step: int | None = None  # the encoder step of the stalest shard (= encoder_step unless rolling)
+    mean_step: float | None = None  # the row-weighted mean encoder step of the shards
 
     @property
     def docs_per_second(self) -> float:
@@ -130,6 +178,7 @@ class RefreshCoordinator:
         self._cancel = threading.Event()
         self._tag = 0
         self._started_ray = False
+        self._base: str | None = None  # rolling: the snapshot the next refresh builds on (the last published)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> RefreshCoordinator:
@@ -190,10 +239,28 @@ class RefreshCoordinator:
         with self._lock:
             return bool(self._jobs)
 
+    @property
+    def rolling(self) -> bool:
+        return self.cfg.strategy == "rolling" and self.cfg.rolling_parts > 1
+
+    @property
+    def base(self) -> str | None:
+        """The snapshot a rolling refresh submitted with ``base=None`` builds on once it runs: the last one
+        this coordinator published, or what :meth:`set_base` said since."""
+        with self._lock:
+            return self._base
+
+    def set_base(self, path: str | None) -> None:
+        """Resume: the newest snapshot of the refresh sequence, so the rotation goes on from it."""
+        with self._lock:
+            self._base = path
+
     def submit(self, state: dict[str, np.ndarray], encoder_step: int, protect: tuple[int, ...] = (), *,
-               queue: bool = False, weights_time: float | None = None) -> int | None:
+               queue: bool = False, weights_time: float | None = None, base: str | None = None) -> int | None:
         """Start a refresh with these doc-encoder weights and return its ticket. If one is running: None
-        (counted as skipped), or with ``queue`` the ticket of a refresh lined up behind it."""
+        (counted as skipped), or with ``queue`` the ticket of a refresh lined up behind it. ``base`` (rolling):
+        the snapshot to build on; None: the last one published when this refresh starts (refreshes run in
+        submit order, so a queued one builds on the one before it)."""
         if not self.actors:
             raise RuntimeError("RefreshCoordinator.submit before start()")
         with self._lock:
@@ -202,7 +269,7 @@ class RefreshCoordinator:
                 return None
             self._tag += 1
             wt = time.time() if weights_time is None else weights_time
-            self._jobs.append((self._tag, state, encoder_step, wt, tuple(protect)))
+            self._jobs.append((self._tag, state, encoder_step, wt, tuple(protect), base))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="openbook-refresh", daemon=True)
                 self._thread.start()
@@ -260,9 +327,9 @@ class RefreshCoordinator:
                 self._changed.notify_all()
 
     def _run(self, tag: int, state: dict, encoder_step: int, weights_time: float,
-             protect: tuple) -> RefreshResult | str:
+             protect: tuple, base: str | None) -> RefreshResult | str:
         try:
-            result = self._refresh(tag, state, encoder_step, weights_time, protect)
+            result = self._refresh(tag, state, encoder_step, weights_time, protect, base)
         except RefreshCancelled:
             log.info("refresh for step %d cancelled", encoder_step)
             return "cancelled"
@@ -277,12 +344,13 @@ class RefreshCoordinator:
             self._results.append(result)
             self.completed += 1
             self.last_failed = False
+            self._base = result.path
         log.info("published snapshot v%d (encoder_step %d) in %.1fs", result.version, encoder_step,
                  result.duration)
         return result
 
     def _refresh(self, tag: int, state: dict, encoder_step: int, weights_time: float,
-                 protect: tuple) -> RefreshResult:
+                 protect: tuple, base: str | None = None) -> RefreshResult:
         """Each actor encodes its row ranges and writes them as shards straight into the staging dir of the
         next snapshot (format 2); this thread then commits it (checks, manifest, one rename). No process
         holds all N embeddings, and only the weights and small shard entries pass the object store.
@@ -294,35 +362,98 @@ class RefreshCoordinator:
         deadline = t0 + self.cfg.timeout_seconds
         weights = ray.put(state)
         store = SnapshotStore(self.target.root, keep=self.target.keep)
-        version, encode_s, retried = store.with_space(
-            lambda: self._attempt(tag, weights, store, encoder_step, weights_time, protect, deadline), protect)
+        if base is None:
+            base = self.base
+        version, encode_s, retried, plan = store.with_space(
+            lambda: self._attempt(tag, weights, store, encoder_step, weights_time, protect, deadline, base), protect)
+        steps = [(hi - lo, plan.carried.get(s, (None, encoder_step))[1]) for s, lo, hi in self.shard_ranges()]
         return RefreshResult(version=version, path=str(store.path(version)), encoder_step=encoder_step,
                              weights_time=weights_time, duration=time.time() - t0, encode_seconds=encode_s,
-                             docs=len(self.tokens), retried_shards=retried)
+                             docs=sum(hi - lo for _, lo, hi in plan.encode), retried_shards=retried, part=plan.part,
+                             oldest_step=min(s for _, s in steps),
+                             mean_step=sum(n * s for n, s in steps) / max(1, sum(n for n, _ in steps)))
 
     def _attempt(self, tag: int, weights, store: SnapshotStore, encoder_step: int, weights_time: float,
-                 protect: tuple, deadline: float) -> tuple[int, float, int]:
-        """One try: (version, encode seconds, shards retried); a failure leaves no staging dir behind."""
+                 protect: tuple, deadline: float, base: str | None = None) -> tuple[int, float, int, Plan]:
+        """One try: (version, encode seconds, shards retried, plan); a failure leaves no staging dir behind."""
         t0 = time.time()
         staging = store.stage()
         try:
+            plan = self._plan(base, encoder_step)
+            carry_shards(plan, staging)
             trained = self._train_quantizer(tag, weights, deadline)
-            retried = self._write_shards(tag, weights, staging, trained, deadline, encoder_step)
+            retried = self._write_shards(tag, weights, staging, trained, deadline, encoder_step, plan.encode)
+            if plan.carried and shard_dim(staging / shard_name(plan.encode[0][0])) != plan.dim:
+                log.info("refresh for step %d: re-encoding every shard (the encoder's dim is not the base's %d)",
+                         encoder_step, plan.dim)
+                for s in plan.carried:
+                    rmtree(staging / shard_name(s))
+                rest = [r for r in self.shard_ranges() if r[0] in plan.carried]
+                plan = Plan(self.shard_ranges(), {}, {**plan.rotation, "part": -1})
+                retried += self._write_shards(tag, weights, staging, trained, deadline, encoder_step, rest)
             encode_s = time.time() - t0
             version = store.publish_shards(staging, encoder_step=encoder_step, index_cfg=self.target.index,
                                            count=len(self.tokens), weights_time=weights_time,
-                                           meta=self.target.meta, protect=protect)
+                                           meta=self.target.meta, protect=protect,
+                                           shard_steps={shard_name(s): st for s, (_, st) in plan.carried.items()},
+                                           rotation=plan.rotation)
         except BaseException:
             rmtree(staging)
             raise
-        return version, encode_s, retried
+        return version, encode_s, retried, plan
+
+    def _plan(self, base: str | None, encoder_step: int) -> Plan:
+        """What this refresh encodes and what it carries over from ``base`` (rolling), or all of it (full)."""
+        ranges = self.shard_ranges()
+        if self.cfg.strategy != "rolling":
+            return Plan(ranges, {}, None)
+        parts = self.cfg.rolling_parts
+        if parts == 1:
+            return Plan(ranges, {}, {"parts": 1, "part": 0})
+        why, prev = self._base_mismatch(base, ranges)
+        if why is not None:
+            log.info("refresh for step %d: re-encoding every shard (rolling refresh without a usable base: %s)",
+                     encoder_step, why)
+            return Plan(ranges, {}, {"parts": parts, "part": -1})
+        part = (prev.rotation.get("part", -1) + 1) % parts
+        mine = [r for r in ranges if r[0] * parts // len(ranges) == part]
+        steps = dict(zip(range(len(ranges)), (st for _, st in prev.row_steps())))
+        carried = {s: (Path(base) / shard_name(s), steps[s]) for s, _, _ in ranges if s * parts // len(ranges) != part}
+        log.info("refresh for step %d: rolling part %d/%d re-encodes shards %s, carries %d over from %s",
+                 encoder_step, part, parts, [r[0] for r in mine], len(carried), Path(base).name)
+        return Plan(mine, carried, {"parts": parts, "part": part}, dim=prev.dim)
+
+    def _base_mismatch(self, base: str | None, ranges: list[tuple[int, int, int]]):
+        """(None, base manifest) if a rolling refresh may build on ``base``, else (why not, None)."""
+        if base is None:
+            return "no previous snapshot", None
+        try:
+            m = read_manifest(base)
+            if m.format != FORMAT_SHARDED:
+                return f"{base} is not a sharded snapshot", None
+            entries = m.shard_entries(base)
+            for e in entries:  # sizes only: a carried file must be whole (a full load verifies the sha256)
+                for name, want in e.files.items():
+                    check_file(Path(base) / e.name / name, want, False)
+        except SnapshotError as e:
+            return str(e).splitlines()[0], None
+        have = [(shard_name(s), lo, hi) for s, lo, hi in ranges]
+        if [(e.name, e.lo, e.hi) for e in entries] != have:
+            return f"{base} has other shard ranges ({len(entries)} shards of {m.count} rows; now {len(have)} of " \
+                   f"{len(self.tokens)})", None
+        if m.factory != self.target.index.factory:
+            return f"{base} was built with factory {m.factory!r}, now {self.target.index.factory!r}", None
+        if m.meta != self.target.meta:
+            return f"{base} was built for another corpus or encoder (meta {m.meta}, now {self.target.meta})", None
+        if m.rotation.get("parts") not in (None, self.cfg.rolling_parts):
+            log.info("rolling: %s was built with %s rotation parts, now %d: the rotation restarts", base,
+                     m.rotation.get("parts"), self.cfg.rolling_parts)
+            m = dataclasses.replace(m, rotation={})
+        return None, m
 
     def shard_ranges(self) -> list[tuple[int, int, int]]:
         """(shard, first row, end row) of each index shard: ``index.shards`` of them (0: one per actor)."""
-        n = len(self.tokens)
-        count = min(self.target.index.shards or self.cfg.num_workers, n)
-        bounds = np.linspace(0, n, count + 1).round().astype(int)
-        return [(s, int(lo), int(hi)) for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+        return row_ranges(len(self.tokens), self.target.index.shards or self.cfg.num_workers)
 
     def _train_quantizer(self, tag: int, weights, deadline: float):
         """IVF/PQ: one actor encodes a seeded sample with the new weights and trains the quantizer once, so
@@ -338,9 +469,10 @@ class RefreshCoordinator:
                 self.pool.replace(0, actor)
         raise RefreshFailed("index training failed: its actor kept dying")
 
-    def _write_shards(self, tag: int, weights, staging: Path, trained, deadline: float, encoder_step: int) -> int:
+    def _write_shards(self, tag: int, weights, staging: Path, trained, deadline: float, encoder_step: int,
+                      ranges: list[tuple[int, int, int]] | None = None) -> int:
         self.shards_done = 0
-        ranges = self.shard_ranges()
+        ranges = self.shard_ranges() if ranges is None else ranges
         progress = Progress(encoder_step, len(ranges))
 
         def finished(i: int, ref: ray.ObjectRef) -> None:

@@ -17,11 +17,18 @@ class TrainConfig:
     negatives: int = opt(8, "hard negatives per question, from the (stale) index's top-k")
     data_negatives: int = opt(1, "dense retriever: of those, up to this many come from the question's own hard "
                                  "negatives (DPR's hard_negative_ctxs), when the QA data has them")
-    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); turns the refresh off")
+    freeze_doc_encoder: bool = opt(False, "train the query tower only (original RAG); turns the refresh off "
+                                   "(refresh.strategy: query_side says the same)")
+    freeze_retriever: bool = opt(False, "neither retriever tower trains (the 'frozen' baseline): the index is built "
+                                 "once from the initial weights and the refresh is simply off (even with "
+                                 "refresh.enabled); the reader still trains (rag, fid, realm_*)")
     closed_book: bool = opt(False, "rag/fid: the reader sees the question alone, no passage (the no-retrieval "
                             "baseline); retrieval still runs but nothing of it reaches the reader")
     eval_k: int = opt(5, "k of the logged retrieval recall@k")
     val_every_n_steps: int = opt(0, "evaluate on dev questions every N steps (0: only after training)")
+    validate_at_start: bool = opt(True, "evaluate the dev questions before the first step too (the summary's "
+                                  "dev_*_at_start); off saves one evaluation where the start is known (a study's "
+                                  "conditions share it); gold recall at the start is always reported")
     val_questions: int = opt(200, "dev questions per evaluation")
     val_batch_size: int = opt(16, "questions per evaluation batch")
     seed: int = opt(0, "seed for init, data order and dropout")

@@ -25,14 +25,14 @@ from openbook.models.fid import (
 from openbook.models.retriever import BiEncoder
 from openbook.trainer.config import TrainConfig
 from openbook.trainer.rag_module import RagSpec
-from openbook.trainer.retrieval import RetrievalStep, gold_recall
+from openbook.trainer.retrieval import RetrievalStep, gold_recall, rerank_metrics
 from openbook.trainer.seq2seq import (
     GeneratingModule,
     Seq2SeqReader,
     gold,
     reader_for,
 )
-from openbook.trainer.spec import Shared
+from openbook.trainer.spec import Shared, freeze, retrieval_step
 
 
 class FidModule(GeneratingModule):
@@ -61,6 +61,7 @@ class FidModule(GeneratingModule):
             loss = nll + self.fid.distill_weight * kl
             logs["train/distill_kl"] = kl.detach()
         logs["train/loss"] = loss.detach()
+        logs.update(rerank_metrics(self.retrieval))
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(got.rows))
         return loss
 
@@ -79,8 +80,10 @@ class FidModule(GeneratingModule):
 class FidSpec(RagSpec):
     def build(self, s: Shared) -> FidModule:
         # without KD nothing trains the retriever: keep it fixed and score from the snapshot, no live re-encoding
-        retrieval = RetrievalStep(s.model, s.tokens, s.holder, live=self.trains_doc_encoder(s.cfg))
-        return FidModule(s.model, reader_for(s), retrieval, s.cfg.fid, s.cfg.train)
+        module = FidModule(s.model, reader_for(s), retrieval_step(s, live=self.trains_doc_encoder(s.cfg)), s.cfg.fid,
+                           s.cfg.train)
+        freeze(s.model, s.cfg)
+        return module
 
     def trains_doc_encoder(self, cfg) -> bool:
-        return cfg.fid.distill and not cfg.train.freeze_doc_encoder  # only FiD-KD trains the retriever
+        return cfg.fid.distill and not cfg.doc_tower_frozen  # only FiD-KD trains the retriever

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 GAUGES: dict[str, tuple[str, str]] = {
     "openbook_index_version": ("index/version", "version of the index snapshot in use"),
     "openbook_index_lag_steps": ("index/lag_steps", "global step minus the encoder step of the index in use"),
+    "openbook_index_lag_steps_oldest": ("index/lag_steps_oldest", "global step minus the encoder step of the "
+                                        "stalest shard of the index in use (refresh.strategy rolling)"),
+    "openbook_index_lag_steps_mean": ("index/lag_steps_mean", "global step minus the row-weighted mean encoder "
+                                      "step of the shards of the index in use"),
     "openbook_index_lag_seconds": ("index/lag_seconds", "seconds since the index's weights were taken"),
     "openbook_refresh_duration_seconds": ("refresh/duration", "wall time of the last published refresh"),
     "openbook_refresh_docs_per_second": ("refresh/docs_per_second", "passages/s of the last refresh"),

@@ -31,7 +31,8 @@ def recall_at_k(index, doc_ids, query_emb: np.ndarray, gold: list[list[str]], k:
 def dev_recall(parts, snapshot=None) -> float:
     """Dev gold-passage recall@k (k = train.eval_k) of ``parts``' retriever against ``snapshot``, or against a
     fresh in-process encode of the corpus with the current doc encoder (the index a synchronous trainer
-    would have)."""
+    would have). With ``refresh.strategy: rerank`` the recall against ``snapshot`` is that of the list the model
+    reads: the k best by live score among the snapshot's top ``refresh.rerank_candidates``."""
     from openbook.index import IndexConfig, build_index
 
     dev = [e for e in parts.data.dev if e.gold_ids]
@@ -44,7 +45,13 @@ def dev_recall(parts, snapshot=None) -> float:
         index, ids = build_index(emb, IndexConfig()), parts.data.corpus.ids
     else:
         index, ids = snapshot.index, snapshot.doc_ids
-    rows, _ = index.search(q, cfg.train.eval_k)
+    step = getattr(parts.module, "retrieval", None) if snapshot is not None else None
+    if step is not None and step.rerank:
+        found, _ = index.search(q, max(step.rerank, cfg.train.eval_k))
+        rows = step.rerank_rows(torch.from_numpy(q), [[int(r) for r in row if r >= 0] for row in found],
+                                cfg.train.eval_k, training=False)
+    else:
+        rows, _ = index.search(q, cfg.train.eval_k)
     return float(np.mean([bool(set(e.gold_ids) & {str(ids[r]) for r in row if r >= 0}) for row, e in zip(rows, dev)]))
 
 

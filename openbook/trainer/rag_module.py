@@ -17,7 +17,7 @@ from openbook.models.rag import RagConfig, rag_loss, seq2seq_logits
 from openbook.models.retriever import BiEncoder
 from openbook.models.vocab import VocabMap
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import RetrievalStep, gold_recall
+from openbook.trainer.retrieval import RetrievalStep, gold_recall, rerank_metrics
 from openbook.trainer.seq2seq import (
     VOCAB_FILE,
     GeneratingModule,
@@ -25,7 +25,7 @@ from openbook.trainer.seq2seq import (
     gold,
     reader_for,
 )
-from openbook.trainer.spec import ModelSpec, Shared, qa_dev_loader
+from openbook.trainer.spec import ModelSpec, Shared, freeze, qa_dev_loader, retrieval_step
 
 
 class RagModule(GeneratingModule):
@@ -42,7 +42,8 @@ class RagModule(GeneratingModule):
         logits, target = seq2seq_logits(self.generator, ctx, mask, labels, self.reader_cfg.n_docs)
         loss = rag_loss(self.rag, logits, got.scores, target, self.seq2seq.ids.pad).mean()
         k = self.reader_cfg.n_docs
-        self.log_dict({"train/loss": loss.detach(), f"train/recall@{k}": gold_recall(got.rows, gold(batch), k)},
+        self.log_dict({"train/loss": loss.detach(), f"train/recall@{k}": gold_recall(got.rows, gold(batch), k),
+                       **rerank_metrics(self.retrieval)},
                       on_step=True, on_epoch=False, prog_bar=True, batch_size=len(got.rows))
         return loss
 
@@ -61,8 +62,10 @@ class RagModule(GeneratingModule):
 
 class RagSpec(ModelSpec):
     def build(self, s: Shared) -> RagModule:
-        retrieval = RetrievalStep(s.model, s.tokens, s.holder, live=not s.cfg.train.freeze_doc_encoder)
-        return RagModule(s.model, reader_for(s), retrieval, s.cfg.rag, s.cfg.train)
+        module = RagModule(s.model, reader_for(s), retrieval_step(s, live=not s.cfg.doc_tower_frozen), s.cfg.rag,
+                           s.cfg.train)
+        freeze(s.model, s.cfg)
+        return module
 
     def dev_loader(self, s: Shared):
         return qa_dev_loader(s)

@@ -12,8 +12,6 @@ import torch
 from torch.utils.data import Dataset
 
 from openbook.data import Corpus
-from openbook.data.tokcache import TokenizedCorpus
-from openbook.index import IndexHolder
 from openbook.models.rag import join_context
 from openbook.models.reader import ReaderConfig
 from openbook.models.realm import (
@@ -30,8 +28,8 @@ from openbook.models.retriever import BiEncoder
 from openbook.trainer.batches import make_loader
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import RetrievalStep
-from openbook.trainer.spec import ModelSpec, Shared, check_full_batch
+from openbook.trainer.retrieval import RetrievalStep, rerank_metrics
+from openbook.trainer.spec import ModelSpec, Shared, check_full_batch, freeze, retrieval_step
 
 
 class MaskedSentences(Dataset):
@@ -79,12 +77,12 @@ class RealmPretrainModule(pl.LightningModule):
     """``training_step`` returns, beside the loss, what retrieval found (Lightning hands it to callbacks as
     ``outputs``): the rows, whether each holds the masked span, the live-scored top passage and its utility."""
 
-    def __init__(self, retriever: BiEncoder, reader: torch.nn.Module, tokens: TokenizedCorpus, holder: IndexHolder,
+    def __init__(self, retriever: BiEncoder, reader: torch.nn.Module, retrieval: RetrievalStep,
                  reader_cfg: ReaderConfig, cfg: RealmConfig, train: TrainConfig, cls_id: int, sep_id: int, pad_id: int):
         super().__init__()
         self.retriever, self.reader, self.reader_cfg, self.realm, self.cfg = retriever, reader, reader_cfg, cfg, train
         self.pad_id = pad_id
-        self.retrieval = RetrievalStep(retriever, tokens, holder, live=True)
+        self.retrieval = retrieval
         self.null = {"input_ids": torch.tensor([[cls_id, sep_id]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -101,7 +99,7 @@ class RealmPretrainModule(pl.LightningModule):
         top = got.scores.detach()[:, first:].argmax(1).cpu()  # the top retrieved passage, live scores
         out = {"loss": loss, "rows": got.rows, "span_found": found, "top": top}
         metrics = {"train/loss": loss.detach(), "train/span_in_docs": found.any(1).float().mean(),
-                   "train/span_in_top": found.gather(1, top[:, None]).float().mean()}
+                   "train/span_in_top": found.gather(1, top[:, None]).float().mean(), **rerank_metrics(self.retrieval)}
         if self.realm.null_doc:
             out["utility"] = doc_utility(logits.detach(), labels)[:, 1:].gather(1, top[:, None].to(self.device))[:, 0]
             metrics["train/retrieval_utility"] = out["utility"].mean()
@@ -131,8 +129,10 @@ class RealmPretrainSpec(ModelSpec):
 
         c, tok = s.cfg, s.tokenizer
         reader = build_mlm_reader(c.realm, len(tok), c.reader.max_context_length, tok)
-        return RealmPretrainModule(s.model, reader, s.tokens, s.holder, c.reader, c.realm, c.train, tok.cls_token_id,
-                                   tok.sep_token_id, tok.pad_token_id)
+        module = RealmPretrainModule(s.model, reader, retrieval_step(s, live=True), c.reader, c.realm, c.train,
+                                     tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+        freeze(s.model, c)
+        return module
 
     def train_loader(self, s: Shared):
         """Corpus sentences with a salient span masked (a fresh span per access, seeded)."""

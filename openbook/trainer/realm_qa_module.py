@@ -4,7 +4,8 @@ marginal likelihood of the answer spans over all (doc, span) pairs (ORQA/REALM).
 
 Questions whose retrieved passages hold no answer span give no loss (as in ORQA); how many did is
 logged as ``answer_in_docs``. The doc encoder is trained (and the asynchronous refresh keeps the index
-near it) or frozen (``train.freeze_doc_encoder``: scores come from the snapshot's own embeddings).
+near it) or frozen (``train.freeze_doc_encoder``, ``refresh.strategy: query_side``, ``train.freeze_retriever``:
+scores come from the snapshot's own embeddings).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from openbook.data.qa import exact_match
-from openbook.data.tokcache import TokenizedCorpus
 from openbook.errors import ConfigError
-from openbook.index import IndexHolder
 from openbook.models.rag import join_context
 from openbook.models.reader import ReaderConfig
 from openbook.models.realm import RealmConfig, span_marginal_nll
@@ -26,8 +25,8 @@ from openbook.models.realm_reader import SpanReader, best_spans, decode_spans, g
 from openbook.models.retriever import BiEncoder
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import RetrievalStep, gold_recall
-from openbook.trainer.spec import ModelSpec, Shared, qa_dev_loader
+from openbook.trainer.retrieval import RetrievalStep, gold_recall, rerank_metrics
+from openbook.trainer.spec import ModelSpec, Shared, freeze, qa_dev_loader, retrieval_step
 
 
 def load_pretrained(run_dir: str, retriever: BiEncoder, reader: SpanReader) -> None:
@@ -49,14 +48,12 @@ def load_pretrained(run_dir: str, retriever: BiEncoder, reader: SpanReader) -> N
 
 
 class RealmQAModule(pl.LightningModule):
-    def __init__(self, retriever: BiEncoder, reader: SpanReader, tokens: TokenizedCorpus, holder: IndexHolder,
+    def __init__(self, retriever: BiEncoder, reader: SpanReader, retrieval: RetrievalStep,
                  reader_cfg: ReaderConfig, cfg: RealmConfig, train: TrainConfig, tokenizer):
         super().__init__()
         self.retriever, self.reader, self.reader_cfg = retriever, reader, reader_cfg
         self.realm, self.cfg, self.tokenizer = cfg, train, tokenizer
-        self.retrieval = RetrievalStep(retriever, tokens, holder, live=not train.freeze_doc_encoder)
-        if train.freeze_doc_encoder:
-            self.retriever.doc_encoder.requires_grad_(False)
+        self.retrieval = retrieval
 
     def _forward(self, batch: dict) -> dict:
         """Retrieved rows [B,K], their scores [B,K], reader inputs [B*K,L], evidence and logits [B,K,L]."""
@@ -88,7 +85,8 @@ class RealmQAModule(pl.LightningModule):
             loss = out["scores"].sum() * 0.0 + (out["start"].sum() + out["end"].sum()) * 0.0
         k = self.reader_cfg.n_docs
         self.log_dict({"train/loss": loss.detach(), "train/answer_in_docs": ok.float().mean(),
-                       f"train/recall@{k}": gold_recall(out["rows"], batch["gold_row"].cpu().numpy(), k)},
+                       f"train/recall@{k}": gold_recall(out["rows"], batch["gold_row"].cpu().numpy(), k),
+                       **rerank_metrics(self.retrieval)},
                       on_step=True, on_epoch=False, prog_bar=True, batch_size=len(ok))
         return loss
 
@@ -120,7 +118,10 @@ class RealmQASpec(ModelSpec):
         reader = build_span_reader(c.realm, len(s.tokenizer), c.reader.max_context_length, s.tokenizer)
         if c.realm.init_from:  # before the initial index is built, so it is built with these weights
             load_pretrained(c.realm.init_from, s.model, reader)
-        return RealmQAModule(s.model, reader, s.tokens, s.holder, c.reader, c.realm, c.train, s.tokenizer)
+        module = RealmQAModule(s.model, reader, retrieval_step(s, live=not c.doc_tower_frozen), c.reader, c.realm,
+                               c.train, s.tokenizer)
+        freeze(s.model, c)
+        return module
 
     def dev_loader(self, s: Shared):
         return qa_dev_loader(s)

@@ -103,8 +103,10 @@ class IndexRefreshCallback(pl.Callback):
                 log.info("index v%d built by the actor pool: %d passages in %.1f s, %.0f passages/s", res.version,
                          res.docs, res.duration, res.docs_per_second)
                 pub = Published.of(res)
+                self.stats.initial_docs += res.docs
             elif self.build_initial is not None:
                 pub = self.build_initial(pl_module, step)
+                self.stats.initial_docs += self.published_count(pub)
             else:
                 raise OpenbookError("no index: refresh is off and no initial snapshot builder was given")
         return trainer.strategy.broadcast(pub, src=0)
@@ -115,8 +117,19 @@ class IndexRefreshCallback(pl.Callback):
 
     def preinstall(self, pub: Published) -> None:
         """Use ``pub`` as the snapshot in use; fit then starts from it instead of building one."""
-        self.holder.swap(self._load(pub.path))
-        self._in_use = pub
+        snap = self._load(pub.path)
+        self.holder.swap(snap)
+        self._in_use = pub.with_steps(snap.manifest)
+
+    @staticmethod
+    def published_count(pub: Published) -> int:
+        """The passages of a published snapshot (what a full build of it encoded)."""
+        from openbook.index.snapshot import read_manifest
+
+        try:
+            return read_manifest(pub.path).count
+        except Exception:  # noqa: BLE001 - a statistic only
+            return 0
 
     def _part(self, trainer: pl.Trainer) -> Part | None:
         """index.placement sharded under DDP: this rank's part (re-assigned from the world size at every fit
@@ -183,10 +196,19 @@ class IndexRefreshCallback(pl.Callback):
         self._restore_in_use(trainer, pl_module, state.in_use, step)
         if self.lag is not None:
             self._queue = state.queue
+            # refresh.strategy rolling builds each refresh on the one before: the snapshot in use, then each
+            # waiting refresh's in order (a redone one on the redo before it), so the rotation goes on
+            base = self._in_use.path if self._in_use else None
+            if self.coordinator is not None:
+                self.coordinator.set_base(base)
             for p in self._queue:
-                self._reattach(p)
+                base = self._reattach(p, base)
+            if self.coordinator is not None and base is not None:
+                self.coordinator.set_base(base)
         elif state.pending is not None:
             self._pending = state.pending  # published but not yet swapped: swap at step 1
+            if self.coordinator is not None and Path(state.pending.path).is_dir():
+                self.coordinator.set_base(state.pending.path)
         # A refresh due at the saved step but not triggered (it was the last step then) is triggered now,
         # with the restored weights, which are that step's. Under asap, so is one that was in flight.
         missed = self.schedule.due(step) and self._last_refresh_step < step
@@ -223,27 +245,31 @@ class IndexRefreshCallback(pl.Callback):
             log.info("resume: index v%d (encoder_step %d) from %s, not re-encoded", pub.version,
                      pub.encoder_step, pub.path)
         self.holder.swap(snap, force=True)
-        self._in_use = pub
+        self._in_use = pub.with_steps(snap.manifest)
 
-    def _reattach(self, p: Pending) -> None:
+    def _reattach(self, p: Pending, base: str | None = None) -> str | None:
         """Rank 0, at resume: find the refresh's snapshot (published before or after the checkpoint was
-        written), or redo it from the weights the checkpoint kept."""
+        written), or redo it from the weights the checkpoint kept, built on ``base`` (rolling; None: on the
+        redo queued before it). Returns the base of the refresh after it: its snapshot, or None (a redo's,
+        not known yet)."""
         if self.coordinator is None or p.error is not None:
-            return
+            return base
         if p.published is not None and Path(p.published.path).is_dir():
-            return
+            return p.published.path
         store = SnapshotStore(self.coordinator.target.root)
         version = store.find(p.encoder_step, p.weights_time)
         if version is not None:
             p.published = Published(version, str(store.path(version)), p.encoder_step, p.weights_time)
-        elif p.state is not None:
+            return p.published.path
+        if p.state is not None:
             log.info("resume: redoing the refresh of step %d (due at step %d)", p.encoder_step, p.swap_step)
             p.published = None
             p.ticket = self.coordinator.submit(p.state, p.encoder_step, self._protect(), queue=True,
-                                               weights_time=p.weights_time)
-        else:
-            p.error = "its snapshot is gone and the checkpoint holds no weights to redo it"
-            self._count_failure()
+                                               weights_time=p.weights_time, base=base)
+            return None
+        p.error = "its snapshot is gone and the checkpoint holds no weights to redo it"
+        self._count_failure()
+        return base
 
     # -- every step --------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
@@ -418,12 +444,13 @@ class IndexRefreshCallback(pl.Callback):
     # -- shared --------------------------------------------------------------------------------
     def _record(self, res, step: int) -> None:
         self.stats.last_duration, self.stats.last_docs_per_second = res.duration, res.docs_per_second
-        self.stats.events.append(RefreshEvent(res.version, res.encoder_step, step, duration=res.duration))
+        self.stats.events.append(RefreshEvent(res.version, res.encoder_step, step, duration=res.duration,
+                                              docs=res.docs, part=res.part))
 
     def _swap(self, trainer: pl.Trainer, pre: Prefetch, force: bool = False) -> None:
         self._prefetch = None
         self.holder.swap(pre.snapshot, force=force)
-        self._in_use = pre.pub
+        self._in_use = pre.pub.with_steps(pre.snapshot.manifest)
         for ev in self.stats.events:
             if ev.version == pre.pub.version:
                 ev.swapped_step = trainer.global_step
@@ -455,6 +482,9 @@ class IndexRefreshCallback(pl.Callback):
         return {
             "index/version": float(pub.version if pub else -1),
             "index/lag_steps": float(trainer.global_step - pub.encoder_step if pub else -1),
+            # refresh.strategy rolling: the stalest shard's lag and the row-weighted mean lag (full: lag_steps)
+            "index/lag_steps_oldest": float(trainer.global_step - pub.oldest if pub else -1),
+            "index/lag_steps_mean": float(trainer.global_step - pub.mean if pub else -1),
             "index/lag_seconds": float(time.time() - pub.weights_time if pub else -1),
             "refresh/duration": self.stats.last_duration,
             "refresh/docs_per_second": self.stats.last_docs_per_second,

@@ -3,7 +3,8 @@
 Candidates come from the snapshot in use (the gold passage first, then the top non-gold ones as hard
 negatives); their scores are recomputed with the *current* towers by the shared retrieval step, so
 gradients reach both the query and the doc encoder and the index drifts out of date — which is what
-the asynchronous refresh repairs.
+the asynchronous refresh repairs. With ``refresh.strategy: rerank`` the hard negatives (and the logged
+recall@k) come from the live doc encoder's best among the index's top ``refresh.rerank_candidates``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from openbook.data.tokcache import TokenizedCorpus
-from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import RetrievalStep, gold_recall
-from openbook.trainer.spec import ModelSpec, Shared
+from openbook.trainer.retrieval import RetrievalStep, gold_recall, rerank_metrics
+from openbook.trainer.spec import ModelSpec, Shared, freeze, retrieval_step
 
 
 def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int, own: np.ndarray | None = None) -> np.ndarray:
@@ -37,12 +36,9 @@ def candidates(retrieved: np.ndarray, gold: np.ndarray, n: int, own: np.ndarray 
 
 
 class DenseRetrievalModule(pl.LightningModule):
-    def __init__(self, retriever: BiEncoder, tokens: TokenizedCorpus, holder: IndexHolder, cfg: TrainConfig):
+    def __init__(self, retriever: BiEncoder, retrieval: RetrievalStep, cfg: TrainConfig):
         super().__init__()
-        self.retriever, self.cfg = retriever, cfg
-        self.retrieval = RetrievalStep(retriever, tokens, holder, live=True)
-        if cfg.freeze_doc_encoder:
-            self.retriever.doc_encoder.requires_grad_(False)
+        self.retriever, self.cfg, self.retrieval = retriever, cfg, retrieval
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.retriever.encode_queries(batch["query"])
@@ -53,7 +49,8 @@ class DenseRetrievalModule(pl.LightningModule):
         cand = candidates(rows, gold, self.cfg.negatives, own)
         scores, _ = self.retrieval.score(snap, q, cand)  # live: the doc tower trains (ANCE/REALM)
         loss = F.cross_entropy(scores, torch.zeros(len(gold), dtype=torch.long, device=self.device))
-        self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.cfg.eval_k}": gold_recall(rows, gold, self.cfg.eval_k)},
+        self.log_dict({"train/loss": loss.detach(), f"train/recall@{self.cfg.eval_k}": gold_recall(rows, gold, self.cfg.eval_k),
+                       **rerank_metrics(self.retrieval)},
                       on_step=True, on_epoch=False, prog_bar=True, batch_size=len(gold))
         return loss
 
@@ -63,7 +60,9 @@ class DenseRetrievalModule(pl.LightningModule):
 
 class DenseRetrievalSpec(ModelSpec):
     def build(self, s: Shared) -> DenseRetrievalModule:
-        return DenseRetrievalModule(s.model, s.tokens, s.holder, s.cfg.train)
+        module = DenseRetrievalModule(s.model, retrieval_step(s, live=True), s.cfg.train)
+        freeze(s.model, s.cfg)
+        return module
 
     def needs_gold(self, cfg) -> bool:
         return True  # the gold passage is the positive

@@ -150,8 +150,6 @@ class GeneratingModule(pl.LightningModule):
             self.register_buffer("generator_vocab", seq2seq.vocab.to_orig.clone())
         if self.reader_cfg.lr_scale == 0:
             self.generator.requires_grad_(False)
-        if train.freeze_doc_encoder:
-            self.retriever.doc_encoder.requires_grad_(False)
 
     def forward_batch(self, batch: dict):
         """Retrieval for the batch's questions, and the generator inputs for every (question, passage)."""

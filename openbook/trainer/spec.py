@@ -24,6 +24,7 @@ from openbook.models.retriever import BiEncoder
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import EncoderSpec
 from openbook.trainer.batches import QACollator, make_loader, with_gold_rows
+from openbook.trainer.retrieval import RetrievalStep
 
 RETRIEVER_WEIGHTS = "retriever.pt"
 MODULE_WEIGHTS = "model.pt"
@@ -59,7 +60,7 @@ class ModelSpec:
 
     def trains_doc_encoder(self, cfg: RecipeConfig) -> bool:
         """False: every refresh would rebuild the same index, so refresh is off."""
-        return not cfg.train.freeze_doc_encoder
+        return not cfg.doc_tower_frozen
 
     def doc_encoder(self, module: pl.LightningModule) -> torch.nn.Module:
         """The module whose weights each refresh re-encodes the corpus with."""
@@ -73,6 +74,24 @@ class ModelSpec:
         """The run's weights: the retriever (``openbook search``, ``retriever.init_from``) and the whole module."""
         save_atomic(module.retriever.state_dict(), run_dir / RETRIEVER_WEIGHTS)
         save_atomic(module.state_dict(), run_dir / MODULE_WEIGHTS)
+
+
+def retrieval_step(s: Shared, live: bool) -> RetrievalStep:
+    """The model's retrieval step: ``live`` re-scoring with the current doc tower, and with ``refresh.strategy:
+    rerank`` the choice of the k among ``refresh.rerank_candidates`` by the live doc encoder."""
+    k = s.cfg.rerank_candidates
+    if k and not live:
+        raise ConfigError(f"refresh.strategy rerank: {s.cfg.model} does not train its doc encoder here (nothing live "
+                          "to rerank with)")
+    return RetrievalStep(s.model, s.tokens, s.holder, live=live, rerank=k)
+
+
+def freeze(retriever: BiEncoder, cfg: RecipeConfig) -> None:
+    """``train.freeze_retriever``: neither tower trains; else a frozen doc tower (``cfg.doc_tower_frozen``)."""
+    if cfg.train.freeze_retriever:
+        retriever.requires_grad_(False)
+    elif cfg.doc_tower_frozen:
+        retriever.doc_encoder.requires_grad_(False)
 
 
 def qa_collator(s: Shared) -> QACollator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from openbook.index import IndexSnapshot
 
@@ -18,11 +18,27 @@ class Published:
     path: str
     encoder_step: int
     weights_time: float
+    # the stalest shard's encoder step and the row-weighted mean of the shards' (refresh.strategy rolling
+    # carries shards over); None: not known yet, every row is encoder_step's (a full refresh)
+    oldest_step: int | None = None
+    mean_step: float | None = None
 
     @classmethod
     def of(cls, res) -> Published:
         """From a coordinator's ``RefreshResult``."""
-        return cls(res.version, res.path, res.encoder_step, res.weights_time)
+        return cls(res.version, res.path, res.encoder_step, res.weights_time, res.oldest_step, res.mean_step)
+
+    def with_steps(self, manifest) -> Published:
+        """With the shard steps its loaded snapshot's ``manifest`` records."""
+        return replace(self, oldest_step=manifest.oldest_step, mean_step=manifest.mean_step)
+
+    @property
+    def oldest(self) -> float:
+        return float(self.encoder_step if self.oldest_step is None else self.oldest_step)
+
+    @property
+    def mean(self) -> float:
+        return float(self.encoder_step if self.mean_step is None else self.mean_step)
 
 
 @dataclass
@@ -63,6 +79,8 @@ class RefreshEvent:
     seen_step: int  # global step when rank 0 learned it was published
     swapped_step: int | None = None
     duration: float = 0.0
+    docs: int = 0  # passages it encoded (a rolling refresh: its part's)
+    part: int | None = None  # refresh.strategy rolling: the rotation part it re-encoded (-1: all); else None
 
 
 class Prefetch:
@@ -98,6 +116,7 @@ class RefreshStats:
     events: list[RefreshEvent] = field(default_factory=list)
     stalls: list[float] = field(default_factory=list)  # seconds the loop waited, per step
     versions: list[tuple[int, int]] = field(default_factory=list)  # (global step, version in use)
+    initial_docs: int = 0  # passages the initial index build of this process encoded (0 after a resume reuse)
 
 
 @dataclass

@@ -82,7 +82,8 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
     every refresh would rebuild the same index) and an in-process build of the first index otherwise."""
     cfg, refresh = s.cfg, s.cfg.refresh
     if refresh.enabled and not spec.trains_doc_encoder(cfg):
-        log.info("refresh off: the doc encoder does not train (train.freeze_doc_encoder, or FiD without distill)")
+        log.info("refresh off: the doc encoder does not train (train.freeze_doc_encoder, train.freeze_retriever, "
+                 "refresh.strategy query_side, or FiD without distill)")
         refresh = dataclasses.replace(refresh, enabled=False)
 
     target = index_target(cfg, s.data.corpus)
@@ -94,7 +95,7 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
         snap, stats = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
-                                         cfg.encode.batch_size, progress)
+                                         cfg.encode.batch_size, progress, sharded=refresh.strategy == "rolling")
         log.info("index v%d built in this process from the step-%d weights: %d passages, %.0f passages/s, "
                  "published in %.1f s", snap.version, step, stats["docs"], stats["docs_per_second"],
                  stats["publish_seconds"])
@@ -180,8 +181,8 @@ def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, tra
     own_recall = has_gold and dev is None  # no validation loop logs val/recall@k: it is logged here
     callbacks = [parts.callback, *([DevRecallLogger(parts, cfg.train.val_every_n_steps)] if own_recall else [])]
     trainer = make_trainer(cfg, callbacks, enable_progress_bar=progress, **trainer_overrides)
-    at_start = (validate_at_start(parts, trainer, dev) if dev is not None and trainer.world_size == 1 and ckpt is None
-                else {})
+    first = dev is not None and cfg.train.validate_at_start and ckpt is None
+    at_start = validate_at_start(parts, trainer, dev) if first and trainer.world_size == 1 else {}
     start = dev_recall(parts) if has_gold else None
     if own_recall and ckpt is None:  # a resumed run logged step 0 the first time
         log_scalars(trainer, {recall_tag(cfg): start}, 0)
@@ -239,6 +240,8 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
             "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
             "index_version": parts.holder.version, "index_encoder_step": parts.holder.get().encoder_step,
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
+            "passages_encoded_by_refresh": stats.initial_docs + sum(e.docs for e in stats.events),
+            "passages_encoded_initial": stats.initial_docs,
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
             "checkpoint_failures": checkpoint_failures(trainer),
@@ -278,5 +281,6 @@ def save_history(parts, rank: int) -> Path:
     path = Path(parts.cfg.run_dir) / f"refresh_history_rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"versions": stats.versions, "events": [dataclasses.asdict(e) for e in stats.events],
-                                "skipped": stats.skipped, "failures": stats.failures, "waits": stats.waits}))
+                                "skipped": stats.skipped, "failures": stats.failures, "waits": stats.waits,
+                                "initial_docs": stats.initial_docs}))
     return path
