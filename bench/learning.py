@@ -29,7 +29,7 @@ from bench.plots import PLOTS, link
 from bench.seeds import run_all
 from bench.study_runs import MODELS, QUICK, Condition, Study, frozen_from_start
 from bench.study_stats import t_interval
-from bench.study_text import Results, cost, header, metric, model_section
+from bench.study_text import Results, cost, header, measured, metric, model_section
 
 OUT = Path("runs") / "learning"
 
@@ -57,8 +57,17 @@ def run_model(study: Study, model, parallel: int, quick: bool = False) -> tuple[
 def kept_runs(study: Study, model, quick: bool) -> int:
     """Runs of ``model`` whose result is already there (its run dir, or bench/results)."""
     jobs = study.jobs(model, OUT.with_name(OUT.name + "_quick") if quick else OUT)
-    return sum((ROOT / j.run_dir / "bench_result.json").exists() or (not quick and (ROOT / j.kept).exists())
+    return sum(any(_same(f, j) for f in (ROOT / j.run_dir / "bench_result.json", *([] if quick else [ROOT / j.kept])))
                for _, j in jobs)
+
+
+def _same(found: Path, job) -> bool:
+    """``found`` holds a result of ``job``'s recipe as it resolves today (an older recipe's run does not count)."""
+    import json
+
+    from bench.stages import same_recipe
+
+    return found.exists() and same_recipe(json.loads(found.read_text()).get("key", ""), job.resolved())
 
 
 def plot(model: str, res: Results, suffix: str) -> Path:
@@ -66,8 +75,10 @@ def plot(model: str, res: Results, suffix: str) -> Path:
     from bench.plots import _pyplot
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (m, label) in zip(axes, (("recall", "dev recall@5"), ("em", "dev EM"))):
+    metrics = [(m, "dev recall@5" if m == "recall" else "dev EM") for m in measured(res)]  # a retriever: no EM
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    axes = axes[0]
+    for ax, (m, label) in zip(axes, metrics):
         for name, (_c, rs) in res.items():
             ci = t_interval(metric(rs, m))
             if ci.n == 0 or ci.mean != ci.mean:

@@ -40,6 +40,11 @@ def _minutes(rs: list[dict]) -> str:
     return "–" if not any(secs) else f"{statistics.fmean(secs) / 60:.1f}"
 
 
+def measured(res: Results) -> list[str]:
+    """The metrics some run of the model reports (a retriever has no EM)."""
+    return [m for m in ("recall", "em") if any(not math.isnan(v) for _, rs in res.values() for v in metric(rs, m))]
+
+
 def gap_answers(res: Results, study: Study, base: str = "frozen") -> list[dict]:
     """For each full-refresh interval: the share of the ``base`` -> fresh-every-step gap it closes."""
     if base not in res or "fresh every step" not in res:
@@ -50,7 +55,7 @@ def gap_answers(res: Results, study: Study, base: str = "frozen") -> list[dict]:
         if name not in res:
             continue
         row = {"from": base, "condition": name}
-        for m in ("recall", "em"):
+        for m in measured(res):
             low, mid, high = (metric(res[k][1], m) for k in (base, name, "fresh every step"))
             point, lo, hi, per = share_of_gap(low, mid, high)
             gap = statistics.fmean(high) - statistics.fmean(low)
@@ -73,7 +78,7 @@ def rolling_answers(res: Results, study: Study) -> list[dict]:
         if roll not in res or full not in res:
             continue
         row = {"rolling": roll, "vs": full, "cost ratio": f"{cost(res[roll][1]) / max(cost(res[full][1]), 1e-9):.2f}"}
-        for m, label in (("recall", "recall@5"), ("em", "EM")):
+        for m, label in ((m, "recall@5" if m == "recall" else "EM") for m in measured(res)):
             d = difference(metric(res[roll][1], m), metric(res[full][1], m))
             row[f"{label}: rolling − full [95% CI]"] = f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]"
             row[f"{label} matches (0 in the interval)"] = "yes" if d.contains(0.0) else "no"
