@@ -13,6 +13,7 @@ from openbook.index.snapshot import read_manifest
 from openbook.trainer.checkpoints import resolve_checkpoint
 from openbook.trainer.train import build_parts, fit, make_trainer, run_summary, train_loader
 from tests.helpers import tiny_recipe
+from tests.test_checkpoint_resume import Kill
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +62,6 @@ def test_rolling_refresh_bounds_staleness_and_reports_the_shard_lags(tmp_path, r
     assert summary["passages_encoded_initial"] == n
     # the snapshot swapped in at step 23 (the step-20 refresh, part 1) holds shards of the last 3 refreshes
     assert watch.index[23] == (1, (16, 16, 20, 20, 12, 12)), watch.index
-
-
-class Kill(pl.Callback):
-    """A killed job: raises as step ``after + 1`` begins (the step-``after`` checkpoint is written)."""
-
-    def __init__(self, after: int):
-        self.after = after
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.after:
-            raise RuntimeError("killed")
 
 
 def _recipe(tmp, cache, max_steps=20):
