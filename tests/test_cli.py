@@ -112,11 +112,15 @@ def rank_histories(run_dir: Path) -> tuple[dict, dict]:
 
 
 def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """``tag`` by step over every event file of the run (a resumed run writes one more), the newest last."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((run_dir / "tb").glob("events.out.tfevents.*"))))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
+    out = {}
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        out.update({e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
+    return out
 
 
 @pytest.mark.slow
@@ -157,10 +161,13 @@ def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
     """2-process DDP (gloo), stopped at step 8 and resumed with ``--resume last``: both ranks restore the
-    checkpoint's snapshot without re-encoding and carry on in step; the missed step-8 refresh runs at resume."""
+    checkpoint's snapshot without re-encoding and carry on in step; the missed step-8 refresh runs at resume.
+    Every rank goes on mid-epoch with its own data and RNG states, so every step's loss equals that of an
+    uninterrupted 16-step run (Lightning's own DistributedSampler would start the epoch over at resume)."""
     wd = _workdir(tmp_path)
     sets = ["refresh.schedule=4", "refresh.swap_lag=2", "data.world.num_passages=600",
             "train.checkpoint_every_n_steps=4"]
+    ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=16", "run_dir=runs/full"], "--quiet")
     ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=8"])
     second = ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=16"], "--resume", "last")
     assert second.stderr.count("not re-encoded") == 2  # one line per rank, the step-4 snapshot (v2) reused
@@ -170,6 +177,10 @@ def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
     assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
     # the step-8 refresh (triggered at resume) is in use from step 10, the step-12 one from 14
     assert [v for _, v in h0["versions"]] == [2] + [3] * 4 + [4] * 3
+    full, resumed = tb_scalars(wd / "runs" / "full", "train/loss"), tb_scalars(wd / "runs" / "default", "train/loss")
+    assert len(full) == 16 and sorted(resumed) == sorted(full), (sorted(full), sorted(resumed))
+    for step, loss in full.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-4), (step, full, resumed)
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 
 from openbook.data import Corpus, QAExample
 from openbook.errors import OpenbookError
@@ -63,64 +62,3 @@ def with_gold_rows(examples: list[QAExample], corpus: Corpus, require: bool) -> 
     if not out:
         raise OpenbookError("no usable questions" + (" with gold_ids" if require else ""))
     return out
-
-
-def make_loader(items, batch_size: int, collate: Callable, shuffle: bool, seed: int) -> DataLoader:
-    """``items``: a list or a map-style dataset. Shuffled loaders resume mid-epoch (``ResumableLoader``)."""
-    gen = torch.Generator().manual_seed(seed)
-    if not shuffle:
-        return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=gen)
-    return ResumableLoader(items, batch_size=batch_size, sampler=ResumableSampler(items, generator=gen),
-                           collate_fn=collate, generator=gen, drop_last=True)
-
-
-class ResumableSampler(RandomSampler):
-    """``RandomSampler`` (the same draws from the same generator, so the same order) that counts the
-    indices it handed out this epoch and can skip the first ``skip`` of them (resume mid-epoch)."""
-
-    def __init__(self, data_source, generator: torch.Generator):
-        super().__init__(data_source, generator=generator)
-        self.consumed = self.skip = 0
-        self.epoch_state: torch.Tensor | None = None  # the generator's state when this epoch began
-
-    def __iter__(self):
-        skip, self.skip, self.consumed = self.skip, 0, self.skip
-        return self._take(skip)
-
-    def _take(self, skip: int):
-        for i, idx in enumerate(super().__iter__()):
-            if i >= skip:
-                self.consumed = i + 1
-                yield idx
-
-
-class ResumableLoader(DataLoader):
-    """A training loader Lightning can resume mid-epoch (it saves ``state_dict()`` in checkpoints and calls
-    ``load_state_dict`` before iterating): the generator's state at the start of the epoch and how many
-    samples were taken, so the resumed epoch replays the same permutation from the next batch. Needs
-    ``num_workers=0`` (Lightning does not prefetch a loader with a length, so taken = trained on)."""
-
-    def __iter__(self):
-        if isinstance(self.sampler, ResumableSampler) and self.generator is not None:
-            self.sampler.epoch_state = self.generator.get_state()
-            self.sampler.consumed = self.sampler.skip  # the sampler itself starts at the first next()
-        return super().__iter__()
-
-    def state_dict(self) -> dict:
-        s = self.sampler
-        if not isinstance(s, ResumableSampler) or s.epoch_state is None:
-            return {}  # e.g. Lightning swapped in a DistributedSampler
-        return {"generator": s.epoch_state, "consumed": s.consumed, "calls": self._counters()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state and isinstance(self.sampler, ResumableSampler) and self.generator is not None:
-            self.generator.set_state(state["generator"])
-            self.sampler.skip = int(state["consumed"])
-            for name, calls in state.get("calls", {}).items():
-                getattr(self, name).calls = int(calls)
-
-    def _counters(self) -> dict[str, int]:
-        """Call counters of a dataset or collate function that seed their own draws (REALM's masking,
-        ICT's sentence choice): restored on resume so the resumed run draws what the uninterrupted one would."""
-        return {name: getattr(self, name).calls for name in ("dataset", "collate_fn")
-                if isinstance(getattr(getattr(self, name), "calls", None), int)}

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import Checkpoint
 
 from openbook.errors import OpenbookError
+from openbook.trainer.loaders import process_group
 
 log = logging.getLogger(__name__)
 CKPT_FILE = "model.ckpt"
@@ -62,8 +64,9 @@ def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
 
 class StepCheckpoint(Checkpoint):
     """Every ``every`` optimizer steps (0: only when asked, as at preemption), ``trainer.save_checkpoint`` into
-    ``step-{n:08d}/model.ckpt`` plus ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch RNG states (Lightning
-    does not), so a resumed run draws the same dropout masks and negatives.
+    ``step-{n:08d}/model.ckpt`` plus ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch
+    RNG states (Lightning does not), every rank's under DDP, so a resumed run draws the same dropout masks and
+    negatives on every rank.
 
     A write that fails with an OSError (a full disk, a quota) costs that checkpoint only: its partial files
     are removed, one line is logged, ``failed`` counts it (logged as ``checkpoint/failures``) and training
@@ -74,6 +77,7 @@ class StepCheckpoint(Checkpoint):
         self.saved: list[Path] = []
         self.last_step = -1  # the step last saved (a preemption checkpoint may come first at a periodic step)
         self.failed = 0
+        self._by_rank: list[dict] | None = None  # every rank's RNG states, gathered at each save under DDP
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -90,6 +94,7 @@ class StepCheckpoint(Checkpoint):
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         error = _attempt(lambda: _fresh_dir(tmp)) if trainer.is_global_zero else None
         trainer.strategy.barrier()
+        self._by_rank = gather_rng_states()  # a collective (under DDP): before save_checkpoint asks state_dict
         try:
             trainer.save_checkpoint(tmp / CKPT_FILE)  # collective: every rank calls it; rank 0 writes
         except OSError as e:
@@ -128,19 +133,43 @@ class StepCheckpoint(Checkpoint):
             shutil.rmtree(old, ignore_errors=True)
 
     def state_dict(self) -> dict:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {"rng": {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-                        "torch": torch.get_rng_state()}, "failed": self.failed}
+        """This rank's RNG states, and under DDP every rank's, gathered by ``save`` (rank 0 writes the file)."""
+        return {"rng": rng_state(), "rng_by_rank": self._by_rank, "failed": self.failed}
 
     def load_state_dict(self, state: dict) -> None:
         self.failed = state.get("failed", 0)  # failures before the resume still count
-        rng = state.get("rng")
-        if rng:
-            random.setstate(rng["python"])
-            name, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
-            torch.set_rng_state(rng["torch"])
+        replicas, rank = process_group()
+        by_rank = state.get("rng_by_rank") or []
+        if len(by_rank) == replicas:
+            set_rng_state(by_rank[rank])
+        elif state.get("rng"):  # a checkpoint from before per-rank states, or another world size
+            set_rng_state(state["rng"])
+            if replicas > 1:
+                log.info("resume: the checkpoint holds no RNG states for %d processes; every rank starts from "
+                         "rank 0's (dropout draws differ from an uninterrupted run)", replicas)
 
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+
+
+def gather_rng_states() -> list[dict] | None:
+    """Every rank's RNG states, in rank order (a collective under DDP); None in one process."""
+    replicas, _ = process_group()
+    if replicas == 1:
+        return None
+    out: list[dict | None] = [None] * replicas
+    dist.all_gather_object(out, rng_state())
+    return out
 
 def _fresh_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)  # left by a killed writer

@@ -15,9 +15,9 @@ from torch.utils.data import Dataset
 from openbook.data import Corpus
 from openbook.models.ict import IctConfig, ict_loss, ict_pair
 from openbook.models.retriever import BiEncoder
-from openbook.trainer.batches import make_loader
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
+from openbook.trainer.loaders import make_loader
 from openbook.trainer.spec import ModelSpec, Shared, check_full_batch
 
 

@@ -25,9 +25,9 @@ from openbook.models.realm import (
     span_in_docs,
 )
 from openbook.models.retriever import BiEncoder
-from openbook.trainer.batches import make_loader
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
+from openbook.trainer.loaders import make_loader
 from openbook.trainer.retrieval import RetrievalStep, rerank_metrics
 from openbook.trainer.spec import ModelSpec, Shared, check_full_batch, freeze, retrieval_step
 

@@ -23,7 +23,8 @@ from openbook.index import IndexHolder
 from openbook.models.retriever import BiEncoder
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import EncoderSpec
-from openbook.trainer.batches import QACollator, make_loader, with_gold_rows
+from openbook.trainer.batches import QACollator, with_gold_rows
+from openbook.trainer.loaders import make_loader
 from openbook.trainer.retrieval import RetrievalStep
 
 RETRIEVER_WEIGHTS = "retriever.pt"
