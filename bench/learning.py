@@ -29,7 +29,7 @@ from bench.plots import PLOTS, link
 from bench.seeds import run_all
 from bench.study_runs import MODELS, QUICK, Condition, Study, frozen_from_start
 from bench.study_stats import t_interval
-from bench.study_text import Results, cost, header, measured, metric, model_section
+from bench.study_text import Results, answer, cost, header, measured, metric, model_section
 
 OUT = Path("runs") / "learning"
 
@@ -112,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown model {sorted(unknown)} (known: {', '.join(m.name for m in study.models)})")
     load, t0 = os.getloadavg(), time.perf_counter()
-    sections, runs, cached, pending = [], 0, 0, []
+    sections, runs, cached, pending, by_model = [], 0, 0, [], {}
     for model in study.models:
         kept = kept_runs(study, model, args.quick)
         if wanted and model.name not in wanted and kept < len(study.jobs(model, OUT)):  # not asked for, not all there
             pending.append(f"{model.name} ({kept} of {len(study.jobs(model, OUT))} runs done)")
             continue
         res, hit = run_model(study, model, args.jobs, args.quick)
-        runs, cached = runs + sum(len(rs) for _, rs in res.values()), cached + hit
+        by_model[model.name] = res
+        runs, cached = runs + len(study.jobs(model, OUT)), cached + hit  # not the "frozen" rows taken from query_side
         setup = f"`{model.config}` {' '.join('--set ' + s for s in model.sets)}".strip()
         note = "" if model.frozen_trains else (
             "\"frozen\" is the start here: with the retriever frozen nothing would train ("
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(sections[-1], flush=True)
     minutes = (time.perf_counter() - t0) / 60
     todo = [f"**Not run yet**: {', '.join(pending)}; `python -m bench.learning` runs what is missing."] if pending else []
-    body = "\n\n".join([header(study, args.quick, machine(), load, minutes, runs, cached), *todo, *sections])
+    body = "\n\n".join([header(study, args.quick, machine(), load, minutes, runs, cached), *todo, answer(by_model, study), *sections])
     write_section("learning", body, QUICK_MD if args.quick and OUT_ENV not in os.environ else None)
     return 0
 

@@ -156,3 +156,30 @@ def header(study: Study, quick: bool, machine: str, load: tuple[float, ...], min
         "(refreshes after the initial index, and rerank candidates), per training step. Intervals are 95% "
         "Student-t over seeds; the share of a gap is a ratio of means with a paired bootstrap interval over seeds.",
     ])
+
+
+def answer(by_model: dict[str, Results], study: Study) -> str:
+    """The study's answer in one table, one row per model: the share of the frozen -> fresh gap full closes, and
+    rolling against full at 1/R of its cost and at about the same cost (recall@5, 95% intervals)."""
+    rows = []
+    for model, res in by_model.items():
+        if not all(k in res for k in ("frozen", "fresh every step")):
+            continue
+        row = {"model": model}
+        for n in study.intervals:
+            point, lo, hi, _ = share_of_gap(*(metric(res[k][1], "recall")
+                                              for k in ("frozen", f"full @{n}", "fresh every step")))
+            row[f"full @{n} closes"] = f"{point:.0%} [{lo:.0%}, {hi:.0%}]"
+        for r in rolling_answers(res, study):
+            row[f"{r['rolling']} − {r['vs']} (cost {r['cost ratio']})"] = (
+                f"{r['recall@5: rolling − full [95% CI]']}" + ("" if r["recall@5 matches (0 in the interval)"] == "yes"
+                                                               else " ✗"))
+        rows.append(row)
+    if not rows:
+        return ""
+    return "\n".join([
+        "### The answer", "",
+        f"Dev recall@5: the share of the frozen → fresh-every-step gap that async `full` refresh closes (goal "
+        f"≥ {GOAL_SHARE:.0%}), and `rolling` − `full` with its 95% interval (goal: 0 within the interval at "
+        f"{GOAL_COST:.0%} of full's cost; ✗: 0 is outside it). Per-model tables and EM below.", "",
+        table(rows), ""])
