@@ -78,18 +78,20 @@ def plot(model: str, res: Results, suffix: str) -> Path:
     metrics = [(m, "dev recall@5" if m == "recall" else "dev EM") for m in measured(res)]  # a retriever: no EM
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     axes = axes[0]
+    colour = {name: f"C{i}" for i, name in enumerate(res)}  # one colour per condition in both panels
     for ax, (m, label) in zip(axes, metrics):
         for name, (_c, rs) in res.items():
             ci = t_interval(metric(rs, m))
             if ci.n == 0 or ci.mean != ci.mean:
                 continue
             ax.errorbar([cost(rs)], [ci.mean], yerr=[[ci.mean - ci.lo], [ci.hi - ci.mean]], fmt="o", capsize=3,
-                        label=name)
+                        label=name, color=colour[name])
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("passages encoded per training step (symlog)")
         ax.set_ylabel(f"final {label} (mean, 95% CI)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    axes[0].legend([handles[n] for n in res if n in handles], [n for n in res if n in handles], fontsize=7)
     fig.suptitle(f"{model}: quality vs encoding cost", fontsize=10)
     fig.tight_layout()
     path = PLOTS / f"learning_{model.lower().replace(' ', '_').replace('-', '_')}{suffix}.png"
