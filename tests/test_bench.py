@@ -40,3 +40,40 @@ def test_sharded_bench_runs_on_toy_sizes(tmp_path, ray_session):
     c = refresh(tmp_path / "r", 3000, workers=1, shards=3)
     assert c["passages"] == 3000 and 0 < c["commit s"] < c["refresh s"]
     assert abs(c["commit share"] - c["commit s"] / c["refresh s"]) < 1e-9
+
+
+def test_shard_shares_attributes_the_run_index_top_5_to_its_shards(tmp_path, ray_session):
+    """bench/shard_shares.py on a real tiny run (its index built by the Ray pool in 3 shards): its per-shard rows and encoder steps are the
+    manifest's, and its top-5 shares are those of the snapshot's own sharded FAISS search (merged per-shard
+    top-k), attributed by each shard's row range."""
+    import numpy as np
+
+    from bench.shard_shares import shares
+    from openbook.data.bundle import prepare_data
+    from openbook.index import SnapshotStore
+    from openbook.models.retriever import build_retriever
+    from openbook.trainer.pipeline import encode_queries
+    from openbook.trainer.train import run_train
+    from openbook.trainer.weights import latest_weights, load_into
+    from tests.helpers import tiny_recipe
+
+    cfg = tiny_recipe(tmp_path, train={"max_steps": 4})
+    run_train(cfg, progress=False)
+    run = tmp_path / "run"
+    got = shares(run, questions=40)
+    snap = SnapshotStore(run / "snapshots").latest()
+    shards = snap.manifest.shards
+    assert len(shards) == 3
+    assert [r["encoder_step"] for r in got] == [s["encoder_step"] for s in shards]
+    assert [r["rows"] for r in got] == [round((s["hi"] - s["lo"]) / snap.count, 3) for s in shards]
+    model, tokenizer = build_retriever(cfg.retriever)
+    load_into(model, latest_weights(str(run)))
+    dev = prepare_data(cfg.data).dev[:40]
+    q = np.asarray(encode_queries(model, tokenizer, [e.question for e in dev], cfg.retriever.query_max_length),
+                   dtype=np.float32)
+    rows, _ = snap.search(q, 5)
+    shard_of = np.searchsorted([s["hi"] for s in shards], rows.ravel(), side="right")
+    want = np.bincount(shard_of, minlength=len(shards)) / rows.size
+    # FAISS and numpy sum float32 dot products in different orders: a near-tie at rank 5 may flip one pick
+    assert max(abs(r["top-5 share"] - w) for r, w in zip(got, want)) <= 2 / rows.size, (got, want)
+    assert abs(sum(r["top-5 share"] for r in got) - 1) < 1e-2 and len(got) == len(shards)
