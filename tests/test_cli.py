@@ -123,27 +123,41 @@ def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return out
 
 
+# The 2-process DDP tests share one reference run (each launch costs ~35 s of start-up on 2 cores): a replicated
+# 4-shard index refreshed every 4 steps, each refresh in use 2 steps after its trigger, a checkpoint every 4 steps.
+DDP_SETS = ["refresh.schedule=4", "refresh.swap_lag=2", "data.world.num_passages=600", "index.shards=4",
+            "train.checkpoint_every_n_steps=4"]
+DDP_PLAN = [1] * 5 + [2] * 4 + [3] * 4 + [4] * 3  # 16 steps: triggers after 4, 8, 12, each in use from s + 2
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted 16-step DDP run on the default recipe with ``DDP_SETS``: (workdir, its summary)."""
+    wd = _workdir(tmp_path_factory.mktemp("ddp"))
+    proc = ddp_train(wd, "configs/default.yaml", [*DDP_SETS, "train.max_steps=16", "run_dir=runs/reference"],
+                     "--quiet")
+    assert proc.stdout.count('"steps": 16') == 1  # one summary, from rank 0
+    return wd, json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
 @pytest.mark.slow
-def test_two_process_ddp_runs_reproduce_with_a_slowed_pool(tmp_path):
+def test_two_process_ddp_runs_reproduce_with_a_slowed_pool(ddp_reference):
     """2-process DDP on CPU (gloo) with refresh on: rank 0 drives Ray, both ranks use the same snapshot
     version at every step; and a second run whose encoder actors are slowed by an injected delay swaps the
     same versions at the same steps (those the config plans) and logs the same loss at every step."""
-    wd = _workdir(tmp_path)
-    sets = ["train.max_steps=30", "refresh.schedule=8", "refresh.swap_lag=3", "data.world.num_passages=600"]
+    wd, _ = ddp_reference
+    ddp_train(wd, "configs/default.yaml", [*DDP_SETS, "train.max_steps=16", "run_dir=runs/slow",
+                                           "refresh.inject_delay_seconds=0.5"], "--quiet")
     runs = {}
-    for name, delay in (("fast", 0), ("slow", 1.5)):
-        proc = ddp_train(wd, "configs/default.yaml", [*sets, f"run_dir=runs/{name}",
-                                                      f"refresh.inject_delay_seconds={delay}"], "--quiet")
-        assert proc.stdout.count('"steps": 30') == 1  # one summary, from rank 0
+    for name in ("reference", "slow"):
         h0, h1 = rank_histories(wd / "runs" / name)
-        assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 30
+        assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 16
         assert h0["events"] and not h1["events"]  # only rank 0 drives the refresher
         runs[name] = (h0, tb_scalars(wd / "runs" / name, "train/loss"))
-    (fast, fast_loss), (slow, slow_loss) = runs["fast"], runs["slow"]
-    planned = [1] * 10 + [2] * 8 + [3] * 8 + [4] * 4  # triggers after 8, 16, 24; each in use from s + 3
-    assert [v for _, v in fast["versions"]] == [v for _, v in slow["versions"]] == planned
-    assert all(e["duration"] >= 1.5 for e in slow["events"])  # the delay was in force
-    assert len(fast_loss) == 30 and fast_loss == slow_loss
+    (fast, fast_loss), (slow, slow_loss) = runs["reference"], runs["slow"]
+    assert [v for _, v in fast["versions"]] == [v for _, v in slow["versions"]] == DDP_PLAN
+    assert all(e["duration"] >= 4 * 0.5 for e in slow["events"])  # the delay was in force (4 shards, 1 actor)
+    assert len(fast_loss) == 16 and fast_loss == slow_loss
 
 
 @pytest.mark.slow
@@ -159,56 +173,53 @@ def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run_resumes_from_its_checkpoint(tmp_path):
+def test_two_process_ddp_run_resumes_from_its_checkpoint(ddp_reference):
     """2-process DDP (gloo), stopped at step 8 and resumed with ``--resume last``: both ranks restore the
     checkpoint's snapshot without re-encoding and carry on in step; the missed step-8 refresh runs at resume.
-    Every rank goes on mid-epoch with its own data and RNG states, so every step's loss equals that of an
-    uninterrupted 16-step run (Lightning's own DistributedSampler would start the epoch over at resume)."""
-    wd = _workdir(tmp_path)
-    sets = ["refresh.schedule=4", "refresh.swap_lag=2", "data.world.num_passages=600",
-            "train.checkpoint_every_n_steps=4"]
-    ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=16", "run_dir=runs/full"], "--quiet")
-    ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=8"])
-    second = ddp_train(wd, "configs/default.yaml", [*sets, "train.max_steps=16"], "--resume", "last")
+    Every rank goes on mid-epoch with its own data and RNG states, so every step's loss equals that of the
+    uninterrupted reference run (Lightning's own DistributedSampler would start the epoch over at resume)."""
+    wd, _ = ddp_reference
+    ddp_train(wd, "configs/default.yaml", [*DDP_SETS, "train.max_steps=8", "run_dir=runs/resumed"])
+    second = ddp_train(wd, "configs/default.yaml", [*DDP_SETS, "train.max_steps=16", "run_dir=runs/resumed"],
+                       "--resume", "last")
     assert second.stderr.count("not re-encoded") == 2  # one line per rank, the step-4 snapshot (v2) reused
     summary = json.loads(second.stdout[second.stdout.index("{"):])
     assert summary["steps"] == 16 and summary["refreshes_published"] == 2 and summary["index_version"] == 4
-    h0, h1 = rank_histories(wd / "runs" / "default")
+    h0, h1 = rank_histories(wd / "runs" / "resumed")
     assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
     # the step-8 refresh (triggered at resume) is in use from step 10, the step-12 one from 14
-    assert [v for _, v in h0["versions"]] == [2] + [3] * 4 + [4] * 3
-    full, resumed = tb_scalars(wd / "runs" / "full", "train/loss"), tb_scalars(wd / "runs" / "default", "train/loss")
+    assert [v for _, v in h0["versions"]] == DDP_PLAN[8:]
+    full, resumed = tb_scalars(wd / "runs" / "reference", "train/loss"), tb_scalars(wd / "runs" / "resumed", "train/loss")
     assert len(full) == 16 and sorted(resumed) == sorted(full), (sorted(full), sorted(resumed))
     for step, loss in full.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-4), (step, full, resumed)
 
 
 @pytest.mark.slow
-def test_two_process_sharded_index_trains_as_the_replicated_one(tmp_path):
+def test_two_process_sharded_index_trains_as_the_replicated_one(ddp_reference):
     """index.placement sharded under 2-process DDP (gloo): each rank holds 2 of the 4 shards, searches are
     all-gathered and merged; with a Flat index every step's loss and index version equal those of the
-    replicated placement. The sharded run then resumes in one process (another world size): the shards are
-    re-assigned (this process holds all 4) and training carries on from the checkpoint's snapshot."""
-    wd = _workdir(tmp_path)
-    sets = ["train.max_steps=12", "refresh.schedule=4", "refresh.swap_lag=2", "data.world.num_passages=600",
-            "index.shards=4", "train.checkpoint_every_n_steps=4"]
+    replicated placement (the reference run). The sharded run then resumes in one process (another world
+    size): the shards are re-assigned (this process holds all 4) and training carries on from the
+    checkpoint's snapshot."""
+    wd, reference = ddp_reference
+    proc = ddp_train(wd, "configs/default.yaml", [*DDP_SETS, "train.max_steps=16", "run_dir=runs/sharded",
+                                                  "index.placement=sharded"], "--quiet")
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     runs = {}
-    for placement in ("replicated", "sharded"):
-        proc = ddp_train(wd, "configs/default.yaml", [*sets, f"run_dir=runs/{placement}",
-                                                      f"index.placement={placement}"], "--quiet")
-        h0, h1 = rank_histories(wd / "runs" / placement)
+    for name in ("reference", "sharded"):
+        h0, h1 = rank_histories(wd / "runs" / name)
         assert h0["versions"] == h1["versions"]
-        summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-        runs[placement] = ([v for _, v in h0["versions"]], tb_scalars(wd / "runs" / placement, "train/loss"), summary)
-    (rv, rloss, rsum), (sv, sloss, ssum) = runs["replicated"], runs["sharded"]
-    assert rv == sv == [1] * 5 + [2] * 4 + [3] * 3  # triggers after 4 and 8, each in use from s + 2
-    assert len(sloss) == 12 and sloss == rloss
-    assert ssum["dev_recall@5_index_in_use"] == rsum["dev_recall@5_index_in_use"]  # dev search over both ranks
-    shard_dirs = sorted(p.name for p in (wd / "runs" / "sharded" / "snapshots" / "v000003").glob("shard-*"))
+        runs[name] = ([v for _, v in h0["versions"]], tb_scalars(wd / "runs" / name, "train/loss"))
+    (rv, rloss), (sv, sloss) = runs["reference"], runs["sharded"]
+    assert rv == sv == DDP_PLAN
+    assert len(sloss) == 16 and sloss == rloss
+    assert summary["dev_recall@5_index_in_use"] == reference["dev_recall@5_index_in_use"]  # dev search over both ranks
+    shard_dirs = sorted(p.name for p in (wd / "runs" / "sharded" / "snapshots" / "v000004").glob("shard-*"))
     assert shard_dirs == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
     resumed = run(["train", "--config", "configs/default.yaml", "--resume", "last", "--quiet",
-                   *[a for s in [*sets[1:], "train.max_steps=16", "run_dir=runs/sharded", "index.placement=sharded",
+                   *[a for s in [*DDP_SETS, "train.max_steps=20", "run_dir=runs/sharded", "index.placement=sharded",
                                  "refresh.start_timeout_seconds=600"] for a in ("--set", s)]], wd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not re-encoded" in resumed.stderr
-    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == 16
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == 20
