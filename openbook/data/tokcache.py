@@ -79,7 +79,7 @@ class TokenizedCorpus:
         self.token_type_ids = np.load(tt, mmap_mode="r") if tt.exists() else None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path}
+        return {"path": self.path.absolute()}  # an actor of a joined cluster runs in another directory
 
     def __setstate__(self, state: dict) -> None:
         self.path = state["path"]

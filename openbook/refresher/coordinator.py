@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections import deque
@@ -149,10 +150,42 @@ def ensure_ray(cfg: RefreshConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.address:  # a running cluster keeps its own settings
-        ray.init(address=cfg.address, include_dashboard=False, configure_logging=False)
+        join_ray(cfg.address)
     else:
         ray.init(object_store_memory=cfg.object_store_memory, **local_ray_options(cfg.worker_niceness))
     return True
+
+
+def join_ray(address: str) -> None:
+    """Join the running cluster at ``address``; a failure is one line naming the address.
+
+    ``ray start`` (and ``ray.init(address="auto")``) turn token authentication on when a token is available
+    and RAY_AUTH_MODE is unset, but Ray's ``ray.init`` with an explicit address (``launch/slurm.sbatch``'s
+    ``refresh.address=HEAD:PORT``) does not, and is then refused by such a cluster. We do as ``ray start``
+    did: token mode when a token is at hand (an explicit RAY_AUTH_MODE is respected)."""
+    try:  # Ray's own step for "auto" (a Ray without token authentication has no such module)
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available as token_auth_if_available,
+        )
+    except ImportError:
+        token_auth_if_available = None
+    if token_auth_if_available is not None:
+        token_auth_if_available(warn_if_disabled=False)
+    host, _, port = address.rpartition(":")
+    if host and "://" not in address and port.isdigit():  # Ray retries a dead address for many minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise OpenbookError(f"refresh.address {address!r}: nothing answers there ({e.strerror or e}); start the "
+                                "cluster first (`ray start --head`) or fix the address") from None
+    try:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError: Ray's wording varies
+        lines = [ln.strip() for ln in str(e.__cause__ or e).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error: " in ln]  # Ray nests the GCS client's traceback in its message
+        reason = (errors or lines or [type(e).__name__])[-1][:200]
+        raise OpenbookError(f"refresh.address {address!r}: cannot join the Ray cluster there ({reason}); is "
+                            "`ray start` running at that address, with this Ray version and its auth token?") from e
 
 
 class RefreshCoordinator:
@@ -162,7 +195,9 @@ class RefreshCoordinator:
         if len(doc_ids) != len(tokens):
             raise ValueError(f"{len(doc_ids)} doc ids for {len(tokens)} tokenised passages")
         self.cfg, self.encode, self.spec = cfg, encode, spec
-        self.tokens, self.doc_ids, self.target = tokens, doc_ids, target
+        # the actors write into the target's staging dirs: absolute, as an actor of a joined cluster runs elsewhere
+        self.tokens, self.doc_ids = tokens, doc_ids
+        self.target = dataclasses.replace(target, root=Path(target.root).absolute())
         self.pool: ActorPool | None = None
         self.skipped = self.failures = self.completed = self.retried_shards = 0
         self.shards_done = 0  # progress of the running refresh (for logs and tests)
@@ -197,6 +232,12 @@ class RefreshCoordinator:
                    "refresh.start_timeout_seconds" if have >= need else f"Ray has {have:g} free")
             raise OpenbookError(f"refresh pool did not start within {self.cfg.start_timeout_seconds:.0f}s: "
                                 f"{count} actors (spares included) need {need:g} CPUs; {why}") from None
+        except RayActorError as e:
+            self.shutdown()
+            hint = (f" (joined {self.cfg.address!r}: does RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')} "
+                    "match the cluster's?)" if self.cfg.address else "")
+            raise OpenbookError(f"refresh pool: an encoder actor died before it started{hint}: "
+                                f"{one_line(e, 160)}") from None
         self.tokens.keep_doc_ids(np.asarray(self.doc_ids))  # actors read their rows' ids by path
         return self
 
