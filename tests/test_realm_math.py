@@ -17,6 +17,7 @@ from openbook.models.realm import (
     mask_salient_span,
     realm_mlm_loss,
     span_marginal_nll,
+    token_logp,
 )
 from openbook.models.retriever import EncoderConfig, load_tokenizer
 from openbook.trainer.retrieval import exclude
@@ -79,6 +80,17 @@ def test_marginal_gain_is_the_marginals_gain_over_the_null_doc(mlm):
             marginal = sum(prior[z] * _p(logits[b, z, j].double().tolist())[y] for z in range(K))
             gain += math.log(marginal) - math.log(_p(logits[b, 0, j].double().tolist())[y])
         assert abs(float(got[b]) - gain) < 1e-5
+
+
+def test_the_training_steps_shared_token_logp_gives_the_same_values(mlm):
+    """The training step computes token_logp once and hands it to the loss and both metrics (tok=): each equals
+    its own computation from the logits, which the float64 tests above check."""
+    logits, scores, labels = mlm
+    tok = token_logp(logits, labels)
+    assert float(realm_mlm_loss(None, scores, labels, tok=tok)) == float(realm_mlm_loss(logits, scores, labels))
+    torch.testing.assert_close(doc_utility(None, labels, 1, tok=tok), doc_utility(logits, labels, 1), atol=0, rtol=0)
+    torch.testing.assert_close(marginal_gain(None, scores, labels, 2, tok=tok), marginal_gain(logits, scores, labels, 2),
+                               atol=0, rtol=0)
 
 
 def test_utility_is_zero_when_every_doc_is_the_null_doc(mlm):

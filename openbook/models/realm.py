@@ -124,37 +124,44 @@ def token_logp(mlm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tok * labels.ne(IGNORE)[:, None, :]
 
 
-def realm_token_loglik(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+# Each of these takes the reader's MLM logits [B, K, L, V], or ``tok``, their ``token_logp`` when the caller
+# has it already: the training step computes the log-softmax over the vocabulary once, not once per metric.
+Logp = torch.Tensor | None
+
+
+def realm_token_loglik(mlm_logits: Logp, doc_scores: torch.Tensor, labels: torch.Tensor,
+                       tok: Logp = None) -> torch.Tensor:
     """Per masked token marginal log-likelihood: log sum_z p(z|x) p(y_j|z,x).
 
     mlm_logits [B, K, L, V] (the reader on each (query, doc) pair, query positions aligned),
     doc_scores [B, K], labels [B, L] with IGNORE on unmasked positions. Returns [B, L] (0 where
     IGNORE)."""
+    tok = token_logp(mlm_logits, labels) if tok is None else tok
     prior = torch.log_softmax(doc_scores.float(), 1)[:, :, None]
-    return torch.logsumexp(token_logp(mlm_logits, labels) + prior, dim=1) * labels.ne(IGNORE)
+    return torch.logsumexp(tok + prior, dim=1) * labels.ne(IGNORE)
 
 
-def realm_mlm_loss(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def realm_mlm_loss(mlm_logits: Logp, doc_scores: torch.Tensor, labels: torch.Tensor, tok: Logp = None) -> torch.Tensor:
     """Mean over all masked tokens of -log sum_z p(z|x) p(y_j|z,x)."""
     mask = labels.ne(IGNORE)
-    return -realm_token_loglik(mlm_logits, doc_scores, labels).sum() / mask.sum().clamp(min=1)
+    return -realm_token_loglik(mlm_logits, doc_scores, labels, tok).sum() / mask.sum().clamp(min=1)
 
 
-def marginal_gain(mlm_logits: torch.Tensor, doc_scores: torch.Tensor, labels: torch.Tensor,
-                  null_index: int = 0) -> torch.Tensor:
+def marginal_gain(mlm_logits: Logp, doc_scores: torch.Tensor, labels: torch.Tensor,
+                  null_index: int = 0, tok: Logp = None) -> torch.Tensor:
     """Per query: log p(y|x) (marginal over the retrieved docs) - log p(y|null doc, x), summed over
     the masked tokens. A mixture of several noisy readers can beat one of them without any evidence,
     so this is not the paper's utility (``doc_utility``); it is logged as ``train/marginal_gain``."""
-    marginal = realm_token_loglik(mlm_logits, doc_scores, labels).sum(1)
-    null = token_logp(mlm_logits[:, null_index: null_index + 1], labels)[:, 0]
-    return marginal - null.sum(1)
+    tok = token_logp(mlm_logits, labels) if tok is None else tok
+    marginal = realm_token_loglik(None, doc_scores, labels, tok).sum(1)
+    return marginal - tok[:, null_index].sum(1)
 
 
-def doc_utility(mlm_logits: torch.Tensor, labels: torch.Tensor, null_index: int = 0) -> torch.Tensor:
+def doc_utility(mlm_logits: Logp, labels: torch.Tensor, null_index: int = 0, tok: Logp = None) -> torch.Tensor:
     """REALM's retrieval utility of every doc z [B, K]: sum_j log p(y_j|z,x) - log p(y_j|null,x) over the
     masked tokens (Guu et al. 2020, sec. 4.5); 0 for the null doc itself. Positive when reading z
     predicts the masked span better than reading nothing."""
-    tok = token_logp(mlm_logits, labels)
+    tok = token_logp(mlm_logits, labels) if tok is None else tok
     return (tok - tok[:, null_index: null_index + 1]).sum(-1)
 
 

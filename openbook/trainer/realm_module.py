@@ -23,6 +23,7 @@ from openbook.models.realm import (
     mask_salient_span,
     realm_mlm_loss,
     span_in_docs,
+    token_logp,
 )
 from openbook.models.retriever import BiEncoder
 from openbook.trainer.common import configure_adamw
@@ -94,16 +95,17 @@ class RealmPretrainModule(pl.LightningModule):
                                  got.docs["input_ids"], got.docs["attention_mask"], n_docs,
                                  self.reader_cfg.max_context_length, self.pad_id)
         logits, labels = self._masked_logits(ctx.to(self.device), mask.to(self.device), batch["labels"], n_docs)
-        loss = realm_mlm_loss(logits, got.scores, labels)
+        tok = token_logp(logits, labels)  # once: the loss and both metrics read it
+        loss = realm_mlm_loss(None, got.scores, labels, tok=tok)
         found = span_in_docs(batch["labels"].cpu(), got.docs["input_ids"].view(len(got.rows), n_docs, -1)[:, first:])
         top = got.scores.detach()[:, first:].argmax(1).cpu()  # the top retrieved passage, live scores
         out = {"loss": loss, "rows": got.rows, "span_found": found, "top": top}
         metrics = {"train/loss": loss.detach(), "train/span_in_docs": found.any(1).float().mean(),
                    "train/span_in_top": found.gather(1, top[:, None]).float().mean(), **rerank_metrics(self.retrieval)}
         if self.realm.null_doc:
-            out["utility"] = doc_utility(logits.detach(), labels)[:, 1:].gather(1, top[:, None].to(self.device))[:, 0]
+            out["utility"] = doc_utility(None, labels, tok=tok.detach())[:, 1:].gather(1, top[:, None].to(self.device))[:, 0]
             metrics["train/retrieval_utility"] = out["utility"].mean()
-            metrics["train/marginal_gain"] = marginal_gain(logits.detach(), got.scores.detach(), labels).mean()
+            metrics["train/marginal_gain"] = marginal_gain(None, got.scores.detach(), labels, tok=tok.detach()).mean()
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(got.rows))
         return out
 
