@@ -120,7 +120,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from openbook.refresher.coordinator import local_ray_options
+    from openbook.refresher.cluster import local_ray_options
 
     ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
     big = 20_000 if args.quick else 100_000

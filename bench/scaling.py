@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     load, t0 = os.getloadavg(), time.perf_counter()
     import ray
 
-    from openbook.refresher.coordinator import local_ray_options
+    from openbook.refresher.cluster import local_ray_options
 
     ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
     enc, idx = [], []

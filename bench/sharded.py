@@ -292,7 +292,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from openbook.refresher.coordinator import local_ray_options
+    from openbook.refresher.cluster import local_ray_options
 
     ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
              **local_ray_options())  # actors import bench.sharded's encoder

@@ -17,7 +17,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        from openbook.refresher.coordinator import local_ray_options
+        from openbook.refresher.cluster import local_ray_options
 
         ray.init(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False, **local_ray_options())
     yield ray

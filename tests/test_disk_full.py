@@ -184,7 +184,8 @@ def refresh_on_a_small_disk(tmp: str) -> dict:
     from openbook.index import SnapshotStore
     from openbook.index.snapshot import write_error
     from openbook.models.retriever import build_retriever
-    from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator, local_ray_options
+    from openbook.refresher.cluster import local_ray_options
+    from openbook.refresher.coordinator import IndexTarget, RefreshCoordinator
     from openbook.refresher.encode import numpy_state
 
     tmp = Path(tmp)

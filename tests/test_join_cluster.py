@@ -57,7 +57,7 @@ def test_a_trainer_joins_a_cluster_started_elsewhere_by_its_address_with_relativ
 def test_an_address_where_nothing_listens_is_one_line_at_once(monkeypatch):
     """Ray itself retries a dead address for many minutes before it gives up."""
     from openbook.errors import OpenbookError
-    from openbook.refresher.coordinator import join_ray
+    from openbook.refresher.cluster import join_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # leave this process's Ray settings alone
     with socket.socket() as s:

@@ -226,7 +226,7 @@ def test_a_second_job_on_the_machine_starts_its_own_ray(ray_session):
     import subprocess
     import sys
 
-    code = ("import ray; from openbook.refresher.coordinator import ensure_ray; "
+    code = ("import ray; from openbook.refresher.cluster import ensure_ray; "
             "from openbook.refresher.config import RefreshConfig; assert ensure_ray(RefreshConfig()); "
             "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

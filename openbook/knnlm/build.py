@@ -20,8 +20,8 @@ from openbook.knnlm.config import DatastoreConfig, LMConfig
 from openbook.knnlm.datastore import Datastore, DatastoreWriter
 from openbook.knnlm.model import build_lm, encode, key_dim, windows
 from openbook.progress import Progress
+from openbook.refresher.cluster import ensure_ray
 from openbook.refresher.config import RefreshConfig
-from openbook.refresher.coordinator import ensure_ray
 from openbook.refresher.encode import load_numpy_state, numpy_state
 from openbook.refresher.pool import ActorPool, run_shards
 
