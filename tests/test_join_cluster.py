@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,20 +39,42 @@ def test_a_trainer_joins_a_cluster_started_elsewhere_by_its_address_with_relativ
         sets = ["train.max_steps=6", "data.world.num_passages=300", "refresh.schedule=3", "refresh.swap_lag=1",
                 "run_dir=runs/joined", "data.cache_dir=cache", f"refresh.address={address}",
                 "refresh.start_timeout_seconds=600"]
-        proc = subprocess.run([OPENBOOK, "train", "--config", "configs/default.yaml", "--quiet",
-                               *[a for s in sets for a in ("--set", s)]], cwd=job, capture_output=True, text=True,
-                              timeout=900, env=env_without_auth_mode())
+        proc = train(job, sets, env_without_auth_mode())
+        # as under `ray job submit`: no refresh.address, RAY_ADDRESS in the environment
+        by_env = train(job, [s.replace("runs/joined", "runs/by_env") for s in sets if "address" not in s],
+                       {**env_without_auth_mode(), "RAY_ADDRESS": address})
     finally:
         head.stdin.close()
         head.wait(timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["refreshes_published"] >= 1 and summary["refresh_failures"] == 0, summary
-    assert "built by the actor pool" in proc.stderr
-    # the actors, running in the head's directory, wrote into the trainer's relative run_dir
-    versions = sorted(p.name for p in (job / "runs" / "joined" / "snapshots").glob("v*"))
-    assert versions[-1] == f"v{summary['index_version']:06d}" and summary["index_version"] >= 2, versions
+    for name, run in (("joined", proc), ("by_env", by_env)):
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads(run.stdout[run.stdout.index("{"):])
+        assert summary["refreshes_published"] >= 1 and summary["refresh_failures"] == 0, summary
+        assert "built by the actor pool" in run.stderr
+        # the actors, running in the head's directory, wrote into the trainer's relative run_dir
+        versions = sorted(p.name for p in (job / "runs" / name / "snapshots").glob("v*"))
+        assert versions[-1] == f"v{summary['index_version']:06d}" and summary["index_version"] >= 2, versions
+    assert f"joining the Ray cluster at {address} (RAY_ADDRESS" in by_env.stderr
+    assert "joining the Ray cluster" not in proc.stderr
     assert not list(head_dir.iterdir())
+
+
+def train(job: Path, sets: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([OPENBOOK, "train", "--config", "configs/default.yaml", "--quiet",
+                           *[a for s in sets for a in ("--set", s)]], cwd=job, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_ray_address_is_joined_unless_an_address_or_local_is_set(monkeypatch):
+    from openbook.refresher.cluster import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) == (None, "refresh.address")  # a local Ray of our own
+    assert cluster_address("auto") == ("auto", "refresh.address")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address(None) == ("10.0.0.1:6379", "RAY_ADDRESS")
+    assert cluster_address("local") == (None, "refresh.address")
+    assert cluster_address("10.0.0.2:6379") == ("10.0.0.2:6379", "refresh.address")
 
 
 def test_an_address_where_nothing_listens_is_one_line_at_once(monkeypatch):
@@ -63,6 +86,6 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # free once closed: nothing listens there
-    with pytest.raises(OpenbookError, match=rf"refresh.address '127.0.0.1:{port}': nothing answers there") as e:
-        join_ray(f"127.0.0.1:{port}")
+    with pytest.raises(OpenbookError, match=rf"RAY_ADDRESS '127.0.0.1:{port}': nothing answers there") as e:
+        join_ray(f"127.0.0.1:{port}", "RAY_ADDRESS")
     assert "\n" not in str(e.value)

@@ -69,7 +69,8 @@ class DatastoreConfig:
     batch_size: int = opt(16, "windows per forward pass")
     max_shard_retries: int = opt(3, "attempts per shard (a dead actor's shard goes to a live one) before the "
                                  "build fails")
-    address: str | None = opt(None, "Ray address: null starts a local Ray; 'auto' joins a running cluster")
+    address: str | None = opt(None, "Ray address: null starts a local Ray (joins $RAY_ADDRESS if set); 'local' "
+                                  "always starts one; 'auto' or HEAD:PORT joins a running cluster")
     factory: str = opt("Flat", "faiss index_factory string over the keys (L2 metric), e.g. Flat, IVF64,PQ8")
     nprobe: int = opt(8, "IVF lists probed per query")
     train_size: int = opt(50_000, "keys sampled (seeded) to train IVF/PQ indexes")

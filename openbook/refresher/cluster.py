@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 
 import ray
 
 from openbook.errors import OpenbookError
 from openbook.refresher.config import RefreshConfig
+
+log = logging.getLogger(__name__)
 
 
 def local_ray_options(worker_niceness: int = 0) -> dict:
@@ -21,17 +25,32 @@ def local_ray_options(worker_niceness: int = 0) -> dict:
 
 
 def ensure_ray(cfg: RefreshConfig) -> bool:
-    """Start a local Ray (or join ``cfg.address``) unless one is running; True if we started it."""
+    """Start a local Ray, or join ``cfg.address``, unless Ray is up in this process; True if we started it.
+
+    With ``refresh.address`` null, RAY_ADDRESS (which ``ray job submit`` sets for its entrypoint) is joined, as
+    ``ray.init()`` would; ``refresh.address: local`` always starts a Ray of our own."""
     if ray.is_initialized():
         return False
-    if cfg.address:  # a running cluster keeps its own settings
-        join_ray(cfg.address)
-    else:
+    address, source = cluster_address(cfg.address)
+    if address is None:
         ray.init(object_store_memory=cfg.object_store_memory, **local_ray_options(cfg.worker_niceness))
+        return True
+    if source == "RAY_ADDRESS":
+        log.info("joining the Ray cluster at %s (RAY_ADDRESS; refresh.address=local starts a Ray of our own)", address)
+    join_ray(address, source)  # a running cluster keeps its own settings
     return True
 
 
-def join_ray(address: str) -> None:
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """(the cluster to join, the setting that named it), or (None, ...) for a local Ray of our own."""
+    if address == "local":
+        return None, "refresh.address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return address or None, "refresh.address"
+
+
+def join_ray(address: str, source: str = "refresh.address") -> None:
     """Join the running cluster at ``address``; a failure is one line naming the address.
 
     ``ray start`` (and ``ray.init(address="auto")``) turn token authentication on when a token is available
@@ -51,7 +70,7 @@ def join_ray(address: str) -> None:
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as e:
-            raise OpenbookError(f"refresh.address {address!r}: nothing answers there ({e.strerror or e}); start the "
+            raise OpenbookError(f"{source} {address!r}: nothing answers there ({e.strerror or e}); start the "
                                 "cluster first (`ray start --head`) or fix the address") from None
     try:
         ray.init(address=address, include_dashboard=False, configure_logging=False)
@@ -59,5 +78,5 @@ def join_ray(address: str) -> None:
         lines = [ln.strip() for ln in str(e.__cause__ or e).splitlines() if ln.strip()]
         errors = [ln for ln in lines if "Error: " in ln]  # Ray nests the GCS client's traceback in its message
         reason = (errors or lines or [type(e).__name__])[-1][:200]
-        raise OpenbookError(f"refresh.address {address!r}: cannot join the Ray cluster there ({reason}); is "
+        raise OpenbookError(f"{source} {address!r}: cannot join the Ray cluster there ({reason}); is "
                             "`ray start` running at that address, with this Ray version and its auth token?") from e

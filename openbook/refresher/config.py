@@ -64,7 +64,8 @@ class RefreshConfig:
         120.0, "a replacement for a dead actor must be up this long after it was started (or after a spare still "
                "starting took the slot); else the refresh fails, counted in refresh/failures, instead of waiting "
                "for it, and another replacement is started for the next refresh")
-    address: str | None = opt(None, "Ray address: null starts a local Ray; 'auto' or HEAD:PORT joins a running "
+    address: str | None = opt(None, "Ray address: null starts a local Ray (joins $RAY_ADDRESS if set, as under "
+                              "`ray job submit`); 'local' always starts one; 'auto' or HEAD:PORT joins a running "
                               "cluster (token authentication as `ray start` has it)")
     worker_niceness: int = opt(0, "niceness of the workers of a local Ray that openbook starts (Ray's own default "
                                   "is 15: below the trainer, so a busy machine starves the refresh); a joined "

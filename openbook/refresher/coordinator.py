@@ -181,8 +181,9 @@ class RefreshCoordinator:
                                 f"{count} actors (spares included) need {need:g} CPUs; {why}") from None
         except RayActorError as e:
             self.shutdown()
-            hint = (f" (joined {self.cfg.address!r}: does RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')} "
-                    "match the cluster's?)" if self.cfg.address else "")
+            joined = self.cfg.address or os.environ.get("RAY_ADDRESS")
+            hint = (f" (joined {joined!r}: does RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')} "
+                    "match the cluster's?)" if joined and joined != "local" else "")
             raise OpenbookError(f"refresh pool: an encoder actor died before it started{hint}: "
                                 f"{one_line(e, 160)}") from None
         self.tokens.keep_doc_ids(np.asarray(self.doc_ids))  # actors read their rows' ids by path
