@@ -59,12 +59,12 @@ def join_ray(address: str, source: str = "refresh.address") -> None:
     did: token mode when a token is at hand (an explicit RAY_AUTH_MODE is respected)."""
     try:  # Ray's own step for "auto" (a Ray without token authentication has no such module)
         from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available as token_auth_if_available,
+            maybe_enable_token_auth_if_token_available,
         )
     except ImportError:
-        token_auth_if_available = None
-    if token_auth_if_available is not None:
-        token_auth_if_available(warn_if_disabled=False)
+        pass
+    else:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     host, _, port = address.rpartition(":")
     if host and "://" not in address and port.isdigit():  # Ray retries a dead address for many minutes
         try:

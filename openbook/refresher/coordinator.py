@@ -41,7 +41,7 @@ from openbook.index import SnapshotStore
 from openbook.index.atomic import check_file, fsync_path, rmtree
 from openbook.index.shards import SHARD_FILES, SHARD_MANIFEST, row_ranges, shard_name
 from openbook.index.snapshot import FORMAT_SHARDED, read_manifest, shard_dim
-from openbook.refresher.cluster import ensure_ray
+from openbook.refresher.cluster import cluster_address, ensure_ray
 from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.encode import EncoderSpec
 from openbook.refresher.pool import ActorPool, ShardFailed, run_shards
@@ -181,9 +181,9 @@ class RefreshCoordinator:
                                 f"{count} actors (spares included) need {need:g} CPUs; {why}") from None
         except RayActorError as e:
             self.shutdown()
-            joined = self.cfg.address or os.environ.get("RAY_ADDRESS")
+            joined = cluster_address(self.cfg.address)[0]
             hint = (f" (joined {joined!r}: does RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')} "
-                    "match the cluster's?)" if joined and joined != "local" else "")
+                    "match the cluster's?)" if joined else "")
             raise OpenbookError(f"refresh pool: an encoder actor died before it started{hint}: "
                                 f"{one_line(e, 160)}") from None
         self.tokens.keep_doc_ids(np.asarray(self.doc_ids))  # actors read their rows' ids by path
