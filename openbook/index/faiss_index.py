@@ -1,23 +1,32 @@
 """The FAISS backend: :class:`FaissIndex` builds an index from an ``index_factory`` string (inner product or
 L2), adds, searches, saves and loads, and picks CPU or GPU. The only module of openbook that imports faiss.
 
-Indexes are always *built and stored* on CPU; with ``device`` auto/gpu a replica on every GPU does the
-searching. Retrieval scores are dot products (normalise embeddings upstream for cosine); kNN-LM keys
+Indexes are always *built and stored* on CPU; with ``device`` auto/gpu a copy on the process's own GPU
+(``gpu_device``) does the searching. Only searchers copy: shard writers, publishers and their checks stay on CPU. Retrieval scores are dot products (normalise embeddings upstream for cosine); kNN-LM keys
 use squared L2 distances.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import faiss
 import numpy as np
+
+from openbook.errors import OpenbookError
+
+try:
+    import faiss
+except ImportError:  # neither extra installed (both wheels provide `faiss`, so neither is required by default)
+    raise OpenbookError("FAISS is not installed: pip install 'openbook[cpu]' (faiss-cpu), or 'openbook[gpu]' "
+                        "(faiss-gpu) on a CUDA machine") from None
 
 from openbook.config import opt
 from openbook.errors import ConfigError, SnapshotError
@@ -25,6 +34,7 @@ from openbook.errors import ConfigError, SnapshotError
 log = logging.getLogger(__name__)
 
 _IVF_LISTS = re.compile(r"IVF(\d+)")
+_MAIN_HNSW = re.compile(r"(^|,)\s*HNSW")  # HNSW as the index itself (IVFn_HNSWm, an HNSW quantizer, is not)
 Metric = Literal["ip", "l2"]
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -41,8 +51,8 @@ class IndexConfig:
     seed: int = opt(0, "seed of the training sample")
     shards: int = opt(0, "index shards per refresh snapshot, each written by the actor that encodes it "
                          "(0: one per encoder actor)")
-    gpu_device: int = opt(-1, "the GPU that searches: -1 = a replica on every visible GPU (one process); a DDP "
-                              "trainer sets each rank's local device itself")
+    gpu_device: int = opt(-1, "the GPU that searches (an index of CUDA_VISIBLE_DEVICES): -1 = the process's own: "
+                              "a trainer's device (each DDP rank its own), GPU 0 elsewhere; never the GPUs of others")
     gpu_float16: bool = opt(False, "store the GPU copy of the index in float16 (half the GPU memory; scores "
                                    "change by ~1e-3 relative)")
     placement: Literal["replicated", "sharded"] = opt(
@@ -62,6 +72,15 @@ class IndexConfig:
             raise ValueError(f"index.placement must be replicated or sharded, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"index.device must be one of auto/cpu/gpu, got {self.device!r}")
+        if self.device == "gpu" and _MAIN_HNSW.search(self.factory):
+            raise ValueError(f"index.device gpu: {self.factory!r} is an HNSW index, which faiss cannot search on a GPU; "
+                             "use index.device auto or cpu (HNSW then searches on CPU), or a Flat/IVF factory")
+        if self.gpu_device < -1:
+            raise ValueError(f"index.gpu_device must be >= -1 (-1: the process's own GPU), got {self.gpu_device}")
+
+    def on_cpu(self) -> IndexConfig:
+        """The same index and search parameters, searched on CPU (writers, publishers, their checks)."""
+        return dataclasses.replace(self, device="cpu")
 
 
 def one_line(err: BaseException | None, limit: int = 300) -> str:
@@ -158,9 +177,12 @@ def use_gpu(cfg: IndexConfig) -> bool:
 
 
 def to_device(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
-    """The index to search with: ``index`` itself on CPU, or a replica on every GPU.
+    """The index to search with: ``index`` itself on CPU, or a copy on one GPU: ``cfg.gpu_device`` (-1: GPU 0 of
+    this process's visible devices; a trainer sets its own device). Never every GPU: on a node other processes
+    (DDP ranks, refresh actors) own the others.
 
-    HNSW has no GPU implementation in faiss, so it stays on CPU. Untested here (no GPU in CI).
+    HNSW has no GPU implementation in faiss: with ``device: auto`` it stays on CPU (``device: gpu`` is refused by
+    the config). Runs on GPU machines only (bench/gpu_smoke.py, tests/test_gpu.py).
     """
     if not use_gpu(cfg):
         return index
@@ -168,33 +190,41 @@ def to_device(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
         log.info("HNSW indexes have no faiss GPU implementation; searching on CPU")
         return index
     try:
-        if cfg.gpu_device >= 0:  # a trainer rank: its own GPU only
-            co = faiss.GpuClonerOptions()
-            co.useFloat16 = cfg.gpu_float16
-            return faiss.index_cpu_to_gpu(_gpu_resources(), cfg.gpu_device, index, co)
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = False  # replicate: every GPU holds the whole index, queries are split between them
+        co = faiss.GpuClonerOptions()
         co.useFloat16 = cfg.gpu_float16
-        return faiss.index_cpu_to_all_gpus(index, co=co)
+        return faiss.index_cpu_to_gpu(gpu_resources(), max(cfg.gpu_device, 0), index, co)
     except RuntimeError as e:
         if cfg.device == "gpu":
-            raise ConfigError(f"index {cfg.factory!r}: cannot copy to GPU: {one_line(e)}") from None
+            raise ConfigError(f"index {cfg.factory!r}: cannot copy to GPU {max(cfg.gpu_device, 0)}: "
+                              f"{one_line(e)}") from None
         log.warning("index %r: cannot copy to GPU (%s); searching on CPU", cfg.factory, one_line(e))
         return index
 
 
-_GPU_RESOURCES: list = []
+_THREAD = threading.local()
 
 
-def _gpu_resources():
-    """One StandardGpuResources per process (scratch memory and streams), made on first use."""
-    if not _GPU_RESOURCES:
-        _GPU_RESOURCES.append(faiss.StandardGpuResources())
-    return _GPU_RESOURCES[0]
+def gpu_resources(make: Callable[[], object] | None = None):
+    """FAISS GPU resources (scratch memory, streams) of the calling thread, made on its first use.
+
+    faiss's ``StandardGpuResources`` is not thread-safe: one per CPU thread that uses GPU indexes. The trainer
+    loads the next snapshot on a background thread while its training thread searches the one in use; each
+    copy to the GPU takes its thread's resources and keeps them (a thread that ends leaves them to the index
+    it made, which from then on only the thread searching it uses). ``make``: the factory (tests)."""
+    res = getattr(_THREAD, "gpu_resources", None)
+    if res is None:
+        res = _THREAD.gpu_resources = (make or faiss.StandardGpuResources)()
+    return res
 
 
 def _is_gpu_index(index: faiss.Index) -> bool:
-    return "Gpu" in type(faiss.downcast_index(index)).__name__ or "Replicas" in type(index).__name__
+    """Whether any layer is a GPU index: a PCA/OPQ-prefixed IVF copied to a GPU is a CPU IndexPreTransform
+    around a GpuIndexIVF, whose nprobe only GpuParameterSpace can set."""
+    return any("Gpu" in type(layer).__name__ or "Replicas" in type(layer).__name__ for layer in _layers(index))
+
+
+def _has_ivf(index: faiss.Index) -> bool:
+    return any(isinstance(layer, faiss.IndexIVF) or "IndexIVF" in type(layer).__name__ for layer in _layers(index))
 
 
 def _read(path: Path) -> faiss.Index:
@@ -226,7 +256,8 @@ class FaissIndex:
 
     @classmethod
     def build(cls, x: np.ndarray, cfg: IndexConfig, metric: Metric = "ip", chunk: int = 65_536) -> FaissIndex:
-        """A trained index holding ``x`` (fp16/fp32 [n, d]; row i gets label i), added in chunks."""
+        """A trained CPU index holding ``x`` (fp16/fp32 [n, d]; row i gets label i), added in chunks, with ``cfg``'s
+        search parameters (``with_config(cfg)`` copies it to a GPU)."""
         arr = np.asarray(x)
         if arr.ndim != 2 or arr.dtype.kind not in "fiu":
             raise SnapshotError(f"index build: expected a 2-D float array [n, d], got {arr.dtype} {arr.shape}")
@@ -234,7 +265,7 @@ class FaissIndex:
             raise SnapshotError(f"index build: no embeddings to index (shape {arr.shape})")
         index = cls(_new_index(arr, cfg, metric), IndexConfig(factory=cfg.factory, device="cpu"), metric)
         index.add(arr, chunk)
-        return index.with_config(cfg)
+        return index.with_config(cfg.on_cpu())  # built to be saved: a searcher loads it onto its own GPU
 
     @classmethod
     def trained(cls, sample: np.ndarray, cfg: IndexConfig, metric: Metric = "ip") -> FaissIndex:
@@ -312,6 +343,9 @@ class FaissIndex:
             except RuntimeError:
                 continue  # not applicable to this index type
             self.search_params[name] = value
+        if "nprobe" not in self.search_params and _has_ivf(self.index):
+            log.warning("%s (%s): index.nprobe=%d could not be set; faiss searches with the index's own nprobe",
+                        self.where, self.cfg.factory, self.cfg.nprobe)
 
     @property
     def dim(self) -> int:

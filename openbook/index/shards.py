@@ -136,7 +136,7 @@ def write_shard(staging: Path, shard: int, lo: int, embeddings: np.ndarray, doc_
     visible (fault drills kill the writer there).
     """
     emb16, ids = check_rows(embeddings, doc_ids, f"shard {shard}")
-    index = build_index(emb16, index_cfg) if trained is None else trained.empty_copy()
+    index = build_index(emb16, index_cfg.on_cpu()) if trained is None else trained.empty_copy()  # written, not searched
     if trained is not None:
         index.add(emb16)
     name = shard_name(shard)

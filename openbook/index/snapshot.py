@@ -266,10 +266,11 @@ class IndexSnapshot:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, index_cfg: IndexConfig | None = None,
-             part: Part | None = None) -> IndexSnapshot:
+             part: Part | None = None, cpu: bool = False) -> IndexSnapshot:
         """Load and check a snapshot dir; ``verify`` hashes every file (cost ~ its size).
 
-        ``index_cfg`` sets search params/device; by default the config it was built with. ``part``: this
+        ``index_cfg`` sets search params/device; by default the config it was built with; ``cpu``: kept on CPU
+        whatever the config says (a publisher's own check: only searchers copy indexes to their GPU). ``part``: this
         rank's part of a sharded placement (format 2, world > 1): only its shards' indexes and embeddings
         are loaded (and verified); searches are then collectives over the ranks. A format-1 snapshot is one
         index: every rank loads it whole.
@@ -282,15 +283,17 @@ class IndexSnapshot:
         if named and int(named.group(1)) != m.version:
             raise SnapshotError(f"{path / MANIFEST}: version {m.version} does not match directory {path.name}")
         _check_files(path, m, verify)
+        index_cfg = index_cfg or _index_cfg_from(m)
+        index_cfg = index_cfg.on_cpu() if cpu else index_cfg
         if m.format == FORMAT_SHARDED:
-            return cls._load_shards(path, m, verify, index_cfg or _index_cfg_from(m), part)
+            return cls._load_shards(path, m, verify, index_cfg, part)
         emb, ids = _load_npy(path / EMBEDDINGS_FILE), _load_npy(path / DOC_IDS_FILE)
         if emb.dtype != np.float16 or emb.shape != (m.count, m.dim):
             raise SnapshotError(f"{path / EMBEDDINGS_FILE}: {emb.dtype} {emb.shape} != manifest float16 "
                                 f"{(m.count, m.dim)}")
         if ids.dtype.kind != "U" or ids.shape != (m.count,):
             raise SnapshotError(f"{path / DOC_IDS_FILE}: {ids.dtype} {ids.shape} != manifest unicode ({m.count},)")
-        index = load_index(path / INDEX_FILE, index_cfg or _index_cfg_from(m))
+        index = load_index(path / INDEX_FILE, index_cfg)
         if index.ntotal != m.count or index.dim != m.dim:
             raise SnapshotError(f"{path / INDEX_FILE}: index has {index.ntotal} vectors of dim {index.dim}, "
                                 f"manifest {m.count} of dim {m.dim}")
@@ -392,11 +395,11 @@ class SnapshotStore:
             return []
         return [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _VERSION_DIR.match(p.name))]
 
-    def load(self, version: int, verify: bool = True) -> IndexSnapshot:
+    def load(self, version: int, verify: bool = True, cpu: bool = False) -> IndexSnapshot:
         path = self.path(version)
         if not path.is_dir():
             raise SnapshotError(f"{path}: snapshot v{version} not found")
-        snap = IndexSnapshot.load(path, verify=verify, index_cfg=self.index_cfg)
+        snap = IndexSnapshot.load(path, verify=verify, index_cfg=self.index_cfg, cpu=cpu)
         if verify:
             self._last_good = max(version, self._last_good or 0)
         return snap
@@ -447,7 +450,7 @@ class SnapshotStore:
                  encoder_step)
         self.prune(protect)
         self.cleanup()
-        return self.load(version, verify=False)
+        return self.load(version, verify=False, cpu=True)
 
     def _write(self, emb16: np.ndarray, ids: np.ndarray, index: VectorIndex, head: dict) -> tuple[int, dict]:
         """One attempt at a format-1 snapshot: its version and manifest."""

@@ -83,4 +83,4 @@ def publish_sharded(store: SnapshotStore, target: IndexTarget, emb: np.ndarray, 
             rmtree(staging)
             raise
 
-    return store.load(store.with_space(attempt), verify=False)
+    return store.load(store.with_space(attempt), verify=False, cpu=True)

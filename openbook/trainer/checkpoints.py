@@ -149,17 +149,28 @@ class StepCheckpoint(Checkpoint):
                          "rank 0's (dropout draws differ from an uninterrupted run)", replicas)
 
 
-def rng_state() -> dict:
+def rng_state(cuda=torch.cuda) -> dict:
+    """Python's, numpy's and torch's CPU RNG states, and the CUDA generator of this process's own device (a DDP rank
+    holds one; dropout on a GPU draws from it) once CUDA is in use: never initialised here, nor other devices'."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if cuda.is_available() and cuda.is_initialized():
+        state["cuda"] = cuda.get_rng_state()  # the current device's: Lightning sets each rank's
+    return state
 
 
-def set_rng_state(rng: dict) -> None:
+def set_rng_state(rng: dict, cuda=torch.cuda) -> None:
     random.setstate(rng["python"])
     name, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None:
+        if cuda.is_available():
+            cuda.set_rng_state(rng["cuda"])
+        else:
+            log.info("resume: the checkpoint holds a CUDA RNG state, and no GPU is visible: GPU dropout draws of "
+                     "the original run are not repeated")
 
 
 def gather_rng_states() -> list[dict] | None:

@@ -41,6 +41,11 @@ def gold_recall(rows: np.ndarray, gold: np.ndarray, k: int) -> float:
     return float(np.mean([g in r[:k] for g, r in zip(gold[known], rows[known])]))
 
 
+def recall_each(rows: np.ndarray, gold: np.ndarray, k: int) -> np.ndarray:
+    """Per question: 1.0 if its gold row is in its top-k, 0.0 if not, NaN without a known gold row (< 0)."""
+    return np.array([float(g in r[:k]) if g >= 0 else np.nan for g, r in zip(gold, rows)])
+
+
 def exclude(rows: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Top-``k`` rows per query without the query's own passage (REALM's trivial retrieval: a masked
     sentence would otherwise retrieve its own document). ``rows`` needs >= k+1 columns."""
@@ -126,8 +131,8 @@ class RetrievalStep:
             return self.retriever.score(q, d.view(len(q), -1, d.shape[-1])), docs
         if docs["input_ids"].shape[0] != rows.size:
             raise ValueError("scores from the snapshot exist for retrieved passages only (no null document)")
-        emb = torch.from_numpy(snap.vectors(rows.reshape(-1)))
-        return torch.einsum("bd,bkd->bk", q, emb.to(q.device).view(*rows.shape, -1)), docs
+        emb = torch.from_numpy(snap.vectors(rows.reshape(-1))).to(q.device, q.dtype)  # bf16-true: the towers' dtype
+        return torch.einsum("bd,bkd->bk", q, emb.view(*rows.shape, -1)), docs
 
     def __call__(self, q: torch.Tensor, k: int, own: np.ndarray | None = None,
                  null_doc: dict[str, torch.Tensor] | None = None) -> Retrieved:
