@@ -32,13 +32,13 @@ from openbook.index.placement import Part
 from openbook.refresher.config import RefreshConfig
 from openbook.refresher.encode import numpy_state
 from openbook.refresher.schedule import RefreshSchedule
+from openbook.trainer.keepalive import KEEPALIVE_SECONDS, in_background, wait_for_rank0
 from openbook.trainer.swap import Pending, Prefetch, Published, RefresherState, RefreshEvent, RefreshStats
 
 log = logging.getLogger(__name__)
 __all__ = ["IndexRefreshCallback", "Published", "RefreshEvent", "RefreshStats"]
 WAIT_WINDOW = 6  # the wait warning looks at this many recent swap deadlines
 WAIT_COST = 0.02  # ... and speaks only if waiting took more than this share of their wall time
-KEEPALIVE_SECONDS = 60.0  # under DDP, how often a waiting rank 0 tells the others it still waits
 
 
 class IndexRefreshCallback(pl.Callback):
@@ -76,12 +76,25 @@ class IndexRefreshCallback(pl.Callback):
         self._coord_counts = (0, 0)  # the coordinator's (skipped, failures), kept once it is shut down
         self._own_failures = 0  # failures the coordinator does not count: loads, refreshes lost or cancelled
         self._resume: RefresherState | None = None  # a checkpoint's state, applied at fit start
+        self._started = False  # the pool (rank 0) and the first snapshot are up: at fit start, or a validate before
+        self.keepalive = KEEPALIVE_SECONDS  # under DDP, how often a busy rank 0 tells the others it still works
 
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start(trainer, pl_module)  # a validate before fit (the dev metrics at the start) needs the index
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per process: this rank's part of a sharded placement, the pool (rank 0), and the snapshot in use:
+        the checkpoint's on a resume, else the first one, built with the current weights."""
+        if self._started:
+            return
+        self._started = True
         self.part = self._part(trainer)
-        if self.index_cfg is not None and trainer.world_size > 1 and pl_module.device.type == "cuda":
-            self.index_cfg = dataclasses.replace(self.index_cfg, gpu_device=pl_module.device.index or 0)
+        if self.index_cfg is not None:
+            self.index_cfg = searcher_config(self.index_cfg, pl_module.device, trainer.world_size)
         if trainer.is_global_zero and self.refreshing:
             self.coordinator = self.make_coordinator().start()
         if self._resume is not None:
@@ -91,25 +104,42 @@ class IndexRefreshCallback(pl.Callback):
 
     def _initial_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                           step: int | None = None) -> Published:
-        pub = None
-        if trainer.is_global_zero:
-            step = trainer.global_step if step is None else step
-            if self.coordinator is not None:
-                log.info("index: the actor pool encodes the corpus with the step-%d weights", step)
-                self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step)
-                res = self.coordinator.wait()
+        """Rank 0 builds it (by the pool, else in this process), the others wait in short collectives."""
+        step = trainer.global_step if step is None else step
+        poll = self._build_first(pl_module, step) if trainer.is_global_zero else None
+        return wait_for_rank0(poll, self._broadcaster(trainer), trainer.world_size, self.keepalive)
+
+    def _build_first(self, pl_module: pl.LightningModule, step: int):
+        """Rank 0: start building the first snapshot; its poll (see keepalive.py)."""
+        if self.coordinator is not None:
+            log.info("index: the actor pool encodes the corpus with the step-%d weights", step)
+            ticket = self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step)
+
+            def poll(timeout: float | None) -> tuple[bool, Published | None]:
+                res = self.coordinator.wait_for(ticket, timeout)
                 if res is None:
-                    raise OpenbookError(f"initial index build failed: {self.coordinator.last_error}")
+                    return False, None
+                if isinstance(res, str):
+                    raise OpenbookError(f"initial index build failed: {res}")
                 log.info("index v%d built by the actor pool: %d passages in %.1f s, %.0f passages/s", res.version,
                          res.docs, res.duration, res.docs_per_second)
-                pub = Published.of(res)
                 self.stats.initial_docs += res.docs
-            elif self.build_initial is not None:
-                pub = self.build_initial(pl_module, step)
-                self.stats.initial_docs += self.published_count(pub)
-            else:
-                raise OpenbookError("no index: refresh is off and no initial snapshot builder was given")
-        return trainer.strategy.broadcast(pub, src=0)
+                return True, Published.of(res)
+
+            return poll
+        if self.build_initial is None:
+            raise OpenbookError("no index: refresh is off and no initial snapshot builder was given")
+
+        def build() -> Published:
+            pub = self.build_initial(pl_module, step)
+            self.stats.initial_docs += self.published_count(pub)
+            return pub
+
+        return in_background(build, "openbook-first-index")
+
+    @staticmethod
+    def _broadcaster(trainer: pl.Trainer):
+        return lambda obj: trainer.strategy.broadcast(obj, src=0)
 
     def _install(self, trainer: pl.Trainer, pub: Published) -> None:
         self.preinstall(pub)
@@ -157,6 +187,11 @@ class IndexRefreshCallback(pl.Callback):
         self._shutdown()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a validate before fit keeps the pool for it
+            self._shutdown()
+
+    def close(self) -> None:
+        """Shut the pool down (idempotent): the end of a run, whatever ran of it."""
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -293,7 +328,7 @@ class IndexRefreshCallback(pl.Callback):
     def _trigger(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self._last_refresh_step = step
         if self.lag is not None:
-            self._enqueue(pl_module, step)
+            self._enqueue(trainer, pl_module, step)
             return
         if self.coordinator is not None:
             self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step, self._protect())
@@ -304,16 +339,16 @@ class IndexRefreshCallback(pl.Callback):
         return (*((self._in_use.version,) if self._in_use else ()), *waiting)
 
     # -- the deterministic swap --------------------------------------------------------------
-    def _enqueue(self, pl_module: pl.LightningModule, step: int) -> None:
+    def _enqueue(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         p = Pending(step, step + self.lag, time.time())
         if self.coordinator is not None:  # rank 0 submits; every rank records when it is due
             p.state = numpy_state(self.doc_encoder(pl_module))
             p.ticket = self.coordinator.submit(p.state, step, self._protect(), queue=True,
                                                weights_time=p.weights_time)
         self._queue.append(p)
-        if self.cfg.mode == "sync" and self.coordinator is not None:  # the blocking baseline: wait here
+        if self.cfg.mode == "sync":  # the blocking baseline: every rank waits here for rank 0's refresh
             t0 = time.perf_counter()
-            self._settle(p, step, timeout=None)
+            self._await_settled(trainer, p, step)
             self._sync_wait += time.perf_counter() - t0
 
     def _lagged_boundary(self, trainer: pl.Trainer) -> None:
@@ -358,13 +393,15 @@ class IndexRefreshCallback(pl.Callback):
         self._settled(p, out, step)
         return True
 
+    def _await_settled(self, trainer: pl.Trainer, p: Pending, step: int) -> None:
+        """Every rank: until rank 0 knows ``p``'s outcome (the others wait in short collectives)."""
+        poll = (lambda timeout: (self._settle(p, step, timeout), None)) if trainer.is_global_zero else None
+        wait_for_rank0(poll, self._broadcaster(trainer), trainer.world_size, self.keepalive)
+
     def _swap_due(self, trainer: pl.Trainer, p: Pending) -> None:
         """Every rank: put ``p`` in use now, waiting for it if it is not published yet."""
         t0, was_ready = time.perf_counter(), p.settled
-        while True:  # under DDP the others wait in short collectives, far below the process group timeout
-            done = self._settle(p, trainer.global_step, KEEPALIVE_SECONDS) if trainer.is_global_zero else False
-            if trainer.world_size == 1 or trainer.strategy.broadcast(done, src=0):
-                break
+        self._await_settled(trainer, p, trainer.global_step)
         if trainer.is_global_zero:
             self._note_wait(not was_ready, time.perf_counter() - t0)
         pub = p.published if trainer.world_size == 1 else trainer.strategy.broadcast(p.published, src=0)
@@ -502,3 +539,13 @@ class IndexRefreshCallback(pl.Callback):
         m = self.metrics(trainer)
         self.stats.versions.append((trainer.global_step, int(m["index/version"])))
         pl_module.log_dict(m, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+def searcher_config(cfg: IndexConfig, device: torch.device, world: int) -> IndexConfig:
+    """The index config of a trainer whose module is on ``device``: a GPU trainer searches on its own GPU (every
+    DDP rank its own; one process keeps an explicit ``index.gpu_device``), a CPU trainer on CPU (``index.device:
+    gpu`` still asks for GPU ``gpu_device``, 0 by default): never on GPUs other processes train on."""
+    if device.type == "cuda":
+        own = cfg.gpu_device if world == 1 and cfg.gpu_device >= 0 else (device.index or 0)
+        return dataclasses.replace(cfg, gpu_device=own)
+    return dataclasses.replace(cfg, device="cpu") if cfg.device == "auto" else cfg
