@@ -26,19 +26,22 @@ class QACollator:
     hard_negatives: int = 0  # how many of them go in "hard_rows" [B, hard_negatives] (-1 = none)
     warned: bool = field(default=False)
 
-    def __call__(self, batch: list[tuple[QAExample, int]]) -> dict:
-        questions = [self.query_prefix + e.question for e, _ in batch]
+    def __call__(self, batch: list[tuple]) -> dict:
+        """``batch``: (example, gold row) pairs, or (example, gold row, dev index) for evaluation ("index")."""
+        questions = [self.query_prefix + e.question for e, *_ in batch]
         self._warn_if_truncated(questions)
         query = self.tokenizer(questions, truncation=True, max_length=self.query_max_length, padding=True,
                                return_tensors="pt")
-        answers = [e.answers[0] if e.answers else "" for e, _ in batch]
+        answers = [e.answers[0] if e.answers else "" for e, *_ in batch]
         labels = self.tokenizer(answers, truncation=True, max_length=self.answer_max_length, padding=True,
                                 return_tensors="pt")["input_ids"]
-        out = {"query": dict(query), "gold_row": torch.tensor([r for _, r in batch], dtype=torch.long),
-               "labels": labels, "answers": [e.answers for e, _ in batch], "questions": [e.question for e, _ in batch]}
+        out = {"query": dict(query), "gold_row": torch.tensor([t[1] for t in batch], dtype=torch.long),
+               "labels": labels, "answers": [t[0].answers for t in batch], "questions": [t[0].question for t in batch]}
+        if len(batch[0]) > 2:
+            out["index"] = torch.tensor([t[2] for t in batch], dtype=torch.long)
         if self.hard_negatives and self.row_of is not None:
             n = self.hard_negatives
-            rows = [[self.row_of(i) for i in e.hard_negative_ids[:n]] for e, _ in batch]
+            rows = [[self.row_of(i) for i in e.hard_negative_ids[:n]] for e, *_ in batch]
             out["hard_rows"] = torch.tensor([r + [-1] * (n - len(r)) for r in rows], dtype=torch.long)
         return out
 

@@ -10,6 +10,9 @@ import torch
 
 from openbook.data import Corpus, tokenize_corpus
 from openbook.data.bundle import DataBundle
+from openbook.index import FaissIndex, IndexConfig
+from openbook.index.placement import Part
+from openbook.index.shards import merge_topk
 from openbook.models.retriever import BiEncoder, with_prefix
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import encode_rows, encode_texts
@@ -28,31 +31,55 @@ def recall_at_k(index, doc_ids, query_emb: np.ndarray, gold: list[list[str]], k:
     return float(np.mean([bool(set(g) & {str(doc_ids[r]) for r in row if r >= 0}) for row, g in zip(rows, gold)]))
 
 
-def dev_recall(parts, snapshot=None) -> float:
+def dev_recall(parts, snapshot=None, part: Part | None = None) -> float:
     """Dev gold-passage recall@k (k = train.eval_k) of ``parts``' retriever against ``snapshot``, or against a
-    fresh in-process encode of the corpus with the current doc encoder (the index a synchronous trainer
-    would have). With ``refresh.strategy: rerank`` the recall against ``snapshot`` is that of the list the model
-    reads: the k best by live score among the snapshot's top ``refresh.rerank_candidates``."""
-    from openbook.index import IndexConfig, build_index
-
+    fresh encode of the corpus with the current doc encoder, searched exactly (the index a synchronous trainer
+    would have, without approximate search): divided over the ranks of ``part`` (a collective; every rank gets
+    the figure), else all in this process. With ``refresh.strategy: rerank`` the recall against ``snapshot`` is
+    that of the list the model reads: the k best by live score among the snapshot's top
+    ``refresh.rerank_candidates``."""
     dev = [e for e in parts.data.dev if e.gold_ids]
     if not dev:
         return float("nan")
     cfg = parts.cfg
     q = encode_queries(parts.model, parts.tokenizer, [e.question for e in dev], cfg.retriever.query_max_length)
     if snapshot is None:
-        emb = encode_rows(parts.model.doc_encoder, parts.tokens, 0, len(parts.tokens), cfg.encode.batch_size)
-        index, ids = build_index(emb, IndexConfig()), parts.data.corpus.ids
+        rows = fresh_topk(parts.model.doc_encoder, parts.tokens, q, cfg.train.eval_k, cfg.encode.batch_size, part)
+        ids = parts.data.corpus.ids
     else:
-        index, ids = snapshot.index, snapshot.doc_ids
-    step = getattr(parts.module, "retrieval", None) if snapshot is not None else None
-    if step is not None and step.rerank:
-        found, _ = index.search(q, max(step.rerank, cfg.train.eval_k))
-        rows = step.rerank_rows(torch.from_numpy(q), [[int(r) for r in row if r >= 0] for row in found],
-                                cfg.train.eval_k, training=False)
-    else:
-        rows, _ = index.search(q, cfg.train.eval_k)
+        ids = snapshot.doc_ids
+        step = getattr(parts.module, "retrieval", None)
+        if step is not None and step.rerank:
+            found, _ = snapshot.index.search(q, max(step.rerank, cfg.train.eval_k))
+            rows = step.rerank_rows(torch.from_numpy(q), [[int(r) for r in row if r >= 0] for row in found],
+                                    cfg.train.eval_k, training=False)
+        else:
+            rows, _ = snapshot.index.search(q, cfg.train.eval_k)
     return float(np.mean([bool(set(e.gold_ids) & {str(ids[r]) for r in row if r >= 0}) for row, e in zip(rows, dev)]))
+
+
+def fresh_topk(encoder, tokens, q: np.ndarray, k: int, batch_size: int, part: Part | None = None) -> np.ndarray:
+    """Exact top-k corpus rows [Q, k] of queries ``q`` over the corpus encoded now with ``encoder`` (on its
+    device), block by block: no corpus-sized array is ever held. Blocks of ``16 x batch_size`` rows go to the
+    ranks of ``part`` in turn (block b to rank b mod W), and the ranks' top-k are gathered and merged: every block
+    is encoded as in one process, so one process and W ranks find the same rows."""
+    n, block = len(tokens), 16 * batch_size
+    world, rank = (part.world, part.rank) if part is not None else (1, 0)
+    found = [(np.full((len(q), 0), -1, np.int64), np.zeros((len(q), 0), np.float32))]
+    for lo in range(rank * block, n, world * block):
+        emb = encode_rows(encoder, tokens, lo, min(lo + block, n), batch_size)
+        rows, scores = FaissIndex.build(emb, IndexConfig(device="cpu")).search(q, k)
+        found = [merge_topk([*found, (np.where(rows >= 0, rows + lo, -1), scores)], k)]
+    rows, scores = found[0]
+    if rows.shape[1] < k:  # fewer rows than k here (a rank with no block): pad, so every rank gathers [Q, k]
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    if world > 1:
+        rows = np.concatenate(part.exchange.all_gather(np.ascontiguousarray(rows)), axis=1)
+        scores = np.concatenate(part.exchange.all_gather(np.ascontiguousarray(scores)), axis=1)
+        rows, _ = merge_topk([(rows, scores)], k)
+    return rows
 
 
 def set_threads(threads: int) -> None:

@@ -25,7 +25,8 @@ from openbook.models.realm_reader import SpanReader, best_spans, decode_spans, g
 from openbook.models.retriever import BiEncoder
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import RetrievalStep, gold_recall, rerank_metrics
+from openbook.trainer.dev_eval import DevScores, log_dev_means
+from openbook.trainer.retrieval import RetrievalStep, gold_recall, recall_each, rerank_metrics
 from openbook.trainer.spec import ModelSpec, Shared, freeze, qa_dev_loader, retrieval_step
 
 
@@ -54,6 +55,7 @@ class RealmQAModule(pl.LightningModule):
         self.retriever, self.reader, self.reader_cfg = retriever, reader, reader_cfg
         self.realm, self.cfg, self.tokenizer = cfg, train, tokenizer
         self.retrieval = retrieval
+        self.dev_scores = DevScores()
 
     def _forward(self, batch: dict) -> dict:
         """Retrieved rows [B,K], their scores [B,K], reader inputs [B*K,L], evidence and logits [B,K,L]."""
@@ -97,14 +99,19 @@ class RealmQAModule(pl.LightningModule):
                                       self.realm.max_span_width)
         return decode_spans(self.tokenizer, out["ctx"].view(*out["evidence"].shape), doc, i, j, found), out
 
+    def on_validation_epoch_start(self) -> None:
+        self.dev_scores.reset()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         preds, out = self.predict_answers(batch)
         k = self.reader_cfg.n_docs
-        em = float(np.mean([exact_match(p, a) for p, a in zip(preds, batch["answers"])]))
-        in_docs = self._gold(out, batch["answers"]).flatten(1).any(1).float().mean()
-        self.log_dict({"val/em": em, "val/answer_in_docs": in_docs,
-                       f"val/recall@{k}": gold_recall(out["rows"], batch["gold_row"].cpu().numpy(), k)},
-                      on_step=False, on_epoch=True, batch_size=len(preds))
+        self.dev_scores.add(batch["index"], **{
+            "val/em": np.array([exact_match(p, a) for p, a in zip(preds, batch["answers"])], dtype=float),
+            "val/answer_in_docs": self._gold(out, batch["answers"]).flatten(1).any(1).double().numpy(),
+            f"val/recall@{k}": recall_each(out["rows"], batch["gold_row"].cpu().numpy(), k)})
+
+    def on_validation_epoch_end(self) -> None:
+        log_dev_means(self, self.dev_scores)
 
     def configure_optimizers(self):
         return configure_adamw(self, self.cfg, lr_scale={"reader.": self.reader_cfg.lr_scale})

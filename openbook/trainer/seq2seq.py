@@ -24,7 +24,8 @@ from openbook.models.retriever import BiEncoder
 from openbook.models.vocab import VocabMap
 from openbook.trainer.common import configure_adamw
 from openbook.trainer.config import TrainConfig
-from openbook.trainer.retrieval import gold_recall
+from openbook.trainer.dev_eval import DevScores, log_dev_means
+from openbook.trainer.retrieval import recall_each
 
 
 class Seq2SeqReader:
@@ -87,15 +88,18 @@ class Seq2SeqReader:
         scores = torch.zeros(len(ctx), 1, device=device)
         return rag_token_nll(logits, scores, target, self.ids.pad, epsilon=epsilon).mean()
 
-    def gold_em(self, batch: dict, device) -> float | None:
-        """EM of the reader given the gold passage alone (None without gold passages): the ceiling
+    def gold_em(self, batch: dict, device) -> np.ndarray:
+        """Per question, the EM of the reader given its gold passage alone (NaN without one): the ceiling
         retrieval can reach, and what tells a reader problem from a retriever problem."""
-        if (batch["gold_row"] < 0).any():
-            return None
-        ctx, mask = self.gold_context(batch, device)
-        out = rag_token_generate(self.generator, ctx, mask, torch.zeros(len(ctx), 1, device=device), self.ids.bos,
-                                 self.ids.eos, self.cfg.max_answer_length)
-        return em(self.decode(out), batch["answers"])
+        has = gold(batch) >= 0
+        out = np.full(len(has), np.nan)
+        if has.any():
+            sub = batch if has.all() else subset(batch, has)
+            ctx, mask = self.gold_context(sub, device)
+            seqs = rag_token_generate(self.generator, ctx, mask, torch.zeros(len(ctx), 1, device=device), self.ids.bos,
+                                      self.ids.eos, self.cfg.max_answer_length)
+            out[has] = [exact_match(p, a) for p, a in zip(self.decode(seqs), sub["answers"])]
+        return out
 
 
 def _starts_with_special(tokenizer) -> bool:
@@ -104,25 +108,33 @@ def _starts_with_special(tokenizer) -> bool:
     return bool(first) and first[0] in set(tokenizer.all_special_ids)
 
 
-def em(preds: list[str], answers: list[list[str]]) -> float:
-    return float(np.mean([exact_match(p, a) for p, a in zip(preds, answers)]))
-
-
 def gold(batch: dict) -> np.ndarray:
     return batch["gold_row"].cpu().numpy()
 
 
-def answer_metrics(module, batch: dict) -> dict[str, float]:
-    """EM, F1 and gold recall of a generating module's answers; the reader's EM on the gold passage alone."""
+def subset(batch: dict, keep: np.ndarray) -> dict:
+    """The questions ``keep`` (a boolean mask) of a question batch."""
+    sel = torch.from_numpy(np.flatnonzero(keep))
+    out = {}
+    for key, v in batch.items():
+        if isinstance(v, dict):
+            out[key] = {k: t[sel] for k, t in v.items()}
+        elif isinstance(v, torch.Tensor):
+            out[key] = v[sel]
+        else:
+            out[key] = [v[i] for i in sel.tolist()]
+    return out
+
+
+def answer_scores(module, batch: dict) -> dict[str, np.ndarray]:
+    """Per question: EM, F1 and gold recall@k of a generating module's answers, and the reader's EM on the gold
+    passage alone (NaN where a question has no gold passage)."""
     preds, rows = module.generate(batch)
-    k = module.reader_cfg.n_docs
-    logs = {"val/em": em(preds, batch["answers"]),
-            "val/f1": float(np.mean([f1(p, a) for p, a in zip(preds, batch["answers"])])),
-            f"val/recall@{k}": gold_recall(rows, gold(batch), k)}
-    on_gold = module.seq2seq.gold_em(batch, module.device)
-    if on_gold is not None:
-        logs["val/reader_em_gold"] = on_gold
-    return logs
+    k, g = module.reader_cfg.n_docs, gold(batch)
+    return {"val/em": np.array([exact_match(p, a) for p, a in zip(preds, batch["answers"])], dtype=float),
+            "val/f1": np.array([f1(p, a) for p, a in zip(preds, batch["answers"])], dtype=float),
+            f"val/recall@{k}": recall_each(rows, g, k),
+            "val/reader_em_gold": module.seq2seq.gold_em(batch, module.device)}
 
 
 VOCAB_FILE = "vocab.json"
@@ -150,6 +162,7 @@ class GeneratingModule(pl.LightningModule):
             self.register_buffer("generator_vocab", seq2seq.vocab.to_orig.clone())
         if self.reader_cfg.lr_scale == 0:
             self.generator.requires_grad_(False)
+        self.dev_scores = DevScores()
 
     def forward_batch(self, batch: dict):
         """Retrieval for the batch's questions, and the generator inputs for every (question, passage)."""
@@ -164,8 +177,14 @@ class GeneratingModule(pl.LightningModule):
                  batch_size=len(batch["gold_row"]))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.dev_scores.reset()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log_dict(answer_metrics(self, batch), on_step=False, on_epoch=True, batch_size=len(batch["answers"]))
+        self.dev_scores.add(batch["index"], **answer_scores(self, batch))
+
+    def on_validation_epoch_end(self) -> None:
+        log_dev_means(self, self.dev_scores)
 
     def configure_optimizers(self):
         return configure_adamw(self, self.cfg, lr_scale={"generator.": self.reader_cfg.lr_scale})

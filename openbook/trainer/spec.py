@@ -24,6 +24,7 @@ from openbook.models.retriever import BiEncoder
 from openbook.recipe import RecipeConfig
 from openbook.refresher.encode import EncoderSpec
 from openbook.trainer.batches import QACollator, with_gold_rows
+from openbook.trainer.dev_eval import EvalSampler
 from openbook.trainer.loaders import make_loader
 from openbook.trainer.retrieval import RetrievalStep
 
@@ -103,10 +104,14 @@ def qa_collator(s: Shared) -> QACollator:
 
 
 def qa_dev_loader(s: Shared) -> DataLoader | None:
+    """The first ``train.val_questions`` dev questions, each with its index: under DDP every rank evaluates whole
+    batches of the one-process order and each question counts once (trainer/dev_eval.py)."""
     if not s.data.dev:
         return None
-    items = with_gold_rows(s.data.dev[: s.cfg.train.val_questions], s.data.corpus, require=False)
-    return make_loader(items, s.cfg.train.val_batch_size, qa_collator(s), shuffle=False, seed=0)
+    pairs = with_gold_rows(s.data.dev[: s.cfg.train.val_questions], s.data.corpus, require=False)
+    items = [(e, row, i) for i, (e, row) in enumerate(pairs)]
+    return DataLoader(items, batch_size=s.cfg.train.val_batch_size, sampler=EvalSampler(len(items),
+                      s.cfg.train.val_batch_size), collate_fn=qa_collator(s))
 
 
 def check_full_batch(n: int, batch_size: int, what: str) -> None:

@@ -102,3 +102,29 @@ class DevRecallLogger(pl.Callback):
         snap = self.parts.holder.get()
         if snap.sharded or trainer.is_global_zero:  # a sharded search takes every rank
             log_scalars(trainer, {recall_tag(self.parts.cfg): dev_recall(self.parts, snap)}, step)
+
+
+class StartRecall(pl.Callback):
+    """Dev gold recall@k (k = train.eval_k) of the untrained query tower against the first snapshot in use, taken
+    before step 1 (the summary's ``dev_recall@k_at_start``): that snapshot is the initial weights' encode of the
+    corpus, built once by the pool (or rank 0), so no rank encodes the corpus for this figure. A checkpoint
+    carries it, so a resumed run reports the figure of its start. ``log``: also log it as ``val/recall@k`` at
+    step 0 (models without a validation loop)."""
+
+    def __init__(self, parts, log: bool):
+        self.parts, self.log, self.value = parts, log, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.value is not None or trainer.global_step > 0:  # measured before, or resumed: not the start
+            return
+        snap = self.parts.holder.get()
+        if snap.sharded or trainer.is_global_zero:  # a sharded search takes every rank
+            self.value = dev_recall(self.parts, snap)
+        if self.log and trainer.is_global_zero:
+            log_scalars(trainer, {recall_tag(self.parts.cfg): self.value}, 0)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("value")

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader
 from openbook.config import to_dict
 from openbook.data import tokenize_corpus
 from openbook.data.bundle import DataBundle, prepare_data
+from openbook.data.cache_lock import cache_lock
 from openbook.index import IndexHolder
+from openbook.index.placement import Part
 from openbook.models.retriever import build_retriever
 from openbook.recipe import RecipeConfig
 from openbook.refresher.publish import publish_in_process
@@ -35,6 +37,7 @@ from openbook.trainer.spec import ModelSpec, Shared
 from openbook.trainer.tb import (
     DevRecallLogger,
     RunLogger,
+    StartRecall,
     close_loggers,
     log_hparams,
     log_scalars,
@@ -60,12 +63,13 @@ def build_parts(cfg: RecipeConfig, data: DataBundle | None = None, progress: boo
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     spec = model_spec(cfg.model)
-    data = data or prepare_data(cfg.data, progress=progress)
-    model, tokenizer = build_retriever(cfg.retriever)
-    tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
-                             prefix=cfg.retriever.passage_prefix)
-    shared = Shared(cfg, data, model, tokenizer, tokens, IndexHolder())
-    module = spec.build(shared)
+    with cache_lock(cfg.data.cache_dir):  # DDP ranks: the first prepares the data caches, the others find them
+        data = data or prepare_data(cfg.data, progress=progress)
+        model, tokenizer = build_retriever(cfg.retriever)
+        tokens = tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, Path(cfg.data.cache_dir),
+                                 prefix=cfg.retriever.passage_prefix)
+        shared = Shared(cfg, data, model, tokenizer, tokens, IndexHolder())
+        module = spec.build(shared)  # a generator's own token cache, too
     return TrainParts(**vars(shared), spec=spec, module=module, callback=refresh_callback(shared, spec, progress))
 
 
@@ -91,7 +95,8 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
     def make_coordinator():
         from openbook.refresher.coordinator import RefreshCoordinator
 
-        return RefreshCoordinator(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target)
+        return RefreshCoordinator(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target,
+                                  gpus=refresh_gpus(cfg))
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
         snap, stats = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
@@ -102,6 +107,20 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
         return Published(snap.version, str(snap.path), step, snap.manifest.weights_time)
 
     return IndexRefreshCallback(refresh, s.holder, make_coordinator, build_initial, spec.doc_encoder, cfg.index)
+
+
+def refresh_gpus(cfg: RecipeConfig) -> list[int] | None:
+    """The GPUs of this node a local Ray offers the encoder actors: none the trainer's ranks train on
+    (``refresher.cluster.pool_gpus``); None where no GPU is visible (Ray finds none either)."""
+    import ray
+
+    from openbook.refresher.cluster import cluster_address, pool_gpus
+
+    visible = torch.cuda.device_count()
+    if not visible or ray.is_initialized() or cluster_address(cfg.refresh.address)[0] is not None:
+        return None  # no GPU, or a Ray that is not ours to start (Ray Train's, a joined cluster) keeps its own
+    on_gpu = cfg.train.accelerator in ("gpu", "cuda", "auto")
+    return pool_gpus(cfg.refresh.gpu_ids, cfg.refresh.gpus_per_worker, cfg.train.devices if on_gpu else 0, visible)
 
 
 def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -> pl.Trainer:
@@ -143,8 +162,8 @@ def fit(trainer: pl.Trainer, parts: TrainParts, loader: DataLoader, ckpt_path=No
 
 
 def validate_at_start(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader) -> dict:
-    """Dev metrics of the untrained models on the first snapshot, which fit then starts from (one process)."""
-    parts.callback.preinstall(parts.callback.build_initial(parts.module, 0))
+    """Dev metrics of the untrained models on the first snapshot (which the refresh callback builds for this
+    validate and fit then starts from); every rank takes part."""
     metrics = trainer.validate(parts.module, dev, verbose=False)[0]
     return {f"dev_{key.split('/')[-1]}_at_start": round(v, 4) for key, v in metrics.items()}
 
@@ -176,42 +195,75 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
 
 def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, trainer_overrides: dict) -> dict:
     parts = build_parts(cfg, data, progress)
+    try:
+        return _fit_and_report(parts, ckpt, progress, trainer_overrides)
+    finally:
+        parts.callback.close()
+
+
+def _fit_and_report(parts: TrainParts, ckpt, progress: bool, trainer_overrides: dict) -> dict:
+    """Fit, then the final evaluation on every rank (a rank that left early would hang the others' collectives);
+    rank 0 saves and reports."""
+    cfg = parts.cfg
     dev = parts.spec.dev_loader(parts)
     has_gold = any(e.gold_ids for e in parts.data.dev)  # no gold passages (pydoc text): no recall to report
     own_recall = has_gold and dev is None  # no validation loop logs val/recall@k: it is logged here
-    callbacks = [parts.callback, *([DevRecallLogger(parts, cfg.train.val_every_n_steps)] if own_recall else [])]
+    start = StartRecall(parts, log=own_recall) if has_gold else None
+    callbacks = [parts.callback, *([start] if start else []),
+                 *([DevRecallLogger(parts, cfg.train.val_every_n_steps)] if own_recall else [])]
     trainer = make_trainer(cfg, callbacks, enable_progress_bar=progress, **trainer_overrides)
     first = dev is not None and cfg.train.validate_at_start and ckpt is None
-    at_start = validate_at_start(parts, trainer, dev) if first and trainer.world_size == 1 else {}
-    start = dev_recall(parts) if has_gold else None
-    if own_recall and ckpt is None:  # a resumed run logged step 0 the first time
-        log_scalars(trainer, {recall_tag(cfg): start}, 0)
+    at_start = validate_at_start(parts, trainer, dev) if first else {}
     t0 = time.time()
     fit(trainer, parts, parts.spec.train_loader(parts), ckpt, val_dataloaders=dev if cfg.train.val_every_n_steps
         else None)
     seconds = time.time() - t0
+    loss = float(trainer.callback_metrics.get("train/loss", float("nan")))  # before validate replaces the metrics
     save_history(parts, trainer.global_rank)
     preempted = preemption_summary(trainer)
     if preempted is not None:  # the checkpoint is written and the pool is down: no final evaluation
         close_loggers(trainer)
         return preempted if trainer.is_global_zero else {"preempted": True}
-    snap = parts.holder.get()
-    in_use = dev_recall(parts, snap) if has_gold and snap.sharded else None  # a search over ranks: all of them take part
+    final = final_evaluation(parts, trainer, dev, has_gold)
     if not trainer.is_global_zero:  # rank 0 saves and reports for the run
         return {}
     save_final(parts, trainer.global_step)
-    summary = run_summary(parts, trainer, seconds)
-    if has_gold:
-        summary.update(gold_recalls(parts, snap, start, in_use))
-        if own_recall:
-            log_scalars(trainer, {recall_tag(cfg): summary[f"dev_recall@{cfg.train.eval_k}_index_in_use"]},
-                        trainer.global_step)
-    if dev is not None:  # answer quality with the final weights and the snapshot in use
-        metrics = trainer.validate(parts.module, dev, verbose=False)[0]
-        summary.update({**at_start, **{f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()}})
+    summary = run_summary(parts, trainer, seconds, loss)
+    k = cfg.train.eval_k
+    if start is not None and start.value is not None:
+        summary[f"dev_recall@{k}_at_start"] = start.value
+    summary.update({**at_start, **final})
+    if own_recall:
+        log_scalars(trainer, {recall_tag(cfg): summary[f"dev_recall@{k}_index_in_use"]}, trainer.global_step)
     log_hparams(trainer, cfg, summary)
     close_loggers(trainer)
     return summary
+
+
+def final_evaluation(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader | None, has_gold: bool) -> dict:
+    """Every rank: dev gold recall@k against the snapshot in use and against a fresh encode of the corpus by the
+    final doc encoder (encoded in blocks shared out over the ranks), and the validation loop's answer metrics
+    (each rank evaluates whole batches, each question counts once): the figures one process gets."""
+    out: dict = {}
+    if has_gold:
+        k, snap = parts.cfg.train.eval_k, parts.holder.get()
+        in_use = dev_recall(parts, snap) if snap.sharded or trainer.is_global_zero else None
+        out = {f"dev_recall@{k}_index_in_use": in_use, f"dev_recall@{k}_fresh_encode": dev_recall(parts,
+                                                                                                  part=ranks(trainer))}
+    if dev is not None:
+        metrics = trainer.validate(parts.module, dev, verbose=False)[0]
+        out.update({f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()})
+    return out
+
+
+def ranks(trainer: pl.Trainer) -> Part | None:
+    """This process's place among the trainer's ranks, with the exchange their shared work goes through (a
+    collective to make: every rank calls it at the same point); None in one process."""
+    if trainer.world_size == 1:
+        return None
+    from openbook.trainer.exchange import TorchExchange
+
+    return Part(trainer.global_rank, trainer.world_size, TorchExchange())
 
 
 def preemption_summary(trainer: pl.Trainer) -> dict | None:
@@ -224,20 +276,12 @@ def preemption_summary(trainer: pl.Trainer) -> dict | None:
             "exit_code": PREEMPTED_EXIT, "resume": "openbook train --resume last (with the same --config)"}
 
 
-def gold_recalls(parts: TrainParts, snap, start: float, in_use: float | None) -> dict:
-    """Dev gold recall@k at the start, with the snapshot in use (``in_use`` if the ranks computed it
-    together) and with a fresh encode of the corpus by the final doc encoder."""
-    k = parts.cfg.train.eval_k
-    return {f"dev_recall@{k}_at_start": start,
-            f"dev_recall@{k}_index_in_use": dev_recall(parts, snap) if in_use is None else in_use,
-            f"dev_recall@{k}_fresh_encode": dev_recall(parts)}
-
-
-def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float) -> dict:
+def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float, loss: float | None = None) -> dict:
     stats = parts.callback.stats
     stalls = np.array(stats.stalls) if stats.stalls else np.zeros(1)
     return {"steps": trainer.global_step, "seconds": round(seconds, 2),
-            "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
+            "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan")))
+                                if loss is None else loss, 4),
             "index_version": parts.holder.version, "index_encoder_step": parts.holder.get().encoder_step,
             "refreshes_published": len(stats.events), "refreshes_skipped": stats.skipped,
             "passages_encoded_by_refresh": stats.initial_docs + sum(e.docs for e in stats.events),
