@@ -31,6 +31,18 @@ def train_loop_per_worker(config: dict) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def gpu_shortage(cfg, trainer_gpus: int, cluster_gpus: float) -> str | None:
+    """The trainer workers hold one GPU each for the whole run: GPU encoder actors need GPUs beyond those, or they
+    never start (the refresh pool's start then times out). None if the cluster has enough."""
+    r = cfg.refresh
+    pool = (r.num_workers + r.spare_workers) * r.gpus_per_worker if r.enabled else 0.0
+    if not pool or trainer_gpus + pool <= cluster_gpus:
+        return None
+    return (f"{trainer_gpus} trainer worker GPUs + {pool:g} for the refresh pool (refresh.gpus_per_worker="
+            f"{r.gpus_per_worker:g}) > the cluster's {cluster_gpus:g} GPUs: use fewer --num-workers, a smaller "
+            "refresh.gpus_per_worker, or refresh.gpus_per_worker=0 (the pool encodes on CPUs)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="recipe YAML")
@@ -51,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [*strategy, f"train.accelerator={'gpu' if args.use_gpu else 'cpu'}", *args.overrides]
     cfg = load_recipe(args.config, overrides)  # a bad recipe fails here, before any worker starts
     ray.init(address=args.address)  # None: RAY_ADDRESS or the cluster running here, else a local one
+    problem = gpu_shortage(cfg, args.num_workers if args.use_gpu else 0, ray.cluster_resources().get("GPU", 0))
+    if problem:
+        raise SystemExit(f"ray_train.py: {problem}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": args.config, "overrides": overrides, "cwd": os.getcwd()},

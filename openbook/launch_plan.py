@@ -31,7 +31,7 @@ class LaunchRequest:
     target: str
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU processes
-    procs_per_node: int | None = None  # processes per node; one per GPU when there are GPUs
+    procs_per_node: int | None = None  # trainer processes per node; one per GPU by default, GPUs beyond go to the pool
     overrides: tuple[str, ...] = ()
     partition: str | None = None
     time: str = "24:00:00"
@@ -44,14 +44,19 @@ class LaunchRequest:
     def procs(self) -> int:
         return self.procs_per_node or max(self.gpus_per_node, 1)
 
+    @property
+    def pool_gpus(self) -> int:
+        """GPUs per node left to the refresh pool's Ray node: those after the trainers' (rank r trains on GPU r)."""
+        return self.gpus_per_node - self.procs if self.gpus_per_node else 0
+
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise OpenbookError(f"launch: unknown target {self.target!r} (one of {', '.join(TARGETS)})")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.procs < 1:
             raise OpenbookError("launch: --nodes and processes per node must be >= 1, --gpus-per-node >= 0")
-        if self.gpus_per_node and self.procs != self.gpus_per_node:
-            raise OpenbookError(f"launch: one process per GPU: --procs-per-node {self.procs} "
-                                f"!= --gpus-per-node {self.gpus_per_node}")
+        if self.gpus_per_node and self.procs > self.gpus_per_node:
+            raise OpenbookError(f"launch: one process per GPU at most: --procs-per-node {self.procs} "
+                                f"> --gpus-per-node {self.gpus_per_node}")
         clash = [o for o in self.overrides if o.split("=")[0] in ("train.devices", "train.num_nodes")]
         if clash:
             raise OpenbookError(f"launch: {clash[0]!r}: set devices and nodes with --gpus-per-node / --nodes")
@@ -141,6 +146,10 @@ def plan(req: LaunchRequest) -> LaunchPlan:
     cfg = load_recipe(req.config, train_overrides(req))  # a bad recipe fails here, not on the cluster
     p = {"slurm": _slurm, "ray": _ray, "torchrun": _torchrun}[req.target](req, cfg)
     p.problems = [] if req.assume_shared_fs else shared_fs_problems(cfg, req.nodes)
+    if cfg.refresh.enabled and cfg.refresh.gpus_per_worker > 0 and not req.pool_gpus:
+        p.problems.append(f"refresh.gpus_per_worker={cfg.refresh.gpus_per_worker:g} but the trainers take every GPU: "
+                          "give --procs-per-node fewer than --gpus-per-node (the rest go to the refresh pool), or "
+                          "set refresh.gpus_per_worker=0")
     return p
 
 
@@ -155,6 +164,7 @@ def _slurm(req: LaunchRequest, cfg) -> LaunchPlan:
         "workdir": shlex.quote(str(Path.cwd())),
         "openbook": shlex.quote(str(bin_dir / "openbook")), "ray": shlex.quote(str(bin_dir / "ray")),
         "ray_port": RAY_PORT, "config": shlex.quote(req.config), "train_args": set_args(train_overrides(req)),
+        "train_gpus": req.procs if req.gpus_per_node else 0, "ray_gpus": req.pool_gpus,
     })
     path = str(Path(cfg.run_dir) / "launch" / "slurm.sbatch")
     steps = [("here", f"mkdir -p {shlex.quote(str(Path(cfg.run_dir) / 'slurm'))}"),
@@ -167,8 +177,10 @@ def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
     steps: list[tuple[str, str]] = []
     addr = req.master_addr or ("localhost" if req.nodes == 1 else "$MASTER_ADDR")
     if req.nodes > 1:  # one Ray cluster for the refresher: head beside rank 0, joined with address=auto
-        steps.append(("node 0", f"ray start --head --port={RAY_PORT}"))
-        steps += [(f"node {i}", f"ray start --address={addr}:{RAY_PORT}") for i in range(1, req.nodes)]
+        gpus = pool_gpu_env(req)  # each Ray node offers the GPUs its trainers leave, no more
+        steps.append(("node 0", f"{gpus}ray start --head --port={RAY_PORT} --num-gpus={req.pool_gpus}"))
+        steps += [(f"node {i}", f"{gpus}ray start --address={addr}:{RAY_PORT} --num-gpus={req.pool_gpus}")
+                  for i in range(1, req.nodes)]
         overrides.append("refresh.address=auto")
     script = shlex.quote(str(launch_dir() / "torchrun.sh"))
     # torchrun.sh sets devices and num_nodes from its own arguments
@@ -179,6 +191,12 @@ def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
                f"--master_port {req.master_port} --config {shlex.quote(req.config)} {set_args(rest)}")
         steps.append(("here" if req.nodes == 1 else f"node {rank}", cmd))
     return LaunchPlan("torchrun", steps)
+
+
+def pool_gpu_env(req: LaunchRequest) -> str:
+    """``CUDA_VISIBLE_DEVICES=...`` for a node's Ray: the GPUs after the trainers' (empty: none for the pool)."""
+    ids = range(req.procs, req.gpus_per_node) if req.gpus_per_node else ()
+    return f"CUDA_VISIBLE_DEVICES={','.join(map(str, ids))} "
 
 
 def _ray(req: LaunchRequest, cfg) -> LaunchPlan:

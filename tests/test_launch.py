@@ -57,6 +57,29 @@ def test_slurm_dry_run_renders_the_sbatch_script(capsys, tmp_path, monkeypatch):
         assert proc.returncode == 0, proc.stderr
 
 
+def test_slurm_gives_the_refresh_pool_the_gpus_the_trainers_leave(capsys, tmp_path, monkeypatch):
+    """--procs-per-node below --gpus-per-node: trainer rank r takes GPU r, each node's Ray offers the rest (cut
+    from the step's own CUDA_VISIBLE_DEVICES, counted by --num-gpus); GPU actors with no GPU left is a problem."""
+    out = dry_run(capsys, tmp_path, monkeypatch, "--target", "slurm", "--gpus-per-node", "4", "--procs-per-node",
+                  "3", "--set", "refresh.gpus_per_worker=1")
+    script = sbatch_script(out)
+    assert "PROBLEM" not in out and "#SBATCH --ntasks-per-node=3" in script and "#SBATCH --gpus-per-node=4" in script
+    assert "TRAIN_GPUS=3 " in script and "RAY_GPUS=1 " in script and script.count('--num-gpus="$RAY_GPUS"') == 2
+    node = re.search(r"^ray_node=\((.*)\)$", script, re.M).group(1)
+
+    def pool_sees(train: int, pool: int, visible: str) -> str:  # what a Ray node started by the script sees
+        probe = (f"export TRAIN_GPUS={train} RAY_GPUS={pool} CUDA_VISIBLE_DEVICES={visible}; ray_node=({node}); "
+                 "\"${ray_node[@]}\" bash -c 'echo \"[$CUDA_VISIBLE_DEVICES]\"'")
+        return subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.strip()
+
+    assert pool_sees(3, 1, "4,5,6,7") == "[7]"  # the 4th of the job's GPUs, whatever their ids
+    assert pool_sees(2, 2, "0,1,2,3") == "[2,3]"
+    assert pool_sees(4, 0, "0,1,2,3") == "[]"  # no GPU for the pool: its actors see none
+    out = dry_run(capsys, tmp_path, monkeypatch, "--target", "slurm", "--gpus-per-node", "4",
+                  "--set", "refresh.gpus_per_worker=1")
+    assert "PROBLEM: refresh.gpus_per_worker=1 but the trainers take every GPU" in out
+
+
 def test_torchrun_dry_run_gives_each_node_its_line(capsys, tmp_path, monkeypatch):
     out = dry_run(capsys, tmp_path, monkeypatch, "--target", "torchrun", "--nodes", "2",
                   "--gpus-per-node", "4", "--master-addr", "10.1.2.3")
@@ -66,8 +89,9 @@ def test_torchrun_dry_run_gives_each_node_its_line(capsys, tmp_path, monkeypatch
         for arg in ("--nnodes 2", "--nproc_per_node 4", f"--node_rank {rank}", "--master_addr 10.1.2.3",
                     f"--config {CONFIG}", "train.accelerator=gpu", "refresh.address=auto"):
             assert arg in line, (arg, line)
-    assert "[node 0] ray start --head --port=6379" in out
-    assert "[node 1] ray start --address=10.1.2.3:6379" in out
+    # every GPU is a trainer's: the Ray nodes of the refresh pool offer none
+    assert "[node 0] CUDA_VISIBLE_DEVICES= ray start --head --port=6379 --num-gpus=0" in out
+    assert "[node 1] CUDA_VISIBLE_DEVICES= ray start --address=10.1.2.3:6379 --num-gpus=0" in out
 
 
 def test_ray_dry_run_sizes_the_cluster_and_the_workers(capsys, tmp_path, monkeypatch):
@@ -79,8 +103,8 @@ def test_ray_dry_run_sizes_the_cluster_and_the_workers(capsys, tmp_path, monkeyp
 
 
 def test_launch_refuses_bad_requests_in_one_line():
-    with pytest.raises(OpenbookError, match="one process per GPU"):
-        LaunchRequest(config=CONFIG, target="slurm", gpus_per_node=4, procs_per_node=2)
+    with pytest.raises(OpenbookError, match="one process per GPU at most"):
+        LaunchRequest(config=CONFIG, target="slurm", gpus_per_node=4, procs_per_node=6)
     with pytest.raises(OpenbookError, match="--gpus-per-node / --nodes"):
         LaunchRequest(config=CONFIG, target="torchrun", overrides=("train.devices=8",))
     with pytest.raises(OpenbookError, match="unknown key"):  # the recipe is checked before anything runs
@@ -163,3 +187,19 @@ def test_a_multi_node_plan_refuses_a_run_dir_on_a_local_filesystem(tmp_path, cap
                                   assume_shared_fs=True)).problems
     assert not plan(LaunchRequest(config=CONFIG, target="torchrun", nodes=1, overrides=sets)).problems
     assert not local.joinpath("openbook-launch-test").exists()
+
+
+def test_ray_train_refuses_gpu_actors_the_cluster_cannot_seat():
+    """Under Ray Train each trainer worker holds a GPU for the whole run: GPU encoder actors need GPUs beyond
+    those, else the pool never starts; ray_train.py says so in one line before starting anything."""
+    import importlib.util
+
+    from openbook.recipe import load_recipe
+
+    spec = importlib.util.spec_from_file_location("ray_train", ROOT / "launch" / "ray_train.py")
+    ray_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_train)
+    gpu_pool = load_recipe(CONFIG, ["refresh.gpus_per_worker=1", "refresh.num_workers=2"])
+    assert "4 trainer worker GPUs + 2 for the refresh pool" in ray_train.gpu_shortage(gpu_pool, 4, 4)
+    assert ray_train.gpu_shortage(gpu_pool, 4, 6) is None
+    assert ray_train.gpu_shortage(load_recipe(CONFIG, []), 4, 4) is None  # CPU actors

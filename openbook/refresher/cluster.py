@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -24,16 +26,21 @@ def local_ray_options(worker_niceness: int = 0) -> dict:
             "_system_config": {"worker_niceness": worker_niceness}}
 
 
-def ensure_ray(cfg: RefreshConfig) -> bool:
+def ensure_ray(cfg: RefreshConfig, gpus: list[int] | None = None) -> bool:
     """Start a local Ray, or join ``cfg.address``, unless Ray is up in this process; True if we started it.
 
     With ``refresh.address`` null, RAY_ADDRESS (which ``ray job submit`` sets for its entrypoint) is joined, as
-    ``ray.init()`` would; ``refresh.address: local`` always starts a Ray of our own."""
+    ``ray.init()`` would; ``refresh.address: local`` always starts a Ray of our own. ``gpus``: the GPUs (indices
+    into this process's visible devices) a local Ray offers the encoder actors (:func:`pool_gpus`); None: as
+    Ray finds them (every visible GPU)."""
     if ray.is_initialized():
         return False
     address, source = cluster_address(cfg.address)
     if address is None:
-        ray.init(object_store_memory=cfg.object_store_memory, **local_ray_options(cfg.worker_niceness))
+        opts = local_ray_options(cfg.worker_niceness)
+        with node_env(gpus):
+            ray.init(object_store_memory=cfg.object_store_memory, **opts,
+                     **({"num_gpus": len(gpus)} if gpus is not None else {}))
         return True
     if source == "RAY_ADDRESS":
         log.info("joining the Ray cluster at %s (RAY_ADDRESS; refresh.address=local starts a Ray of our own)", address)
@@ -80,3 +87,47 @@ def join_ray(address: str, source: str = "refresh.address") -> None:
         reason = (errors or lines or [type(e).__name__])[-1][:200]
         raise OpenbookError(f"{source} {address!r}: cannot join the Ray cluster there ({reason}); is "
                             "`ray start` running at that address, with this Ray version and its auth token?") from e
+
+
+def pool_gpus(configured: list[int] | None, per_worker: float, trainer_gpus: int, visible: int) -> list[int]:
+    """The GPUs of this node a local Ray gives the encoder actors: ``refresh.gpu_ids`` if set; none when the actors
+    take no GPU; else those no trainer rank of the node uses (a DDP rank r trains on GPU r, so the
+    ``trainer_gpus`` first ones are taken). Trainer ranks and encoder actors never share a GPU unless the recipe
+    says so (``refresh.gpu_ids`` naming a trainer's)."""
+    if configured is not None:
+        bad = [g for g in configured if not 0 <= g < visible]
+        if bad:
+            raise OpenbookError(f"refresh.gpu_ids: GPU {bad[0]} is not one of the {visible} visible here")
+        return list(configured)
+    if per_worker <= 0:
+        return []
+    free = list(range(min(trainer_gpus, visible), visible))
+    if not free:
+        raise OpenbookError(f"refresh.gpus_per_worker={per_worker:g}, but the trainer's ranks use all {visible} "
+                            "visible GPUs: leave some to the pool (fewer train.devices), name the ones to share in "
+                            "refresh.gpu_ids, or encode on CPUs (refresh.gpus_per_worker: 0)")
+    return free
+
+
+@contextmanager
+def node_env(gpus: list[int] | None) -> Iterator[None]:
+    """The environment a local Ray node starts with (its processes inherit it; ours is restored after):
+    CUDA_VISIBLE_DEVICES = the pool's GPUs, so Ray counts and hands out those alone; and an actor that takes no
+    GPU sees none (Ray's RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO), instead of every GPU of the node."""
+    if gpus is None:
+        yield
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else None
+    new = {"CUDA_VISIBLE_DEVICES": ",".join(ids[g] if ids else str(g) for g in gpus),
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

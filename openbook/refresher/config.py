@@ -54,6 +54,9 @@ class RefreshConfig:
                              "takes entry num_workers + j of the cycle)")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per actor (its torch threads unless encode.threads is set)")
     gpus_per_worker: float = opt(0.0, "Ray GPUs per actor (encoding runs on cuda when > 0)")
+    gpu_ids: list[int] | None = opt(None, "the GPUs of rank 0's node (indices into CUDA_VISIBLE_DEVICES) a local Ray "
+                                    "gives the actors; null: those the node's trainer ranks do not use (rank r "
+                                    "trains on GPU r); name a trainer's to share it; a joined cluster keeps its own")
     worker_resources: list[dict[str, float]] = opt(
         [], "custom Ray resources per actor, cycled over the actors: [{node_a: 1}, {node_b: 1}] pins actor 0 to "
             "the node offering node_a, actor 1 to node_b's (multi-node: the run dir must be on a shared filesystem)")

@@ -137,8 +137,9 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 
 class RefreshCoordinator:
     def __init__(self, cfg: RefreshConfig, encode: EncodeConfig, spec: EncoderSpec, tokens: TokenizedCorpus,
-                 doc_ids: np.ndarray, target: IndexTarget):
-        """``spec`` builds the doc encoder in each actor (the model's own; this module never sees models)."""
+                 doc_ids: np.ndarray, target: IndexTarget, gpus: list[int] | None = None):
+        """``spec`` builds the doc encoder in each actor (the model's own; this module never sees models).
+        ``gpus``: the GPUs a local Ray may give the actors (``cluster.pool_gpus``; None: every visible one)."""
         if len(doc_ids) != len(tokens):
             raise ValueError(f"{len(doc_ids)} doc ids for {len(tokens)} tokenised passages")
         self.cfg, self.encode, self.spec = cfg, encode, spec
@@ -161,10 +162,11 @@ class RefreshCoordinator:
         self._tag = 0
         self._started_ray = False
         self._base: str | None = None  # rolling: the snapshot the next refresh builds on (the last published)
+        self.gpus = gpus
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> RefreshCoordinator:
-        self._started_ray = ensure_ray(self.cfg)
+        self._started_ray = ensure_ray(self.cfg, self.gpus)
         self.pool = ActorPool(self._new_actor, self.cfg.num_workers, self.cfg.spare_workers,
                               self.cfg.replace_timeout_seconds)
         try:  # fail here, loudly, if the cluster cannot host the pool (spares included)
@@ -172,13 +174,16 @@ class RefreshCoordinator:
                     timeout=self.cfg.start_timeout_seconds)
         except GetTimeoutError:
             count = self.cfg.num_workers + self.cfg.spare_workers
-            need = count * self.cfg.cpus_per_worker
-            have = ray.available_resources().get("CPU", 0)
+            need = {"CPU": count * self.cfg.cpus_per_worker, "GPU": count * self.cfg.gpus_per_worker}
+            free = ray.available_resources()
+            short = [f"{need[r]:g} {r}s, Ray has {free.get(r, 0):g} free" for r in need
+                     if need[r] > free.get(r, 0)]
             self.shutdown()
-            why = (f"Ray has {have:g} CPUs free now, so the actors were slow to start (a loaded machine?): raise "
-                   "refresh.start_timeout_seconds" if have >= need else f"Ray has {have:g} free")
+            why = ("; ".join(short) + (" (GPUs held by trainer workers: leave some to the pool)" if any(
+                "GPU" in s for s in short) else "") if short else "Ray has the resources free now, so the actors "
+                   "were slow to start (a loaded machine?): raise refresh.start_timeout_seconds")
             raise OpenbookError(f"refresh pool did not start within {self.cfg.start_timeout_seconds:.0f}s: "
-                                f"{count} actors (spares included) need {need:g} CPUs; {why}") from None
+                                f"{count} actors (spares included): {why}") from None
         except RayActorError as e:
             self.shutdown()
             joined = cluster_address(self.cfg.address)[0]
