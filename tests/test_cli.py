@@ -32,7 +32,7 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_second():
     assert test_cmd in ci
     for cmd in (setup_cmd, test_cmd):
         assert cmd.startswith("python3 -m venv .venv && .venv/bin/pip install")
-        assert "-c constraints.txt" in cmd and "-e '.[dev]'" in cmd
+        assert "-c constraints.txt" in cmd and "-e '.[cpu,dev]'" in cmd
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
     assert test_cmd.endswith("pytest")
 
@@ -158,18 +158,6 @@ def test_two_process_ddp_runs_reproduce_with_a_slowed_pool(ddp_reference):
     assert [v for _, v in fast["versions"]] == [v for _, v in slow["versions"]] == DDP_PLAN
     assert all(e["duration"] >= 4 * 0.5 for e in slow["events"])  # the delay was in force (4 shards, 1 actor)
     assert len(fast_loss) == 16 and fast_loss == slow_loss
-
-
-@pytest.mark.slow
-def test_two_process_ddp_ict_scores_every_ranks_passages(tmp_path):
-    """ICT under 2-process DDP (gloo): each rank's queries are scored against both ranks' passages
-    (the logged softmax size is 2 x the per-rank batch), and the run still teaches retrieval."""
-    wd = _workdir(tmp_path)
-    proc = ddp_train(wd, "configs/ict_tiny.yaml", ["train.max_steps=60", "train.batch_size=16",
-                                                   "data.world.num_passages=300"], "--quiet")
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["dev_recall@5_fresh_encode"] > summary["dev_recall@5_at_start"] + 0.2, summary
-    assert set(tb_scalars(wd / "runs" / "ict_tiny", "train/candidates").values()) == {32.0}
 
 
 @pytest.mark.slow
