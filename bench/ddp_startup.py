@@ -4,7 +4,8 @@ Before issue 31 every rank encoded the whole corpus in process before step 1 (th
 Flat index of its own), beside the initial index build by the actor pool. Now the start figure comes from that
 first snapshot, built once. This script runs the same launch against the code before the change (a git worktree
 of ``--before``, default the commit that introduced it) and the code here, side by side, on the default recipe
-with a 1M-passage generated world (its token cache prepared once, outside the timing):
+with a 1M-passage generated world (its token cache prepared once, outside the timing) and the first 2,000 of its
+dev questions (the world makes 100k; NQ has 8.7k for 21M passages):
 
     python -m bench.ddp_startup [--passages 1000000] [--before COMMIT]
 
@@ -28,20 +29,50 @@ ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "0db3a71"  # main before issue 31
 
 
+DEV_QUESTIONS = 2000  # of the world's 100k at 1M passages: a dev set of NQ's proportions (8.7k for 21M passages)
+
+
 def sets(work: Path, passages: int) -> list[str]:
     return [f"data.world.num_passages={passages}", f"data.cache_dir={work}/cache", "train.max_steps=50",
+            f"data.qa_dev={work}/dev.jsonl",
             "train.accelerator=cpu", "refresh.start_timeout_seconds=1800", "refresh.timeout_seconds=7200",
             "train.validate_at_start=false"]
 
 
 def prepare(work: Path, passages: int) -> None:
-    """The world and its token cache, once (both trees read the same cache format)."""
-    code = ("from openbook.recipe import load_recipe; from openbook.data.bundle import prepare_data; "
-            "from openbook.models.retriever import build_retriever; from openbook.data import tokenize_corpus; "
-            f"cfg = load_recipe({str(ROOT / 'configs/default.yaml')!r}, {sets(work, passages)!r}); "
-            "d = prepare_data(cfg.data); m, t = build_retriever(cfg.retriever); "
-            "tokenize_corpus(d.corpus, t, cfg.retriever.doc_max_length, cfg.data.cache_dir)")
+    """The world and its token cache, once (both trees read the same cache format), and the dev questions."""
+    code = f"""
+import dataclasses
+from openbook.data import tokenize_corpus
+from openbook.data.bundle import prepare_data
+from openbook.models.retriever import build_retriever
+from openbook.recipe import load_recipe
+cfg = load_recipe({str(ROOT / 'configs/default.yaml')!r}, {sets(work, passages)!r})
+data = prepare_data(dataclasses.replace(cfg.data, qa_dev=None))
+model, tokenizer = build_retriever(cfg.retriever)
+tokenize_corpus(data.corpus, tokenizer, cfg.retriever.doc_max_length, cfg.data.cache_dir)
+"""
     subprocess.run([sys.executable, "-c", code], check=True, cwd=work)
+    world = next((work / "cache").glob(f"world-n{passages}-s*"))
+    lines = (world / "qa_dev.jsonl").read_text().splitlines()[:DEV_QUESTIONS]
+    (work / "dev.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (the ranks, the Ray processes rank 0 started and their workers)."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit():
+                children.setdefault(int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(p.name))
+        except OSError:
+            continue
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def ranks(torchrun_pid: int) -> dict[int, int]:
@@ -104,9 +135,10 @@ def launch(tree: Path, work: Path, name: str, label: str, passages: int, timeout
                             text=True, start_new_session=True)
     peaks: dict[int, float] = {}
     actor: list[float] = []
-    step1 = None
+    step1, tree_pids = None, []
     while time.time() - t0 < timeout and proc.poll() is None:
         time.sleep(2)
+        tree_pids = descendants(proc.pid) or tree_pids
         for rank, pid in ranks(proc.pid).items():
             try:
                 peaks[rank] = max(peaks.get(rank, 0.0), peak_mb(pid))
@@ -116,8 +148,13 @@ def launch(tree: Path, work: Path, name: str, label: str, passages: int, timeout
         step1 = first_step_time(run)
         if step1 is not None:
             break
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid), *tree_pids]:  # the ranks and Ray: nothing left to compete
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    time.sleep(5)
     if step1 is None:
         raise RuntimeError(f"{name}: no step 1 within {timeout:.0f} s: {proc.stderr.read()[-2000:]}")
     return {"code": label, "launch to step 1 (s)": round(step1 - t0, 1),
@@ -147,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(rows))
     write_section("ddp_startup", f"## Multi-process start-up at 1M passages (issue 31)\n\n"
                                  f"`python -m bench.ddp_startup` ({machine()}): the default recipe, "
-                                 f"{args.passages:,} generated passages (token cache prepared beforehand), 2 gloo "
+                                 f"{args.passages:,} generated passages (token cache prepared beforehand), {DEV_QUESTIONS:,} dev "
+                                 "questions, 2 gloo "
                                  "processes on CPU, the same launch with the code before and after issue 31.\n\n"
                                  f"{table(rows)}\n")
     return 0

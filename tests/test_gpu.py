@@ -44,3 +44,20 @@ def test_encoding_on_cuda_with_autocast_is_close_to_cpu(tmp_path):
     cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
     assert cos.min() > 0.99  # bf16 autocast: close, not equal
     assert torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("factory", ["PCA16,IVF16,Flat", "IVF16,Flat"])
+def test_nprobe_reaches_a_gpu_ivf_behind_a_transform(factory):
+    """index_cpu_to_gpu keeps a PCA/OPQ transform on CPU around a GpuIndexIVF: nprobe must still be set (it
+    was silently lost), so GPU search equals CPU search at the same nprobe."""
+    from openbook.index import FaissIndex
+
+    if not gpu_available():
+        pytest.skip("faiss has no GPU support (install faiss-gpu)")
+    x = np.random.default_rng(3).normal(size=(4000, 32)).astype(np.float32)
+    cpu = FaissIndex.build(x, IndexConfig(factory=factory, nprobe=7, device="cpu"))
+    gpu = cpu.with_config(IndexConfig(factory=factory, nprobe=7, device="gpu", gpu_device=0))
+    assert gpu.search_params.get("nprobe") == 7
+    q = x[:50] + 0.01
+    (cr, _), (gr, _) = cpu.search(q, 10), gpu.search(q, 10)
+    assert (cr == gr).mean() > 0.95

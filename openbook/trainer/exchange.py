@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from openbook.index.placement import Part
+
 
 class TorchExchange:
     def __init__(self) -> None:
@@ -33,3 +35,17 @@ class TorchExchange:
         t = torch.from_numpy(np.ascontiguousarray(x)).clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.numpy()
+
+
+_EXCHANGE: list[TorchExchange] = []
+
+
+def trainer_part(trainer) -> Part | None:
+    """This process's place among a Lightning trainer's ranks, with the exchange their shared work (dev recall,
+    the fresh encode) goes through; None in one process. The exchange is made once per process: the first call is
+    a collective under NCCL (it makes a gloo group), so every rank makes it at the same point."""
+    if trainer.world_size == 1:
+        return None
+    if not _EXCHANGE:
+        _EXCHANGE.append(TorchExchange())
+    return Part(trainer.global_rank, trainer.world_size, _EXCHANGE[0])

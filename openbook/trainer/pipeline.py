@@ -31,31 +31,51 @@ def recall_at_k(index, doc_ids, query_emb: np.ndarray, gold: list[list[str]], k:
     return float(np.mean([bool(set(g) & {str(doc_ids[r]) for r in row if r >= 0}) for row, g in zip(rows, gold)]))
 
 
+QUESTION_BLOCK = 256  # dev questions encoded and searched together: the unit the ranks share out
+
+
 def dev_recall(parts, snapshot=None, part: Part | None = None) -> float:
     """Dev gold-passage recall@k (k = train.eval_k) of ``parts``' retriever against ``snapshot``, or against a
     fresh encode of the corpus with the current doc encoder, searched exactly (the index a synchronous trainer
-    would have, without approximate search): divided over the ranks of ``part`` (a collective; every rank gets
-    the figure), else all in this process. With ``refresh.strategy: rerank`` the recall against ``snapshot`` is
+    would have, without approximate search). With ``part`` (every rank calls; every rank gets the figure) the
+    work is shared out: the fresh encode's corpus blocks, or the questions' blocks of a replicated snapshot (a
+    sharded one searches every block together). Questions go in blocks of ``QUESTION_BLOCK`` in one order, so
+    one process and W ranks find the same. With ``refresh.strategy: rerank`` the recall against ``snapshot`` is
     that of the list the model reads: the k best by live score among the snapshot's top
     ``refresh.rerank_candidates``."""
     dev = [e for e in parts.data.dev if e.gold_ids]
     if not dev:
         return float("nan")
     cfg = parts.cfg
-    q = encode_queries(parts.model, parts.tokenizer, [e.question for e in dev], cfg.retriever.query_max_length)
     if snapshot is None:
+        q = encode_queries(parts.model, parts.tokenizer, [e.question for e in dev], cfg.retriever.query_max_length)
         rows = fresh_topk(parts.model.doc_encoder, parts.tokens, q, cfg.train.eval_k, cfg.encode.batch_size, part)
-        ids = parts.data.corpus.ids
-    else:
-        ids = snapshot.doc_ids
-        step = getattr(parts.module, "retrieval", None)
-        if step is not None and step.rerank:
-            found, _ = snapshot.index.search(q, max(step.rerank, cfg.train.eval_k))
-            rows = step.rerank_rows(torch.from_numpy(q), [[int(r) for r in row if r >= 0] for row in found],
-                                    cfg.train.eval_k, training=False)
-        else:
-            rows, _ = snapshot.index.search(q, cfg.train.eval_k)
-    return float(np.mean([bool(set(e.gold_ids) & {str(ids[r]) for r in row if r >= 0}) for row, e in zip(rows, dev)]))
+        return _hits(rows, dev, parts.data.corpus.ids) / len(dev)
+    world, rank = (part.world, part.rank) if part is not None and not snapshot.sharded else (1, 0)
+    hits = 0
+    for lo in range(rank * QUESTION_BLOCK, len(dev), world * QUESTION_BLOCK):
+        block = dev[lo: lo + QUESTION_BLOCK]
+        q = encode_queries(parts.model, parts.tokenizer, [e.question for e in block], cfg.retriever.query_max_length)
+        hits += _hits(_search(parts, snapshot, q), block, snapshot.doc_ids)
+    if world > 1:
+        hits = int(part.exchange.all_reduce_sum(np.array([hits], dtype=np.int64))[0])
+    return hits / len(dev)
+
+
+def _search(parts, snapshot, q: np.ndarray) -> np.ndarray:
+    """Top-k rows (k = train.eval_k) of ``snapshot`` for ``q``: the model's own list under rerank."""
+    k = parts.cfg.train.eval_k
+    step = getattr(parts.module, "retrieval", None)
+    if step is not None and step.rerank:
+        found, _ = snapshot.index.search(q, max(step.rerank, k))
+        return step.rerank_rows(torch.from_numpy(q), [[int(r) for r in row if r >= 0] for row in found], k,
+                                training=False)
+    return snapshot.index.search(q, k)[0]
+
+
+def _hits(rows: np.ndarray, dev: list, ids) -> int:
+    """Questions with a gold passage among their ``rows``."""
+    return sum(bool(set(e.gold_ids) & {str(ids[r]) for r in row if r >= 0}) for row, e in zip(rows, dev))
 
 
 def fresh_topk(encoder, tokens, q: np.ndarray, k: int, batch_size: int, part: Part | None = None) -> np.ndarray:

@@ -166,9 +166,9 @@ class IndexRefreshCallback(pl.Callback):
         start, so a run resumed with another world size re-distributes the shards)."""
         if self.index_cfg is None or self.index_cfg.placement != "sharded" or trainer.world_size == 1:
             return None
-        from openbook.trainer.exchange import TorchExchange
+        from openbook.trainer.exchange import trainer_part
 
-        return Part(trainer.global_rank, trainer.world_size, TorchExchange())
+        return trainer_part(trainer)
 
     def _load(self, path: str) -> IndexSnapshot:
         snap = IndexSnapshot.load(path, index_cfg=self.index_cfg, part=self.part)

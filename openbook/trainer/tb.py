@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from openbook.config import to_dict
+from openbook.trainer.exchange import trainer_part
 from openbook.trainer.pipeline import dev_recall
 
 HPARAM_METRIC_PREFIX = "hparams/"
@@ -99,9 +100,9 @@ class DevRecallLogger(pl.Callback):
         if not self.every or step % self.every or step == self.last or step >= trainer.max_steps:
             return
         self.last = step
-        snap = self.parts.holder.get()
-        if snap.sharded or trainer.is_global_zero:  # a sharded search takes every rank
-            log_scalars(trainer, {recall_tag(self.parts.cfg): dev_recall(self.parts, snap)}, step)
+        recall = dev_recall(self.parts, self.parts.holder.get(), trainer_part(trainer))  # every rank takes part
+        if trainer.is_global_zero:
+            log_scalars(trainer, {recall_tag(self.parts.cfg): recall}, step)
 
 
 class StartRecall(pl.Callback):
@@ -117,9 +118,7 @@ class StartRecall(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.value is not None or trainer.global_step > 0:  # measured before, or resumed: not the start
             return
-        snap = self.parts.holder.get()
-        if snap.sharded or trainer.is_global_zero:  # a sharded search takes every rank
-            self.value = dev_recall(self.parts, snap)
+        self.value = dev_recall(self.parts, self.parts.holder.get(), trainer_part(trainer))  # shared by the ranks
         if self.log and trainer.is_global_zero:
             log_scalars(trainer, {recall_tag(self.parts.cfg): self.value}, 0)
 

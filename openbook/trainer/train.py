@@ -26,11 +26,11 @@ from openbook.data import tokenize_corpus
 from openbook.data.bundle import DataBundle, prepare_data
 from openbook.data.cache_lock import cache_lock
 from openbook.index import IndexHolder
-from openbook.index.placement import Part
 from openbook.models.retriever import build_retriever
 from openbook.recipe import RecipeConfig
 from openbook.refresher.publish import publish_in_process
 from openbook.registry import model_spec
+from openbook.trainer.exchange import trainer_part
 from openbook.trainer.pipeline import dev_recall, index_target
 from openbook.trainer.refresh_callback import IndexRefreshCallback, Published
 from openbook.trainer.spec import ModelSpec, Shared
@@ -246,24 +246,13 @@ def final_evaluation(parts: TrainParts, trainer: pl.Trainer, dev: DataLoader | N
     (each rank evaluates whole batches, each question counts once): the figures one process gets."""
     out: dict = {}
     if has_gold:
-        k, snap = parts.cfg.train.eval_k, parts.holder.get()
-        in_use = dev_recall(parts, snap) if snap.sharded or trainer.is_global_zero else None
-        out = {f"dev_recall@{k}_index_in_use": in_use, f"dev_recall@{k}_fresh_encode": dev_recall(parts,
-                                                                                                  part=ranks(trainer))}
+        k, part = parts.cfg.train.eval_k, trainer_part(trainer)
+        out = {f"dev_recall@{k}_index_in_use": dev_recall(parts, parts.holder.get(), part),
+               f"dev_recall@{k}_fresh_encode": dev_recall(parts, part=part)}
     if dev is not None:
         metrics = trainer.validate(parts.module, dev, verbose=False)[0]
         out.update({f"dev_{key.split('/')[-1]}": round(v, 4) for key, v in metrics.items()})
     return out
-
-
-def ranks(trainer: pl.Trainer) -> Part | None:
-    """This process's place among the trainer's ranks, with the exchange their shared work goes through (a
-    collective to make: every rank calls it at the same point); None in one process."""
-    if trainer.world_size == 1:
-        return None
-    from openbook.trainer.exchange import TorchExchange
-
-    return Part(trainer.global_rank, trainer.world_size, TorchExchange())
 
 
 def preemption_summary(trainer: pl.Trainer) -> dict | None:
