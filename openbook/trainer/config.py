@@ -62,7 +62,8 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class MonitorConfig:
-    prometheus_port: int = opt(0, "rank 0 serves Prometheus gauges (openbook_*) on this port; 0 = off")
+    prometheus_port: int = opt(0, "every rank serves Prometheus gauges (openbook_*) on this port + its local rank "
+                                  "(rank 0 of a node on this port); 0 = off")
     bind_address: str = opt("0.0.0.0", "address the Prometheus endpoint listens on (0.0.0.0: all interfaces)")
 
     def __post_init__(self) -> None:

@@ -1,8 +1,11 @@
-"""``PrometheusExporter``: rank 0 serves the per-step training and refresh metrics as Prometheus gauges.
+"""``PrometheusExporter``: every rank serves its per-step training and refresh metrics as Prometheus gauges.
 
-The values are the ones already logged to TensorBoard (``trainer.callback_metrics``), so both views
-agree. The exporter must come after ``IndexRefreshCallback`` in the callback list: it reads what that
-callback logged in the same ``on_train_batch_end``. Its registry is private (not prometheus_client's
+Rank r listens on ``monitor.prometheus_port`` + its local rank (its rank on its node), so a Prometheus scraping
+every rank's endpoint shows a rank that is stuck or behind. The values are the ones logged to TensorBoard
+(``trainer.callback_metrics``) and, for the index and refresh figures, the refresh callback's own per-rank
+view (TensorBoard logs rank 0's): each rank's index version and lag; the pool's figures (durations,
+failures) are rank 0's, which drives it. The exporter must come after ``IndexRefreshCallback`` in the
+callback list: it reads what that callback logged in the same ``on_train_batch_end``. Its registry is private (not prometheus_client's
 global one), so several trainers in one process do not collide. Every series carries the labels ``run``
 (which run it is, for a Prometheus that scrapes several) and ``rank``. A port that cannot be bound is
 logged as a warning and the run goes on without the endpoint: monitoring never stops training.
@@ -37,6 +40,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "openbook_refresh_healthy": ("refresh/healthy", "1 when the encoder pool has all its actors up and the last "
                                  "refresh did not fail, else 0"),
     "openbook_train_loss": ("train/loss", "training loss at the last step"),
+    "openbook_refresh_interval_steps": ("refresh/interval_steps", "steps between refreshes under the schedule at "
+                                        "this step (0: no refresh); the lag alert's yardstick"),
 }
 # Counters mirror running totals; prometheus_client exposes them with a ``_total`` suffix.
 COUNTERS: dict[str, tuple[str, str]] = {
@@ -70,9 +75,9 @@ class PrometheusExporter(pl.Callback):
         self.port: int | None = None  # the bound port while serving
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._server is None:
+        if self._server is None:
             self._label(str(trainer.global_rank))
-            self._serve()
+            self._serve(self.cfg.prometheus_port + trainer.local_rank)
 
     def _label(self, rank: str) -> None:
         """This run's series (the rank is known only once fit starts)."""
@@ -83,11 +88,10 @@ class PrometheusExporter(pl.Callback):
         for gauge in self.gauges.values():
             gauge.set(math.nan)  # nothing known yet (NaN, not a misleading 0)
 
-    def _serve(self) -> None:
-        where = f"{self.cfg.bind_address}:{self.cfg.prometheus_port}"
+    def _serve(self, port: int) -> None:
+        where = f"{self.cfg.bind_address}:{port}"
         try:
-            self._server, self._thread = start_http_server(self.cfg.prometheus_port, self.cfg.bind_address,
-                                                           registry=self.registry)
+            self._server, self._thread = start_http_server(port, self.cfg.bind_address, registry=self.registry)
         except OSError as e:  # a taken port: the run matters more than its dashboard
             log.warning("monitor: cannot serve Prometheus on %s (%s); training goes on without the endpoint",
                         where, e.strerror or e)
@@ -99,7 +103,7 @@ class PrometheusExporter(pl.Callback):
                            batch_idx: int) -> None:
         if self._server is None:
             return
-        logged = trainer.callback_metrics
+        logged = {**trainer.callback_metrics, **self._refresh_view(trainer)}
         for name, (key, _) in GAUGES.items():
             if key in logged:
                 self.gauges[name].set(float(logged[key]))
@@ -109,6 +113,14 @@ class PrometheusExporter(pl.Callback):
                 self.counters[name].inc(total - self._totals[name])
                 self._totals[name] = total
         self.step.set(trainer.global_step)
+
+    @staticmethod
+    def _refresh_view(trainer: pl.Trainer) -> dict[str, float]:
+        """This rank's index and refresh figures, from the refresh callback (logged to TensorBoard on rank 0 only)."""
+        from openbook.trainer.refresh_callback import IndexRefreshCallback
+
+        found = next((c for c in trainer.callbacks if isinstance(c, IndexRefreshCallback)), None)
+        return found.metrics(trainer) if found is not None else {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.close()

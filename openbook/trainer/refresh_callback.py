@@ -533,6 +533,7 @@ class IndexRefreshCallback(pl.Callback):
             "refresh/in_flight": float(bool(self.coordinator and self.coordinator.busy)),
             # rank 0 with refresh on: the pool has all its actors up and the last refresh did not fail
             "refresh/healthy": float(self.coordinator.healthy) if self.coordinator is not None else 1.0,
+            "refresh/interval_steps": float(self.schedule.interval(trainer.global_step) or 0),
         }
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,150 @@
+"""The cluster jobs on the testbed's real stack (launch/testbed/testbed.py): a real SLURM, two hosts as network
+namespaces, a real Prometheus. Marked ``testbed``; they skip, with the testbed's one line, where it cannot run
+(not root, no namespaces, no packages and no apt)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENBOOK = str(Path(sys.executable).parent / "openbook")
+pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+
+
+def _load_testbed():
+    spec = importlib.util.spec_from_file_location("testbed", ROOT / "launch" / "testbed" / "testbed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tb = _load_testbed()
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    """The testbed, up (brought up here and down at the end unless it was up already)."""
+    was_up = bool(tb.status().get("pids"))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/testbed/testbed.py"), "up"], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode:
+        pytest.skip(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "testbed unavailable")
+    yield json.loads(proc.stdout)
+    if not was_up:
+        subprocess.run([sys.executable, str(ROOT / "launch/testbed/testbed.py"), "down"], timeout=300)
+
+
+def promql(url: str, query: str) -> list[dict]:
+    got = json.load(urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': query})}",
+                                           timeout=10))
+    assert got["status"] == "success", got
+    return got["data"]["result"]
+
+
+def alerts(url: str, name: str, run: str) -> list[dict]:
+    got = json.load(urllib.request.urlopen(f"{url}/api/v1/alerts", timeout=10))["data"]["alerts"]
+    return [a for a in got if a["labels"].get("alertname") == name and a["labels"].get("run") == run]
+
+
+def wait_for(ok, what: str, timeout: float, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = ok()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no {what} within {timeout:.0f} s")
+
+
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 free."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + n < 65000 and all(_free(p + i) for i in range(n)):
+            return p
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def dashboard_queries(run: str) -> list[str]:
+    board = json.loads((ROOT / "launch" / "grafana_dashboard.json").read_text())
+    return [t["expr"].replace("$run", run) for p in board["panels"] for t in p.get("targets", [])]
+
+
+def test_prometheus_scrapes_every_rank_answers_the_dashboard_and_fires_the_lag_alert(testbed, tmp_path):
+    """A 2-process run whose every rank serves metrics, scraped by the testbed's Prometheus: the shipped lag rule
+    fires while the index trails by more than 3 refresh intervals (swap_lag 20 over an interval of 5) and resolves
+    once the schedule's interval grows (from step 150 on); every PromQL expression of the Grafana dashboard
+    returns series with run and rank labels, the step gauge one per rank."""
+    port, run = free_ports(2), "prom-run"
+    shutil_copy_configs(tmp_path)
+    sets = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu", "train.max_steps=260",
+            "refresh.schedule=0-150:5,150-:1000", "refresh.swap_lag=20", "snapshots.keep=6", f"monitor.prometheus_port={port}",
+            "monitor.bind_address=127.0.0.1", f"run_dir=runs/{run}", "data.world.num_passages=600",
+            "refresh.start_timeout_seconds=600"]
+    tb.add_targets(run, [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    proc = subprocess.Popen([OPENBOOK, "train", "--config", "configs/default.yaml", "--quiet",
+                             *[a for s in sets for a in ("--set", s)]], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = testbed["prometheus"]
+    try:
+        firing = wait_for(lambda: [a for a in alerts(url, "OpenbookIndexLag", run) if a["state"] == "firing"],
+                          "OpenbookIndexLag firing", 300, proc)
+        assert float(firing[0]["value"]) > 15
+        for expr in dashboard_queries(run):
+            series = promql(url, expr)
+            assert series, expr
+            assert all(s["metric"].get("run") == run and "rank" in s["metric"] for s in series), (expr, series)
+        ranks = {s["metric"]["rank"] for s in promql(url, f'openbook_train_step{{run="{run}"}}')}
+        assert ranks == {"0", "1"}  # every rank scraped: a stuck one would show
+        wait_for(lambda: not alerts(url, "OpenbookIndexLag", run), "the lag alert resolved", 300, proc)
+        assert proc.poll() is None  # resolved while the run goes on: the lag fell back under 3 intervals
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        (Path(testbed["state"]) / "targets" / f"{run}.json").unlink(missing_ok=True)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out[out.index("{"):])["steps"] == 260
+
+
+def shutil_copy_configs(where: Path) -> None:
+    import shutil
+
+    shutil.copytree(ROOT / "configs", where / "configs")
+
+
+def test_the_shipped_alert_rules_pass_promtool(testbed):
+    proc = subprocess.run(["promtool", "check", "rules", str(ROOT / "launch" / "prometheus_alerts.yml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "SUCCESS: 3 rules found" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_testbed_reports_what_runs(testbed):
+    env = {**os.environ, "SLURM_CONF": testbed["slurm_conf"]}
+    assert subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip() in (
+        "idle", "mixed", "allocated")
+    assert tb.reaches("a", testbed["hosts"]["b"]) and tb.reaches("b", testbed["hosts"]["a"])
+    assert urllib.request.urlopen(f"{testbed['prometheus']}/-/ready", timeout=5).status == 200
