@@ -83,6 +83,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     req = LaunchRequest(config=args.config, target=args.target, nodes=args.nodes,
                         gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                         overrides=tuple(args.overrides), partition=args.partition, time=args.time,
+                        cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds,
                         master_addr=args.master_addr, assume_shared_fs=args.assume_shared_fs)
     resolved = plan(req)
     print(resolved.render(), end="")
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procs-per-node", type=int, default=None, help="default: one per GPU, or 1")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="SLURM CPUs per task (per trainer process); default: the cluster's (usually 1)")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="SLURM: warn the job (USR1) this long before its time limit, time for a step and a checkpoint")
     p.add_argument("--master-addr", default=None, help="torchrun: the first node's address")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and start nothing")
     p.add_argument("--assume-shared-fs", action="store_true",

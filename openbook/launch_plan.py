@@ -35,7 +35,8 @@ class LaunchRequest:
     overrides: tuple[str, ...] = ()
     partition: str | None = None
     time: str = "24:00:00"
-    cpus_per_task: int = 8
+    cpus_per_task: int | None = None  # SLURM: None leaves the cluster's default (one CPU per task, usually)
+    signal_seconds: int = SIGNAL_SECONDS  # SLURM: USR1 this long before the time limit
     master_addr: str | None = None
     master_port: int = 29500
     assume_shared_fs: bool = False  # skip the check that the run dir is on a filesystem every node sees
@@ -52,6 +53,8 @@ class LaunchRequest:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise OpenbookError(f"launch: unknown target {self.target!r} (one of {', '.join(TARGETS)})")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1 or self.signal_seconds < 1:
+            raise OpenbookError("launch: --cpus-per-task and --signal-seconds must be >= 1")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.procs < 1:
             raise OpenbookError("launch: --nodes and processes per node must be >= 1, --gpus-per-node >= 0")
         if self.gpus_per_node and self.procs > self.gpus_per_node:
@@ -155,11 +158,12 @@ def plan(req: LaunchRequest) -> LaunchPlan:
 
 def _slurm(req: LaunchRequest, cfg) -> LaunchPlan:
     extra = [f"#SBATCH --gpus-per-node={req.gpus_per_node}"] if req.gpus_per_node else []
+    extra += [f"#SBATCH --cpus-per-task={req.cpus_per_task}"] if req.cpus_per_task else []
     extra += [f"#SBATCH --partition={req.partition}"] if req.partition else []
     bin_dir = Path(sys.executable).parent
     script = render_template("slurm.sbatch", {
         "job_name": f"openbook-{cfg.name}", "nodes": req.nodes, "tasks_per_node": req.procs,
-        "cpus_per_task": req.cpus_per_task, "time": req.time, "signal_seconds": SIGNAL_SECONDS, "sbatch_extra": "\n".join(extra),
+        "time": req.time, "signal_seconds": req.signal_seconds, "sbatch_extra": "\n".join(extra),
         "log_dir": shlex.quote(str(Path(cfg.run_dir).resolve() / "slurm")),
         "workdir": shlex.quote(str(Path.cwd())),
         "openbook": shlex.quote(str(bin_dir / "openbook")), "ray": shlex.quote(str(bin_dir / "ray")),

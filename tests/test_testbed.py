@@ -148,3 +148,99 @@ def test_the_testbed_reports_what_runs(testbed):
         "idle", "mixed", "allocated")
     assert tb.reaches("a", testbed["hosts"]["b"]) and tb.reaches("b", testbed["hosts"]["a"])
     assert urllib.request.urlopen(f"{testbed['prometheus']}/-/ready", timeout=5).status == 200
+
+
+# -- SLURM ----------------------------------------------------------------------------------------------------
+
+# A 2-task CPU job on the default recipe: 600 passages, 4 shards refreshed every 4 steps (in use 2 later), a
+# checkpoint every 4 steps, 40 steps.
+SLURM_SETS = ["data.world.num_passages=600", "index.shards=4", "refresh.schedule=4", "refresh.swap_lag=2",
+              "train.checkpoint_every_n_steps=4", "train.max_steps=40", "refresh.start_timeout_seconds=600"]
+
+
+def slurm_env(testbed) -> dict:
+    return {**os.environ, "SLURM_CONF": testbed["slurm_conf"], "PATH": f"{Path(sys.executable).parent}:"
+            f"{os.environ['PATH']}"}
+
+
+def job_state(testbed, job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], env=slurm_env(testbed), capture_output=True,
+                         text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def submit(testbed, wd: Path, name: str) -> str:
+    """`openbook launch --target slurm` with the real sbatch; the job id."""
+    proc = subprocess.run([OPENBOOK, "launch", "--config", "configs/default.yaml", "--target", "slurm",
+                           "--procs-per-node", "2", "--partition", "debug", "--time", "0:30:00",
+                           *[a for s in [*SLURM_SETS, f"run_dir=runs/{name}"] for a in ("--set", s)]],
+                          cwd=wd, env=slurm_env(testbed), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip().split()[-1]  # sbatch: "Submitted batch job N"
+
+
+def finished(testbed, job: str, timeout: float = 600) -> dict:
+    def done():
+        state = job_state(testbed, job)
+        return state if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+    return wait_for(done, f"job {job} to end", timeout)
+
+
+def run_summary(log: Path) -> dict:
+    text = log.read_text()
+    return json.loads(text[text.rindex('{\n  "steps"'):text.index("}", text.rindex('{\n  "steps"')) + 1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same 40 steps as one uninterrupted 2-process run (Lightning's own DDP launcher, no scheduler)."""
+    wd = tmp_path_factory.mktemp("reference")
+    shutil_copy_configs(wd)
+    proc = subprocess.run([OPENBOOK, "train", "--config", "configs/default.yaml", "--quiet",
+                           *[a for s in [*SLURM_SETS, "run_dir=runs/reference", "train.devices=2",
+                                         "train.strategy=ddp", "train.accelerator=cpu"] for a in ("--set", s)]],
+                          cwd=wd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return wd / "runs" / "reference"
+
+
+def losses_and_versions(run: Path) -> tuple[dict, list]:
+    from tests.test_cli import tb_scalars
+
+    history = json.loads((run / "refresh_history_rank0.json").read_text())
+    return tb_scalars(run, "train/loss"), history["versions"]
+
+
+@pytest.mark.parametrize("preempt", ["usr1", "requeue"])
+def test_a_slurm_job_preempted_mid_run_requeues_resumes_and_ends_as_if_uninterrupted(testbed, tmp_path,
+                                                                                    uninterrupted, preempt):
+    """Submitted through `openbook launch` and the real sbatch, 2 tasks with the Ray pool in the job. At step 12 the
+    scheduler signals it as `--signal=B:USR1@N` would (`scancel --signal=USR1 --batch`), or an operator requeues it
+    (`scontrol requeue`: SIGTERM to every step): it checkpoints, exits 75, SLURM runs it again, it resumes by itself
+    (`--resume auto`) and ends with every step's loss and index version equal to the uninterrupted run's; its
+    summary and run lock name the job and its restart count; no lock or temporary checkpoint is left."""
+    shutil_copy_configs(tmp_path)
+    name = f"slurm-{preempt}"
+    job = submit(testbed, tmp_path, name)
+    run = tmp_path / "runs" / name
+    wait_for(lambda: (run / "checkpoints" / "step-00000012").is_dir(), "a checkpoint at step 12", 600)
+    lock = json.loads((run / ".openbook.lock").read_text())
+    assert lock["job"] == job and lock["restart"] in (None, "0")
+    cmd = ["scancel", "--signal=USR1", "--batch", job] if preempt == "usr1" else ["scontrol", "requeue", job]
+    subprocess.run(cmd, env=slurm_env(testbed), check=True)
+    wait_for(lambda: json.loads((run / ".openbook.lock").read_text()).get("restart") == "1"
+             if (run / ".openbook.lock").is_file() else None, "the requeued job to take the run lock", 600)
+    state = finished(testbed, job)
+    log = next((run / "slurm").glob("*.out"))
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, log.read_text()[-3000:])
+    summary = run_summary(log)
+    assert summary["steps"] == 40 and summary["slurm_job_id"] == job and summary["slurm_restart_count"] == 1
+    text = log.read_text()
+    assert "preempted: checkpoint" in text and "resuming from" in text and "Traceback" not in text
+    (loss, versions), (ref_loss, ref_versions) = losses_and_versions(run), losses_and_versions(uninterrupted)
+    assert sorted(loss) == sorted(ref_loss) and len(ref_loss) == 40
+    for step, value in ref_loss.items():
+        assert loss[step] == pytest.approx(value, abs=1e-4), (step, loss, ref_loss)
+    assert versions == [v for v in ref_versions if v[0] >= versions[0][0]]  # the history of the resumed part
+    assert not (run / ".openbook.lock").exists()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written one

@@ -87,12 +87,19 @@ class ResumableLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict:
+        """Where the epoch is. At an epoch's end (every full batch handed out: a checkpoint after its last step) the
+        state is that of the next epoch's start, since a resumed Lightning goes straight to it: its permutation
+        (the distributed sampler's next epoch; the generator as it is now, past this epoch's draw), nothing
+        to skip."""
         s = self.sampler
+        done = isinstance(s, _Skipping) and s.consumed >= len(self) * self.batch_size
         if isinstance(s, ResumableDistributedSampler):
-            return {"replicas": s.num_replicas, "epoch": s.epoch, "consumed": s.consumed, "calls": self._counters()}
+            return {"replicas": s.num_replicas, "epoch": s.epoch + done, "consumed": 0 if done else s.consumed,
+                    "calls": self._counters()}
         if not isinstance(s, ResumableSampler) or s.epoch_state is None:
             return {}
-        return {"generator": s.epoch_state, "consumed": s.consumed, "calls": self._counters()}
+        generator = self.generator.get_state() if done else s.epoch_state
+        return {"generator": generator, "consumed": 0 if done else s.consumed, "calls": self._counters()}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,11 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
                   enable_model_summary=False,
                   num_sanity_val_steps=0, deterministic=False)
     kwargs.update(overrides)
+    if "plugins" not in kwargs:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        if SLURMEnvironment.detect():  # openbook's Preemption checkpoints and launch/slurm.sbatch requeues, not Lightning
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     return pl.Trainer(**kwargs)
 
 
@@ -262,7 +268,8 @@ def preemption_summary(trainer: pl.Trainer) -> dict | None:
     if pre is None or pre.stopped_at is None:
         return None
     return {"preempted": True, "steps": pre.stopped_at, "checkpoint": str(pre.path) if pre.path else None,
-            "exit_code": PREEMPTED_EXIT, "resume": "openbook train --resume last (with the same --config)"}
+            "exit_code": PREEMPTED_EXIT, "resume": "openbook train --resume last (with the same --config)",
+            **scheduler_job()}
 
 
 def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float, loss: float | None = None) -> dict:
@@ -278,8 +285,14 @@ def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float, loss: fl
             "refresh_failures": stats.failures, "refresh_waits": stats.waits,
             "swap_stall_p99_ms": round(float(np.percentile(stalls, 99)) * 1e3, 3),
             "checkpoint_failures": checkpoint_failures(trainer),
-            "tensorboard": str(Path(parts.cfg.run_dir) / "tb"),
+            "tensorboard": str(Path(parts.cfg.run_dir) / "tb"), **scheduler_job(),
             **({"missing_gold_dropped": parts.data.dropped} if parts.data.dropped else {})}
+
+
+def scheduler_job() -> dict:
+    """Under SLURM: the job id and how many times it was requeued (what the run lock records too)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job_id": job, "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else {}
 
 
 def checkpoint_failures(trainer: pl.Trainer) -> int:
