@@ -29,6 +29,11 @@ if [[ -z $config ]]; then echo "torchrun.sh: --config is required" >&2; exit 2; 
 strategy=()
 if (( nnodes * nproc > 1 )); then strategy=(--set train.strategy=ddp); fi
 
+# torchrun sets OMP_NUM_THREADS=1 by itself only with several processes per node: one per node would run with
+# OpenMP's own default, and a run's last bits would depend on the cluster's shape (a 2-host run, one process each,
+# differed from the same run as 2 processes on one host). Every shape gets the same: 1 unless set.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
 exec "${PYTHON:-python3}" -m torch.distributed.run \
   --nnodes "$nnodes" --nproc_per_node "$nproc" --node_rank "$node_rank" \
   --master_addr "$master_addr" --master_port "$master_port" \

@@ -244,3 +244,139 @@ def test_a_slurm_job_preempted_mid_run_requeues_resumes_and_ends_as_if_uninterru
     assert versions == [v for v in ref_versions if v[0] >= versions[0][0]]  # the history of the resumed part
     assert not (run / ".openbook.lock").exists()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written one
+
+
+# -- two hosts --------------------------------------------------------------------------------------------------
+
+TWO_HOST_SETS = ["data.world.num_passages=600", "index.shards=4", "refresh.schedule=4", "refresh.swap_lag=2",
+                 "index.placement=sharded", "refresh.num_workers=2", "train.max_steps=16",
+                 "refresh.start_timeout_seconds=600"]
+
+
+def plan_lines(wd: Path, a_ip: str, sets: list[str]) -> dict[str, list[str]]:
+    """`openbook launch --target torchrun --nodes 2` for the two hosts: {"node 0": [commands], "node 1": [...]}."""
+    proc = subprocess.run([OPENBOOK, "launch", "--config", "configs/default.yaml", "--target", "torchrun", "--nodes",
+                           "2", "--procs-per-node", "1", "--master-addr", a_ip, "--dry-run", "--assume-shared-fs",
+                           *[a for s in sets for a in ("--set", s)]], cwd=wd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("[node "):
+            where, cmd = line[1:].split("] ", 1)
+            lines.setdefault(where, []).append(cmd)
+    return lines
+
+
+def host_env() -> dict:
+    # gloo binds the interface the host's address is on; Ray's token is the one ~/.ray holds (a home all share)
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "RAY_AUTH_MODE": "token",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def start_ray(host: str, cmd: str, tmp: Path) -> None:
+    """The plan's `ray start` line on ``host``; the hosts share this machine's /tmp, so each keeps its own temp dir
+    (on a real cluster every node has its own /tmp)."""
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=host_env(),
+                   capture_output=True)
+    extra = f" --temp-dir={tmp}/ray-{host}" + (" --include-dashboard=false" if "--head" in cmd else "")  # short: a
+    # unix socket path under it must stay below 108 bytes
+    proc = subprocess.run(tb.in_host(host, "bash", "-c", cmd + extra), env=host_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def stop_ray(tmp: Path) -> None:
+    """Every Ray process of the two hosts (by their temp dirs: `ray stop` would stop every Ray on the machine)."""
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and str(tmp / "ray-") in (p / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(p.name), 9)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def raylet_of(host_tmp: Path) -> int:
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if p.name.isdigit() and "raylet" in cmd.split("\0")[0] and str(host_tmp) in cmd:
+            return int(p.name)
+    raise AssertionError(f"no raylet under {host_tmp}")
+
+
+def train_on_both(lines: dict, wd: Path, timeout: float = 600, during=None) -> tuple[subprocess.Popen, ...]:
+    procs = [subprocess.Popen(tb.in_host(h, "bash", "-c", lines[f"node {i}"][-1]), cwd=wd, env=host_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, h in enumerate("ab")]
+    if during is not None:
+        during()
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return tuple((p.returncode, out, err) for p, (out, err) in zip(procs, outs))
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory):
+    """The same run as 2 processes on one host: launch/torchrun.sh as on the two hosts (torchrun's environment, its
+    OMP_NUM_THREADS=1 among it, changes the last bits of the encodes: Lightning's launcher is not a reference for
+    it), a local Ray with two actors."""
+    wd = tmp_path_factory.mktemp("one-host")
+    shutil_copy_configs(wd)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc_per_node", "2", "--master_port",
+                           str(free_ports(1)), "--config", "configs/default.yaml",
+                           *[a for s in [*TWO_HOST_SETS, "run_dir=runs/one", "train.accelerator=cpu"]
+                             for a in ("--set", s)]],
+                          cwd=wd, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return wd / "runs" / "one"
+
+
+def test_a_run_across_two_hosts_trains_as_on_one_and_outlives_a_dead_ray_node(testbed, tmp_path, one_host):
+    """The torchrun plan on two hosts: the Ray head on A, a Ray worker on B joined by address, rank 0 on A and rank 1
+    on B (rendezvous on A's address), one encoder actor per host (shards written on both), the index sharded over
+    the ranks: every step's loss equals the one-host 2-process run's. Then B's Ray node is killed mid-refresh: the
+    run goes on to its last step with the failure counted, in bounded time, and its checkpoints are whole."""
+    a_ip, b_ip = testbed["hosts"]["a"], testbed["hosts"]["b"]
+    shutil_copy_configs(tmp_path)
+    pin = f'refresh.worker_resources=[{{"node:{a_ip}": 0.001}}, {{"node:{b_ip}": 0.001}}]'  # an actor per host
+    lines = plan_lines(tmp_path, a_ip, [*TWO_HOST_SETS, pin, "run_dir=runs/two"])
+    ray_tmp = Path(testbed["state"])  # short paths for Ray's sockets
+    try:
+        start_ray("a", lines["node 0"][0], ray_tmp)
+        start_ray("b", lines["node 1"][0], ray_tmp)
+        (rc0, out0, err0), (rc1, _, err1) = train_on_both(lines, tmp_path)
+        assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+        run = tmp_path / "runs" / "two"
+        summary = json.loads(out0[out0.index("{"):])
+        assert summary["steps"] == 16 and summary["refresh_failures"] == 0
+        writers = {json.loads(f.read_text())["writer"]["node_ip"]
+                   for f in (run / "snapshots").glob("v*/shard-*/shard.json")}
+        assert writers == {a_ip, b_ip}
+        (loss, versions), (ref_loss, ref_versions) = losses_and_versions(run), losses_and_versions(one_host)
+        assert versions == ref_versions and len(loss) == 16
+        for step, value in ref_loss.items():
+            assert loss[step] == pytest.approx(value, abs=1e-4), (step, loss, ref_loss)
+
+        # B's Ray node dies while a refresh runs (each shard takes >= 2 s): no hang, the failure counted
+        slow = [*TWO_HOST_SETS, pin, "run_dir=runs/dying", "refresh.inject_delay_seconds=2",
+                "refresh.replace_timeout_seconds=5", "train.max_steps=20", "train.checkpoint_every_n_steps=5"]
+        lines = plan_lines(tmp_path, a_ip, slow)
+        dying = tmp_path / "runs" / "dying"
+
+        def kill_b():
+            wait_for(lambda: (dying / "snapshots" / "v000001").is_dir(), "the first index", 300)
+            time.sleep(3)  # the step-4 refresh is in flight: 2 s per shard, 2 shards per actor
+            os.kill(raylet_of(ray_tmp / "ray-b"), 9)
+
+        t0 = time.time()
+        (rc0, out0, err0), (rc1, _, err1) = train_on_both(lines, tmp_path, timeout=900, during=kill_b)
+        assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+        summary = json.loads(out0[out0.index("{"):])
+        assert summary["steps"] == 20 and summary["refresh_failures"] >= 1, summary
+        assert "Traceback" not in err0 and time.time() - t0 < 600
+        ckpts = sorted(p.name for p in (dying / "checkpoints").iterdir())
+        assert ckpts[-1] == "step-00000020" and not [c for c in ckpts if c.startswith(".")]
+    finally:
+        stop_ray(ray_tmp)

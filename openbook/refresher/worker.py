@@ -64,7 +64,8 @@ class EncoderWorker:
         emb = encode_rows(self.encoder, self.tokens, start, end, self.batch_size, self.device)
         base = None if trained is None else index_from_bytes(trained, IndexConfig(factory=cfg.factory, device="cpu"))
         entry = write_shard(Path(staging), shard, start, emb, self.tokens.doc_ids[start:end], cfg, base,
-                            writer={"node": ray.get_runtime_context().get_node_id()},
+                            writer={"node": ray.get_runtime_context().get_node_id(),
+                                    "node_ip": ray.util.get_node_ip_address()},
                             before_commit=_die_on_first_attempt if shard == self.kill_shard else None)
         return entry.to_json()
 
