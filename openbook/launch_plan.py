@@ -149,6 +149,11 @@ def plan(req: LaunchRequest) -> LaunchPlan:
     cfg = load_recipe(req.config, train_overrides(req))  # a bad recipe fails here, not on the cluster
     p = {"slurm": _slurm, "ray": _ray, "torchrun": _torchrun}[req.target](req, cfg)
     p.problems = [] if req.assume_shared_fs else shared_fs_problems(cfg, req.nodes)
+    limit = slurm_seconds(req.time)
+    if req.target == "slurm" and limit is not None and req.signal_seconds + 60 >= limit:
+        p.problems.append(f"--signal-seconds {req.signal_seconds} within a minute of --time {req.time}: SLURM (which "
+                          "may signal up to 60 s early) would stop the job before it trains; lengthen --time or "
+                          "shorten --signal-seconds")
     if cfg.refresh.enabled and cfg.refresh.gpus_per_worker > 0 and not req.pool_gpus:
         p.problems.append(f"refresh.gpus_per_worker={cfg.refresh.gpus_per_worker:g} but the trainers take every GPU: "
                           "give --procs-per-node fewer than --gpus-per-node (the rest go to the refresh pool), or "
@@ -195,6 +200,20 @@ def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
                f"--master_port {req.master_port} --config {shlex.quote(req.config)} {set_args(rest)}")
         steps.append(("here" if req.nodes == 1 else f"node {rank}", cmd))
     return LaunchPlan("torchrun", steps)
+
+
+def slurm_seconds(time: str) -> int | None:
+    """SLURM's --time in seconds ([days-]hours:minutes:seconds, minutes:seconds, minutes, ...); None if unread."""
+    days, _, rest = time.rpartition("-") if "-" in time else ("0", "", time)
+    parts = rest.split(":")
+    if not days.isdigit() or not all(x.isdigit() for x in parts) or len(parts) > 3:
+        return None
+    nums = [int(x) for x in parts]
+    if "-" in time:  # days-hours[:minutes[:seconds]]
+        h, m, sec = (nums + [0, 0])[:3]
+    else:  # minutes, minutes:seconds, hours:minutes:seconds
+        h, m, sec = {1: (0, nums[0], 0), 2: (0, *nums), 3: tuple(nums)}[len(nums)]
+    return ((int(days) * 24 + h) * 60 + m) * 60 + sec
 
 
 def pool_gpu_env(req: LaunchRequest) -> str:

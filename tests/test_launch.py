@@ -46,7 +46,7 @@ def test_slurm_dry_run_renders_the_sbatch_script(capsys, tmp_path, monkeypatch):
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):  # preemption: checkpoint, exit 75, requeue
         assert line in script.splitlines(), line
     assert "--resume auto" in script and "(( rc == 75 ))" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
-    train = next(line for line in script.splitlines() if line.startswith('srun --overlap "$OPENBOOK" train'))
+    train = next(line.strip() for line in script.splitlines() if line.strip().startswith('srun --overlap "$OPENBOOK" train'))
     for arg in (f"--config {CONFIG}", "train.devices=4", "train.num_nodes=2", "train.accelerator=gpu",
                 "train.strategy=ddp", "train.max_steps=500"):
         assert arg in train, arg
@@ -203,3 +203,16 @@ def test_ray_train_refuses_gpu_actors_the_cluster_cannot_seat():
     assert "4 trainer worker GPUs + 2 for the refresh pool" in ray_train.gpu_shortage(gpu_pool, 4, 4)
     assert ray_train.gpu_shortage(gpu_pool, 4, 6) is None
     assert ray_train.gpu_shortage(load_recipe(CONFIG, []), 4, 4) is None  # CPU actors
+
+
+def test_a_time_limit_shorter_than_the_warning_is_a_problem(capsys, tmp_path, monkeypatch):
+    """SLURM sends --signal=B:USR1@N up to a minute early: a limit within a minute of the warning would stop every
+    attempt before it trains (and requeue it, again and again)."""
+    from openbook.launch_plan import slurm_seconds
+
+    assert [slurm_seconds(t) for t in ("30", "5:00", "1:00:00", "2-00:00:00", "1-2", "x")] == [
+        1800, 300, 3600, 172800, 93600, None]
+    out = dry_run(capsys, tmp_path, monkeypatch, "--target", "slurm", "--time", "5:00")
+    assert "PROBLEM: --signal-seconds 300 within a minute of --time 5:00" in out
+    out = dry_run(capsys, tmp_path, monkeypatch, "--target", "slurm", "--time", "10:00", "--signal-seconds", "120")
+    assert "PROBLEM" not in out

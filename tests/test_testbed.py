@@ -169,11 +169,11 @@ def job_state(testbed, job: str) -> dict:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def submit(testbed, wd: Path, name: str) -> str:
+def submit(testbed, wd: Path, name: str, extra: tuple[str, ...] = ()) -> str:
     """`openbook launch --target slurm` with the real sbatch; the job id."""
     proc = subprocess.run([OPENBOOK, "launch", "--config", "configs/default.yaml", "--target", "slurm",
                            "--procs-per-node", "2", "--partition", "debug", "--time", "0:30:00",
-                           *[a for s in [*SLURM_SETS, f"run_dir=runs/{name}"] for a in ("--set", s)]],
+                           *[a for s in [*SLURM_SETS, f"run_dir=runs/{name}", *extra] for a in ("--set", s)]],
                           cwd=wd, env=slurm_env(testbed), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.strip().split()[-1]  # sbatch: "Submitted batch job N"
@@ -220,10 +220,15 @@ def test_a_slurm_job_preempted_mid_run_requeues_resumes_and_ends_as_if_uninterru
     (`--resume auto`) and ends with every step's loss and index version equal to the uninterrupted run's; its
     summary and run lock name the job and its restart count; no lock or temporary checkpoint is left."""
     shutil_copy_configs(tmp_path)
-    name = f"slurm-{preempt}"
-    job = submit(testbed, tmp_path, name)
+    name, port = f"slurm-{preempt}", free_ports(2)
+    job = submit(testbed, tmp_path, name, (f"monitor.prometheus_port={port}", "monitor.bind_address=127.0.0.1"))
+    tb.add_targets(name, [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])  # the job's two tasks, one port each
     run = tmp_path / "runs" / name
     wait_for(lambda: (run / "checkpoints" / "step-00000012").is_dir(), "a checkpoint at step 12", 600)
+    scraped = wait_for(lambda: {s["metric"]["rank"] for s in promql(testbed["prometheus"],
+                                                                   f'openbook_train_step{{run="{name}"}}')} or None,
+                       "both tasks scraped", 60)
+    assert scraped == {"0", "1"}  # Prometheus scrapes every rank of the job
     lock = json.loads((run / ".openbook.lock").read_text())
     assert lock["job"] == job and lock["restart"] in (None, "0")
     cmd = ["scancel", "--signal=USR1", "--batch", job] if preempt == "usr1" else ["scontrol", "requeue", job]
@@ -286,13 +291,15 @@ def start_ray(host: str, cmd: str, tmp: Path) -> None:
 
 
 def stop_ray(tmp: Path) -> None:
-    """Every Ray process of the two hosts (by their temp dirs: `ray stop` would stop every Ray on the machine)."""
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and str(tmp / "ray-") in (p / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(p.name), 9)
-        except (OSError, ProcessLookupError):
-            continue
+    """Every process left on the two hosts (their Ray nodes, agents included): `ray stop` would stop every Ray on
+    the machine, the session's own among them."""
+    for host in ("a", "b"):
+        for pid in subprocess.run(["ip", "netns", "pids", f"obtb-{host}"], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
 
 
 def raylet_of(host_tmp: Path) -> int:

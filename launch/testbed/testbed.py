@@ -81,8 +81,8 @@ def start_munge() -> None:
         shutil.chown(d, "munge", "munge")
     run("runuser", "-u", "munge", "--", "munged")
     _wait(lambda: run("sh", "-c", "munge -n | unmunge", check=False).returncode == 0, "munged")
-    pids = run("pgrep", "-x", "munged", check=False).stdout.split()
-    _record("munged", int(pids[0]) if pids else None)
+    pidfile = Path("/run/munge/munged.pid")  # munged forks into the background: its pid file names the daemon
+    _record("munged", int(pidfile.read_text()) if pidfile.is_file() else None)
 
 
 def slurm_conf() -> str:
