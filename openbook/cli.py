@@ -40,9 +40,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = (resume_recipe(args.config, args.overrides, args.resume) if args.resume
            else load_recipe(args.config, args.overrides))
     summary = run_train(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    _close_process_group()
     if "steps" in summary:  # rank 0 reports for the run
         print(json.dumps(summary, indent=2))
     return PREEMPTED_EXIT if summary.get("preempted") else 0
+
+
+def _close_process_group() -> None:
+    """After a run every rank finished (not after an error: a peer may still be in a collective): stop this rank's
+    gloo/NCCL threads while Python is whole. Left to interpreter exit, gloo's threads now and then abort the process
+    (SIGABRT, "terminate called without an active exception"), and torchrun reports a finished run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

@@ -185,19 +185,22 @@ def _torchrun(req: LaunchRequest, cfg) -> LaunchPlan:
     overrides = train_overrides(req)
     steps: list[tuple[str, str]] = []
     addr = req.master_addr or ("localhost" if req.nodes == 1 else "$MASTER_ADDR")
-    if req.nodes > 1:  # one Ray cluster for the refresher: head beside rank 0, joined with address=auto
+    ray_at = ""
+    if req.nodes > 1:  # one Ray cluster for the refresher: head beside rank 0, every trainer joins it by address
         gpus = pool_gpu_env(req)  # each Ray node offers the GPUs its trainers leave, no more
         steps.append(("node 0", f"{gpus}ray start --head --port={RAY_PORT} --num-gpus={req.pool_gpus}"))
         steps += [(f"node {i}", f"{gpus}ray start --address={addr}:{RAY_PORT} --num-gpus={req.pool_gpus}")
                   for i in range(1, req.nodes)]
-        overrides.append("refresh.address=auto")
+        # the head's address, not `auto`: auto takes the newest Ray the node's /tmp/ray knows, which on a node that
+        # runs other Rays (another user's job, a notebook) is not this job's (the trainer then hangs connecting)
+        ray_at = f' --set "refresh.address={addr}:{RAY_PORT}"'  # double quotes: $MASTER_ADDR expands
     script = shlex.quote(str(launch_dir() / "torchrun.sh"))
     # torchrun.sh sets devices and num_nodes from its own arguments
     rest = [o for o in overrides if not o.startswith(("train.devices=", "train.num_nodes="))]
     for rank in range(req.nodes):
         cmd = (f"PYTHON={shlex.quote(sys.executable)} bash {script} --nnodes {req.nodes} "
                f"--nproc_per_node {req.procs} --node_rank {rank} --master_addr {addr} "
-               f"--master_port {req.master_port} --config {shlex.quote(req.config)} {set_args(rest)}")
+               f"--master_port {req.master_port} --config {shlex.quote(req.config)} {set_args(rest)}{ray_at}")
         steps.append(("here" if req.nodes == 1 else f"node {rank}", cmd))
     return LaunchPlan("torchrun", steps)
 

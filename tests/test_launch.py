@@ -87,7 +87,7 @@ def test_torchrun_dry_run_gives_each_node_its_line(capsys, tmp_path, monkeypatch
     assert [line.split("]")[0] for line in lines] == ["[node 0", "[node 1"]
     for rank, line in enumerate(lines):
         for arg in ("--nnodes 2", "--nproc_per_node 4", f"--node_rank {rank}", "--master_addr 10.1.2.3",
-                    f"--config {CONFIG}", "train.accelerator=gpu", "refresh.address=auto"):
+                    f"--config {CONFIG}", "train.accelerator=gpu", '"refresh.address=10.1.2.3:6379"'):
             assert arg in line, (arg, line)
     # every GPU is a trainer's: the Ray nodes of the refresh pool offer none
     assert "[node 0] CUDA_VISIBLE_DEVICES= ray start --head --port=6379 --num-gpus=0" in out

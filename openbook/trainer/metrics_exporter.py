@@ -120,7 +120,7 @@ class PrometheusExporter(pl.Callback):
         from openbook.trainer.refresh_callback import IndexRefreshCallback
 
         found = next((c for c in trainer.callbacks if isinstance(c, IndexRefreshCallback)), None)
-        return found.metrics(trainer) if found is not None else {}
+        return found.logged if found is not None else {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.close()

@@ -77,6 +77,7 @@ class IndexRefreshCallback(pl.Callback):
         self._own_failures = 0  # failures the coordinator does not count: loads, refreshes lost or cancelled
         self._resume: RefresherState | None = None  # a checkpoint's state, applied at fit start
         self._started = False  # the pool (rank 0) and the first snapshot are up: at fit start, or a validate before
+        self.logged: dict[str, float] = {}  # the figures of the last step, as logged (the exporter serves them)
         self.keepalive = KEEPALIVE_SECONDS  # under DDP, how often a busy rank 0 tells the others it still works
 
     # -- start and stop ----------------------------------------------------------------------
@@ -537,7 +538,7 @@ class IndexRefreshCallback(pl.Callback):
         }
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        m = self.metrics(trainer)
+        m = self.logged = self.metrics(trainer)  # one reading per step: TensorBoard and Prometheus agree
         self.stats.versions.append((trainer.global_step, int(m["index/version"])))
         pl_module.log_dict(m, on_step=True, on_epoch=False, rank_zero_only=True)
 
