@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
-from openbook.errors import OpenbookError
+from openbook.errors import PREEMPTED_EXIT, OpenbookError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -26,9 +27,31 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from openbook.trainer.preemption import PREEMPTED_EXIT
+class StoppedOutsideTraining(BaseException):
+    """SIGTERM or SIGUSR1 while no training step runs (start-up: imports, Ray, the first index; or the final
+    evaluation). A BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way swallows it."""
 
+
+def _stop_outside_training(signum: int, frame) -> None:
+    raise StoppedOutsideTraining(signal.Signals(signum).name)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """A stop signal outside the training loop (the trainer's Preemption callback owns it inside) ends the run
+    at once with exit 75: there is nothing new to checkpoint, the last checkpoint stays where a requeued job
+    resumes. Installed first: the default action of SIGUSR1 kills the process (exit 138), and a scheduler
+    signalling a job still starting up would see it fail instead of requeue."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, _stop_outside_training)
+    try:
+        return _train(args)
+    except StoppedOutsideTraining as e:
+        print(f"openbook: {e} outside the training loop: stopped, nothing new to checkpoint; exit {PREEMPTED_EXIT} "
+              "(resume with --resume auto)", file=sys.stderr)
+        return PREEMPTED_EXIT
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise OpenbookError("--resume continues a run and --overwrite replaces it: give one of them")
     if args.config is None and not args.resume:

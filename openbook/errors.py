@@ -17,3 +17,6 @@ class CorpusError(OpenbookError):
 
 class SnapshotError(OpenbookError):
     """An index snapshot is missing, truncated, corrupt or incompatible."""
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL ("try again"): a preempted run; launch/slurm.sbatch requeues the job on it

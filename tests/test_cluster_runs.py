@@ -178,6 +178,28 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_as_if_uninterrupted(tm
         assert got[step] == pytest.approx(want[step], abs=1e-4), step
 
 
+def test_a_stop_signal_during_start_up_exits_75_at_once_and_leaves_no_lock(tmp_path):
+    """SIGUSR1 while the run starts up (its first index takes >= 5 s: the encoder actor is slowed), as a requeued
+    SLURM job that the scheduler warns again before it trains: one line, exit 75 (the sbatch script requeues on it;
+    the signal's default action would kill it with 138 and fail the job), no lock left, nothing checkpointed."""
+    path = recipe(tmp_path, max_steps=10000)
+    proc = subprocess.Popen([OPENBOOK, "train", "--config", str(path), "--quiet", "--set",
+                             "refresh.inject_delay_seconds=5"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the first log line of openbook comes after its handlers are up
+        seen.append(line)
+        if " openbook." in line:
+            break
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    err = "".join(seen) + err
+    assert proc.returncode == 75, err[-3000:]
+    assert "openbook: SIGUSR1 outside the training loop: stopped, nothing new to checkpoint; exit 75" in err
+    assert "Traceback" not in err and "steps" not in out
+    assert not (tmp_path / "run" / LOCK_FILE).exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_a_two_process_ddp_run_stops_on_every_rank_after_the_same_step(tmp_path):
     """2-process DDP (gloo): SIGUSR1 (SLURM's ``--signal=USR1@90``; the single-process test sends SIGTERM) reaches

@@ -211,17 +211,30 @@ def losses_and_versions(run: Path) -> tuple[dict, list]:
     return tb_scalars(run, "train/loss"), history["versions"]
 
 
-@pytest.mark.parametrize("preempt", ["usr1", "requeue"])
+def cut_time_limit(testbed, job: str) -> None:
+    """The job's --time cut to 2 minutes past its run time: SLURM's USR1 warning (``--signal=B:USR1@300``) is then
+    due at its next time-limit check, the limit itself two minutes away: a job that outlives its estimate."""
+    h, m, s = (int(x) for x in job_state(testbed, job)["RunTime"].split("-")[-1].split(":"))
+    minutes = h * 60 + m + (s > 0) + 2
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"], env=slurm_env(testbed), check=True)
+
+
+@pytest.mark.parametrize("preempt", ["time-limit", "requeue"])
 def test_a_slurm_job_preempted_mid_run_requeues_resumes_and_ends_as_if_uninterrupted(testbed, tmp_path,
                                                                                     uninterrupted, preempt):
-    """Submitted through `openbook launch` and the real sbatch, 2 tasks with the Ray pool in the job. At step 12 the
-    scheduler signals it as `--signal=B:USR1@N` would (`scancel --signal=USR1 --batch`), or an operator requeues it
-    (`scontrol requeue`: SIGTERM to every step): it checkpoints, exits 75, SLURM runs it again, it resumes by itself
-    (`--resume auto`) and ends with every step's loss and index version equal to the uninterrupted run's; its
-    summary and run lock name the job and its restart count; no lock or temporary checkpoint is left."""
+    """Submitted through `openbook launch` and the real sbatch, 2 tasks with the Ray pool in the job. At step 12
+    either its time limit draws near (cut with `scontrol update`; SLURM itself sends the `--signal=B:USR1@N` warning)
+    or an operator requeues it (`scontrol requeue`: SIGTERM to every step): it checkpoints, exits 75, SLURM runs it
+    again, it resumes by itself (`--resume auto`) and ends with every step's loss and index version equal to the
+    uninterrupted run's; its summary and run lock name the job and its restart count; no lock or temporary
+    checkpoint is left. The cut limit stays with the requeued job, so SLURM warns it again while it starts up: it
+    requeues once more without training (it used to die of the USR1 and fail), and finishes once the limit is
+    given back. Refreshes are slowed (2 s a shard; the deterministic swap keeps the losses) so that the warning,
+    which SLURM sends at its next check (up to 30 s), finds the run still training."""
     shutil_copy_configs(tmp_path)
     name, port = f"slurm-{preempt}", free_ports(2)
-    job = submit(testbed, tmp_path, name, (f"monitor.prometheus_port={port}", "monitor.bind_address=127.0.0.1"))
+    slow = ("refresh.inject_delay_seconds=2",) if preempt == "time-limit" else ()
+    job = submit(testbed, tmp_path, name, (f"monitor.prometheus_port={port}", "monitor.bind_address=127.0.0.1", *slow))
     tb.add_targets(name, [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])  # the job's two tasks, one port each
     run = tmp_path / "runs" / name
     wait_for(lambda: (run / "checkpoints" / "step-00000012").is_dir(), "a checkpoint at step 12", 600)
@@ -231,17 +244,23 @@ def test_a_slurm_job_preempted_mid_run_requeues_resumes_and_ends_as_if_uninterru
     assert scraped == {"0", "1"}  # Prometheus scrapes every rank of the job
     lock = json.loads((run / ".openbook.lock").read_text())
     assert lock["job"] == job and lock["restart"] in (None, "0")
-    cmd = ["scancel", "--signal=USR1", "--batch", job] if preempt == "usr1" else ["scontrol", "requeue", job]
-    subprocess.run(cmd, env=slurm_env(testbed), check=True)
-    wait_for(lambda: json.loads((run / ".openbook.lock").read_text()).get("restart") == "1"
-             if (run / ".openbook.lock").is_file() else None, "the requeued job to take the run lock", 600)
+    if preempt == "time-limit":
+        cut_time_limit(testbed, job)
+        wait_for(lambda: int(job_state(testbed, job).get("Restarts", 0)) >= 2, "a second requeue", 600)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], env=slurm_env(testbed), check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], env=slurm_env(testbed), check=True)
     state = finished(testbed, job)
     log = next((run / "slurm").glob("*.out"))
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, log.read_text()[-3000:])
-    summary = run_summary(log)
-    assert summary["steps"] == 40 and summary["slurm_job_id"] == job and summary["slurm_restart_count"] == 1
     text = log.read_text()
+    restarts = int(state["Restarts"])
+    assert state["JobState"] == "COMPLETED" and (restarts >= 2 if preempt == "time-limit" else restarts == 1), (
+        state, text[-3000:])
+    summary = run_summary(log)
+    assert summary["steps"] == 40 and summary["slurm_job_id"] == job and summary["slurm_restart_count"] == restarts
     assert "preempted: checkpoint" in text and "resuming from" in text and "Traceback" not in text
+    if preempt == "time-limit":  # the second attempt: stopped while starting up, requeued
+        assert "USR1 outside the training loop" in text or "USR1 before training started" in text, text[-3000:]
     (loss, versions), (ref_loss, ref_versions) = losses_and_versions(run), losses_and_versions(uninterrupted)
     assert sorted(loss) == sorted(ref_loss) and len(ref_loss) == 40
     for step, value in ref_loss.items():

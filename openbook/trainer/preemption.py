@@ -19,10 +19,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from openbook.errors import PREEMPTED_EXIT
 from openbook.trainer.checkpoints import StepCheckpoint
 
 log = logging.getLogger(__name__)
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL ("try again"): launch/slurm.sbatch requeues the job on it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
