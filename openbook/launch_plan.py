@@ -228,7 +228,8 @@ def pool_gpu_env(req: LaunchRequest) -> str:
 def _ray(req: LaunchRequest, cfg) -> LaunchPlan:
     yaml_path, name = shlex.quote(str(launch_dir() / "ray_cluster.yaml")), f"openbook-{cfg.name}"
     workers = req.nodes - 1
-    args = " ".join(filter(None, [f"--config {shlex.quote(req.config)} --num-workers {req.nodes * req.procs}",
+    args = " ".join(filter(None, [f"--config {shlex.quote(req.config)} --address auto "  # the cluster `ray up` made
+                                  f"--num-workers {req.nodes * req.procs}",
                                   "--use-gpu" if req.gpus_per_node else "", set_args(list(req.overrides))]))
     run = f"cd ~/openbook && .venv/bin/python launch/ray_train.py {args}"
     return LaunchPlan("ray", [

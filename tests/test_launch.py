@@ -203,6 +203,11 @@ def test_ray_train_refuses_gpu_actors_the_cluster_cannot_seat():
     assert "4 trainer worker GPUs + 2 for the refresh pool" in ray_train.gpu_shortage(gpu_pool, 4, 4)
     assert ray_train.gpu_shortage(gpu_pool, 4, 6) is None
     assert ray_train.gpu_shortage(load_recipe(CONFIG, []), 4, 4) is None  # CPU actors
+    # the same for CPUs (on a 2-core machine two workers of 1 CPU left the actor none: a 10-minute wait)
+    pool = load_recipe(CONFIG, ["refresh.num_workers=1", "refresh.cpus_per_worker=1"])
+    assert "2 trainer workers x 1 CPUs + 1 for the refresh pool" in ray_train.cpu_shortage(pool, 2, 1.0, 2)
+    assert ray_train.cpu_shortage(pool, 2, 0.5, 2) is None
+    assert ray_train.cpu_shortage(load_recipe(CONFIG, ["refresh.enabled=false"]), 2, 1.0, 2) is None
 
 
 def test_a_time_limit_shorter_than_the_warning_is_a_problem(capsys, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -291,9 +292,24 @@ def plan_lines(wd: Path, a_ip: str, sets: list[str]) -> dict[str, list[str]]:
     return lines
 
 
+def ray_plan(wd: Path, a_ip: str, sets: list[str]) -> str:
+    """`openbook launch --target ray --nodes 2`'s `ray exec` command, as run on the head: from ``wd`` (not
+    ~/openbook, where `ray up` would sync the checkout), joining the head by its address, a worker of 2 CPUs per host.
+    (`ray up` itself, the autoscaler's ssh to the machines, is not run: the testbed's hosts were started by hand.)"""
+    proc = subprocess.run([OPENBOOK, "launch", "--config", "configs/default.yaml", "--target", "ray", "--nodes", "2",
+                           "--procs-per-node", "1", "--dry-run", "--assume-shared-fs",
+                           *[a for s in sets for a in ("--set", s)]], cwd=wd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    exec_line = next(line for line in proc.stdout.splitlines() if line.startswith("[here] ray exec"))
+    inner = shlex.split(exec_line)[-1]  # 'cd ~/openbook && .venv/bin/python launch/ray_train.py ...'
+    args = inner.split("launch/ray_train.py", 1)[1].replace("--address auto", f"--address {a_ip}:6379")
+    return f"{shlex.quote(sys.executable)} {ROOT / 'launch' / 'ray_train.py'}{args} --cpus-per-worker 2"
+
+
 def host_env() -> dict:
     # gloo binds the interface the host's address is on; Ray's token is the one ~/.ray holds (a home all share)
-    return {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "RAY_AUTH_MODE": "token",
+    # OMP_NUM_THREADS=1 as torchrun.sh sets it (Ray would give its workers their CPU count): the same last bits
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1",
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
@@ -302,7 +318,8 @@ def start_ray(host: str, cmd: str, tmp: Path) -> None:
     (on a real cluster every node has its own /tmp)."""
     subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=host_env(),
                    capture_output=True)
-    extra = f" --temp-dir={tmp}/ray-{host}" + (" --include-dashboard=false" if "--head" in cmd else "")  # short: a
+    extra = f" --temp-dir={tmp}/ray-{host} --num-cpus=3" + (" --include-dashboard=false" if "--head" in cmd else "")
+    # 3 CPUs a host: a Ray Train worker of 2 and an encoder actor of 1 (the short temp dir: a
     # unix socket path under it must stay below 108 bytes
     proc = subprocess.run(tb.in_host(host, "bash", "-c", cmd + extra), env=host_env(), capture_output=True, text=True,
                           timeout=300)
@@ -384,6 +401,22 @@ def test_a_run_across_two_hosts_trains_as_on_one_and_outlives_a_dead_ray_node(te
         assert versions == ref_versions and len(loss) == 16
         for step, value in ref_loss.items():
             assert loss[step] == pytest.approx(value, abs=1e-4), (step, loss, ref_loss)
+
+        # the Ray plan on the same cluster: launch/ray_train.py (what `ray exec` runs on the head) from A, a Ray Train
+        # worker of 2 CPUs on each host (ranks on both), the same encoder actors: the same losses again
+        ray_run = tmp_path / "runs" / "ray"
+        proc = subprocess.run(tb.in_host("a", "bash", "-c", ray_plan(tmp_path, a_ip, [*TWO_HOST_SETS, pin,
+                                                                                     "run_dir=runs/ray"])),
+                              cwd=tmp_path, env=host_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert '"refresh_failures": 0' in proc.stdout + proc.stderr
+        hosts = {json.loads(f.read_text())["writer"]["node_ip"]
+                 for f in (ray_run / "snapshots").glob("v*/shard-*/shard.json")}
+        assert hosts == {a_ip, b_ip}
+        (ray_loss, ray_versions) = losses_and_versions(ray_run)
+        assert ray_versions == ref_versions and sorted(ray_loss) == sorted(ref_loss)
+        for step, value in ref_loss.items():
+            assert ray_loss[step] == pytest.approx(value, abs=1e-4), (step, ray_loss, ref_loss)
 
         # B's Ray node dies while a refresh runs (each shard takes >= 2 s): no hang, the failure counted
         slow = [*TWO_HOST_SETS, pin, "run_dir=runs/dying", "refresh.inject_delay_seconds=2",

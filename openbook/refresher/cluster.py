@@ -64,6 +64,8 @@ def join_ray(address: str, source: str = "refresh.address") -> None:
     and RAY_AUTH_MODE is unset, but Ray's ``ray.init`` with an explicit address (``launch/slurm.sbatch``'s
     ``refresh.address=HEAD:PORT``) does not, and is then refused by such a cluster. We do as ``ray start``
     did: token mode when a token is at hand (an explicit RAY_AUTH_MODE is respected)."""
+    if address == "auto":  # the cluster this node's /tmp/ray names (written by `ray start`; stale once it stopped)
+        address, source = _auto_address(source), f"{source} auto (as /tmp/ray names it):"
     try:  # Ray's own step for "auto" (a Ray without token authentication has no such module)
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,
@@ -87,6 +89,16 @@ def join_ray(address: str, source: str = "refresh.address") -> None:
         reason = (errors or lines or [type(e).__name__])[-1][:200]
         raise OpenbookError(f"{source} {address!r}: cannot join the Ray cluster there ({reason}); is "
                             "`ray start` running at that address, with this Ray version and its auth token?") from e
+
+
+def _auto_address(source: str) -> str:
+    """``auto`` as the address it names: Ray would retry a stopped cluster's address for many minutes."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as e:
+        raise OpenbookError(f"{source} 'auto': {str(e).splitlines()[0]}") from None
 
 
 def pool_gpus(configured: list[int] | None, per_worker: float, trainer_gpus: int, visible: int) -> list[int]:
