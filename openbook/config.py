@@ -122,8 +122,13 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "parse error"
-        raise ConfigError(f"{p}: invalid YAML ({first})") from None
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up (1-based line and column for people)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else "parse error")
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:  # the opening it missed
+            what += f" ({ctx} begun at line {ctx_mark.line + 1})"
+        raise ConfigError(f"{p}: invalid YAML{where}: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

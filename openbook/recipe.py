@@ -69,6 +69,7 @@ class RecipeConfig:
                              f"{waiting} or lower the lag")
         if self.model not in MODELS:
             raise ValueError(f"model {self.model!r} is not one of {model_names()}")
+        self._check_factory()
         self._check_frozen()
         self._check_rerank()
         self._check_rolling()
@@ -95,6 +96,16 @@ class RecipeConfig:
         if self.model == "dense_retriever":  # the positive's hard negatives and the logged recall@k
             return max(self.train.negatives + 1, self.train.eval_k)
         return self.reader.n_docs
+
+    def _check_factory(self) -> None:
+        from openbook.index.faiss_index import factory_problem
+        from openbook.models.retriever import TINY
+
+        enc = self.retriever.encoder
+        dim = self.retriever.projection_dim or (enc.hidden_size if enc.source == TINY else None)
+        problem = factory_problem(self.index.factory, dim) if dim else None  # a pretrained width is known later
+        if problem:
+            raise ValueError(problem)
 
     def _check_frozen(self) -> None:
         t = self.train

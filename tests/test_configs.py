@@ -55,6 +55,33 @@ def test_overrides_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
+def test_a_bad_index_factory_is_refused_before_anything_starts():
+    """A typo or a PQ that does not divide the embedding width: one line naming the factory and the width, at load
+    time (it used to fail in the first refresh, after Ray started, with FAISS's C++ internals). Checked against
+    FAISS itself, with the recipe's width (the projection's when there is one)."""
+    with pytest.raises(ConfigError, match=r"index.factory 'Flatt' is not a faiss index for 64-dim vectors: could not "
+                                          r"parse index string Flatt$"):
+        load_recipe(CONFIGS[0], ["index.factory=Flatt", "retriever.encoder.hidden_size=64"])
+    with pytest.raises(ConfigError, match=r"'IVF16,PQ7' is not a faiss index for 64-dim vectors: The dimension"):
+        load_recipe(CONFIGS[0], ["index.factory=IVF16,PQ7", "retriever.encoder.hidden_size=64"])
+    with pytest.raises(ConfigError, match="for 128-dim vectors"):  # REALM-style projection: its width counts
+        load_recipe(CONFIGS[0], ["index.factory=IVF16,PQ7", "retriever.projection_dim=128"])
+    for good in ("IVF16,PQ8", "HNSW32", "OPQ8,IVF16,PQ8", "IVF64,PQ16x8"):
+        assert load_recipe(CONFIGS[0], [f"index.factory={good}", "retriever.encoder.hidden_size=64"]).index.factory == good
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: dense_retriever\ntrain:\n  max_steps: 4\n  batch_size: [1, 2\nindex:\n  factory: Flat\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and "invalid YAML at line 5, column 6" in msg and "begun at line 4" in msg, msg
+    (tmp_path / "indent.yaml").write_text("train:\n  max_steps: 4\n   batch_size: 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line 3"):
+        load_recipe(tmp_path / "indent.yaml")
+
+
 def test_every_field_has_help():
     lines = describe(RecipeConfig)
     assert len(lines) > 20

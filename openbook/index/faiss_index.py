@@ -83,6 +83,18 @@ class IndexConfig:
         return dataclasses.replace(self, device="cpu")
 
 
+def factory_problem(factory: str, dim: int) -> str | None:
+    """Why ``index_factory(dim, factory)`` fails (a typo, ``PQ7`` on 64-dim vectors), before anything starts: a
+    bad factory used to fail only in the first refresh, after Ray started, with FAISS's C++ internals."""
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        text = one_line(e)  # "Error in <C++ function> at <file>.cpp:<line>: [Error: '<check>' failed: ]<reason>"
+        reason = re.split(r"\.cpp:\d+: ", text)[-1].split("' failed: ")[-1]
+        return f"index.factory {factory!r} is not a faiss index for {dim}-dim vectors: {reason[:160]}"
+    return None
+
+
 def one_line(err: BaseException | None, limit: int = 300) -> str:
     """faiss errors span several lines (C++ location + message): squash them for one-line messages."""
     text = " ".join(str(err).split())
