@@ -32,8 +32,12 @@ class StoppedOutsideTraining(BaseException):
     evaluation). A BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way swallows it."""
 
 
+_STOPPED: list[str] = []  # the stop signals received outside the training loop
+
+
 def _stop_outside_training(signum: int, frame) -> None:
-    raise StoppedOutsideTraining(signal.Signals(signum).name)
+    _STOPPED.append(signal.Signals(signum).name)
+    raise StoppedOutsideTraining(_STOPPED[-1])
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -45,9 +49,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         signal.signal(s, _stop_outside_training)
     try:
         return _train(args)
-    except StoppedOutsideTraining as e:
-        print(f"openbook: {e} outside the training loop: stopped, nothing new to checkpoint; exit {PREEMPTED_EXIT} "
-              "(resume with --resume auto)", file=sys.stderr)
+    except BaseException:  # the handler's exception, or what it became inside C code (Ray's: a SystemError)
+        if not _STOPPED:
+            raise
+        print(f"openbook: {_STOPPED[0]} outside the training loop: stopped, nothing new to checkpoint; exit "
+              f"{PREEMPTED_EXIT} (resume with --resume auto)", file=sys.stderr)
         return PREEMPTED_EXIT
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,9 +62,17 @@ def test_readme_main_job_runs(tmp_path):
 
 
 def test_build_index_then_search(tmp_path):
+    """search before any index: one line whose build-index command carries the --set values (run_dir among them);
+    that very command builds the index the same search then uses."""
     wd = _workdir(tmp_path)
-    sets = ["--set", "data.world.num_passages=300", "--set", "retriever.encoder.num_layers=1"]
-    proc = run(["build-index", "--config", "configs/default.yaml", "--quiet", *sets], wd)
+    sets = ["--set", "data.world.num_passages=300", "--set", "retriever.encoder.num_layers=1", "--set",
+            "run_dir=runs/elsewhere"]
+    proc = run(["search", "--config", "configs/default.yaml", *sets, "-k", "3", "anything"], wd)
+    assert proc.returncode == 2 and "no valid snapshot" in proc.stderr, proc.stderr[-2000:]
+    hint = proc.stderr.split("run `", 1)[1].split("`", 1)[0]
+    assert hint == ("openbook build-index --config configs/default.yaml --set data.world.num_passages=300 --set "
+                    "retriever.encoder.num_layers=1 --set run_dir=runs/elsewhere"), hint
+    proc = run([*shlex.split(hint)[1:], "--quiet"], wd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["version"] == 1 and summary["docs"] == 300

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 
 from openbook.cli import main
 from openbook.trainer.rundir import LOCK_FILE, RunLock, process_start
+from tests.helpers import small_disks_work
 from tests.test_cli import OPENBOOK
 
 HOLD = "import sys, time; from openbook.trainer.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
@@ -64,6 +66,21 @@ def test_a_second_trainer_on_a_held_run_dir_exits_in_one_line(tmp_path, capsys, 
         assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert any("taking over a stale lock" in r.getMessage() and str(other.pid) in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released
+
+
+@pytest.mark.skipif(not small_disks_work(), reason="cannot mount a tmpfs in a user namespace here (unshare -Urm)")
+def test_a_read_only_run_dir_is_one_line(tmp_path):
+    """A run_dir on a read-only filesystem (a real read-only tmpfs, mounted in a user namespace of the test's own):
+    one line naming the directory, exit 2, before anything starts (it was an OSError traceback from the lock)."""
+    path, ro = recipe(tmp_path), tmp_path / "ro"
+    ro.mkdir()
+    cmd = f"mount -t tmpfs -o ro,size=64k tmpfs {ro} && exec {OPENBOOK} train --config {path} --set run_dir={ro}/run"
+    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", cmd], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"openbook: error: {ro}/run: the run directory cannot be written "
+                                                    "(Read-only file system); give a writable run_dir")
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
@@ -164,8 +181,8 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_as_if_uninterrupted(tm
     assert "received SIGTERM" in err
     before = versions(run)
     end = stopped + 6
-    resumed = cli("train", "--config", str(path), "--resume", "last", "--quiet", "--set", f"train.max_steps={end}",
-                  cwd=tmp_path)
+    assert summary["resume"] == f"openbook train --resume {run}"  # the hint names the run (no --config needed)
+    resumed = cli(*shlex.split(summary["resume"])[1:], "--quiet", "--set", f"train.max_steps={end}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = versions(run)
     ref_path = recipe(tmp_path / "ref", tmp_path / "c", max_steps=end, checkpoint_every_n_steps=4)
@@ -178,26 +195,39 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_as_if_uninterrupted(tm
         assert got[step] == pytest.approx(want[step], abs=1e-4), step
 
 
-def test_a_stop_signal_during_start_up_exits_75_at_once_and_leaves_no_lock(tmp_path):
-    """SIGUSR1 while the run starts up (its first index takes >= 5 s: the encoder actor is slowed), as a requeued
-    SLURM job that the scheduler warns again before it trains: one line, exit 75 (the sbatch script requeues on it;
-    the signal's default action would kill it with 138 and fail the job), no lock left, nothing checkpointed."""
+def raylets() -> set[int]:
+    return {int(p) for p in subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True).stdout.split()}
+
+
+@pytest.mark.parametrize("sig, after", [(signal.SIGUSR1, " openbook."), (signal.SIGTERM, "TPU available")])
+def test_a_stop_signal_during_start_up_exits_75_at_once_and_leaves_no_lock(tmp_path, sig, after):
+    """A stop signal while the run starts up, as a requeued SLURM job that the scheduler warns (USR1, while the data
+    is prepared) or stops (TERM, while Ray starts: Ray's own handler made it exit 15 with no message) before it
+    trains: one line, exit 75 (the sbatch script requeues on it; USR1's default action killed it with 138 and
+    failed the job), no lock left, nothing checkpointed, no Ray left running. The first index takes >= 5 s (the
+    encoder actor is slowed), so the signal lands before training."""
     path = recipe(tmp_path, max_steps=10000)
+    before = raylets()
     proc = subprocess.Popen([OPENBOOK, "train", "--config", str(path), "--quiet", "--set",
                              "refresh.inject_delay_seconds=5"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:  # the first log line of openbook comes after its handlers are up
         seen.append(line)
-        if " openbook." in line:
+        if after in line:
             break
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     err = "".join(seen) + err
     assert proc.returncode == 75, err[-3000:]
-    assert "openbook: SIGUSR1 outside the training loop: stopped, nothing new to checkpoint; exit 75" in err
+    name = signal.Signals(sig).name
+    assert f"openbook: {name} outside the training loop: stopped, nothing new to checkpoint; exit 75" in err
     assert "Traceback" not in err and "steps" not in out
     assert not (tmp_path / "run" / LOCK_FILE).exists() and not (tmp_path / "run" / "checkpoints").exists()
+    deadline = time.time() + 60
+    while raylets() - before and time.time() < deadline:  # Ray's own shutdown at exit, not instant
+        time.sleep(0.5)
+    assert not raylets() - before
 
 
 @pytest.mark.slow

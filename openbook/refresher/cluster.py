@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,7 +40,7 @@ def ensure_ray(cfg: RefreshConfig, gpus: list[int] | None = None) -> bool:
     address, source = cluster_address(cfg.address)
     if address is None:
         opts = local_ray_options(cfg.worker_niceness)
-        with node_env(gpus):
+        with node_env(gpus), keep_signal_handlers():
             ray.init(object_store_memory=cfg.object_store_memory, **opts,
                      **({"num_gpus": len(gpus)} if gpus is not None else {}))
         return True
@@ -46,6 +48,30 @@ def ensure_ray(cfg: RefreshConfig, gpus: list[int] | None = None) -> bool:
         log.info("joining the Ray cluster at %s (RAY_ADDRESS; refresh.address=local starts a Ray of our own)", address)
     join_ray(address, source)  # a running cluster keeps its own settings
     return True
+
+
+@contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit(15)``): a scheduler's SIGTERM then ended the run
+    with exit 15 and no message, instead of the trainer's checkpoint-and-exit-75 (or, before training, exit 75 at
+    once). The handlers in place before it are put back."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+
+    def restore() -> None:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
+    try:
+        yield
+    except SystemExit as e:  # Ray's handler while it starts: sys.exit(SIGTERM)
+        restore()
+        ours = saved.get(signal.SIGTERM)
+        if e.code == signal.SIGTERM and callable(ours):
+            ours(signal.SIGTERM, None)  # what that SIGTERM would have done without Ray's handler (it may raise)
+        raise
+    finally:
+        restore()
 
 
 def cluster_address(address: str | None) -> tuple[str | None, str]:
@@ -82,7 +108,8 @@ def join_ray(address: str, source: str = "refresh.address") -> None:
             raise OpenbookError(f"{source} {address!r}: nothing answers there ({e.strerror or e}); start the "
                                 "cluster first (`ray start --head`) or fix the address") from None
     try:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        with keep_signal_handlers():
+            ray.init(address=address, include_dashboard=False, configure_logging=False)
     except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError: Ray's wording varies
         lines = [ln.strip() for ln in str(e.__cause__ or e).splitlines() if ln.strip()]
         errors = [ln for ln in lines if "Error: " in ln]  # Ray nests the GCS client's traceback in its message

@@ -83,19 +83,28 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only, no permission: nothing of the run could be written
+            raise self._unwritable(e) from None
         for _ in range(3):  # a takeover races another takeover at most this often
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
+            except OSError as e:
+                raise self._unwritable(e) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(asdict(me()), f)
             self._thread = threading.Thread(target=self._beat, name="openbook-runlock", daemon=True)
             self._thread.start()
             return self
         raise OpenbookError(f"{self.path}: could not take the run directory's lock")
+
+    def _unwritable(self, e: OSError) -> OpenbookError:
+        return OpenbookError(f"{self.path.parent}: the run directory cannot be written ({e.strerror or e}); give a "
+                             "writable run_dir")
 
     def _take_over_if_stale(self) -> None:
         try:

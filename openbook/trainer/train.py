@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,9 +268,9 @@ def preemption_summary(trainer: pl.Trainer) -> dict | None:
     pre = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
     if pre is None or pre.stopped_at is None:
         return None
+    run_dir = shlex.quote(str(pre.checkpoint.root.parent))  # run_dir/checkpoints: whatever set it (--set run_dir=...)
     return {"preempted": True, "steps": pre.stopped_at, "checkpoint": str(pre.path) if pre.path else None,
-            "exit_code": PREEMPTED_EXIT, "resume": "openbook train --resume last (with the same --config)",
-            **scheduler_job()}
+            "exit_code": PREEMPTED_EXIT, "resume": f"openbook train --resume {run_dir}", **scheduler_job()}
 
 
 def run_summary(parts: TrainParts, trainer: pl.Trainer, seconds: float, loss: float | None = None) -> dict:
