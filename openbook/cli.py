@@ -45,8 +45,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     at once with exit 75: there is nothing new to checkpoint, the last checkpoint stays where a requeued job
     resumes. Installed first: the default action of SIGUSR1 kills the process (exit 138), and a scheduler
     signalling a job still starting up would see it fail instead of requeue."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _stop_outside_training)
+    before = {s: signal.signal(s, _stop_outside_training) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    _STOPPED.clear()
     try:
         return _train(args)
     except BaseException:  # the handler's exception, or what it became inside C code (Ray's: a SystemError)
@@ -55,6 +55,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"openbook: {_STOPPED[0]} outside the training loop: stopped, nothing new to checkpoint; exit "
               f"{PREEMPTED_EXIT} (resume with --resume auto)", file=sys.stderr)
         return PREEMPTED_EXIT
+    finally:  # main() called in-process (tests, notebooks): the caller's handlers back
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _train(args: argparse.Namespace) -> int:
