@@ -425,8 +425,10 @@ def test_a_run_across_two_hosts_trains_as_on_one_and_outlives_a_dead_ray_node(te
         dying = tmp_path / "runs" / "dying"
 
         def kill_b():
-            wait_for(lambda: (dying / "snapshots" / "v000001").is_dir(), "the first index", 300)
-            time.sleep(3)  # the step-4 refresh is in flight: 2 s per shard, 2 shards per actor
+            snaps = dying / "snapshots"
+            wait_for(lambda: (snaps / "v000001").is_dir(), "the first index", 300)
+            # the step-4 refresh in flight: its staging dir exists (each shard then takes >= 2 s to write)
+            wait_for(lambda: any(p.name.startswith(".tmp-") for p in snaps.iterdir()), "a refresh in flight", 300)
             os.kill(raylet_of(ray_tmp / "ray-b"), 9)
 
         t0 = time.time()
