@@ -6,6 +6,9 @@ Later issues add sections (model, train, refresh) next to these.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from openbook.refresher.config import EncodeConfig, RefreshConfig
 from openbook.refresher.schedule import RefreshSchedule
 from openbook.registry import MODELS, model_names
 from openbook.trainer.config import MonitorConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -199,6 +204,46 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     path = recipe_path(path)
     if not Path(path).is_file():
         raise ConfigError(f"{path}: config file not found (a path, or a shipped recipe: {', '.join(recipe_names())})")
-    data = apply_overrides(load_yaml(path), overrides or [])
+    file_data = load_yaml(path)
+    data = apply_overrides(copy.deepcopy(file_data), overrides or [])
     check_moved_keys(data, str(path))
-    return from_dict(RecipeConfig, data, where=str(path))
+    cfg = from_dict(RecipeConfig, data, where=str(path))
+    warn_unused_sections(cfg, file_data, overrides or [], str(path))
+    return cfg
+
+
+def _default_section(name: str) -> object:
+    field = next(f for f in dataclasses.fields(RecipeConfig) if f.name == name)
+    return field.default_factory()  # type: ignore[misc]  # every section is declared with opt(...) = a factory
+
+
+def _file_sets(name: str, file_data: dict) -> bool:
+    """Whether the file alone sets section ``name`` to something other than its defaults."""
+    default = _default_section(name)
+    try:
+        return from_dict(type(default), file_data.get(name), where=name) != default
+    except ConfigError:  # a bad value that a --set overrides: the file still set it
+        return True
+
+
+def unused_sections(cfg: RecipeConfig) -> list[str]:
+    """The sections that ``cfg.model`` does not read and that hold other values than their defaults.
+
+    Compared with the defaults, not by presence in the YAML: a full dump (a run's ``config.yaml``, which resume and
+    export reload, or ``openbook config`` output) carries every section, the unused ones at their defaults, and a
+    section at its defaults changes nothing, whoever wrote it."""
+    return [s for s in MODELS[cfg.model].unused_sections() if getattr(cfg, s) != _default_section(s)]
+
+
+def warn_unused_sections(cfg: RecipeConfig, file_data: dict, overrides: list[str], where: str) -> None:
+    """One warning line naming the sections the recipe sets that its model ignores, and where each was set."""
+    unused = unused_sections(cfg)
+    if not unused:
+        return
+    in_file = [s for s in unused if _file_sets(s, file_data)]
+    sets = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in unused]
+    origin = "; ".join(([f"set in the file: {', '.join(in_file)}"] if in_file else [])
+                       + ([f"by --set {' '.join(sets)}"] if sets else []))
+    what, verb = ("sections", "they are") if len(unused) > 1 else ("section", "it is")
+    log.warning("recipe %s: model %s does not use the %s %s (%s); %s ignored", where, cfg.model, what,
+                ", ".join(unused), origin, verb)
