@@ -11,7 +11,7 @@ import pytest
 from openbook.errors import SnapshotError
 from openbook.index.faiss_index import IndexConfig
 from openbook.index.shards import Rows, merge_topk, shard_name, write_shard
-from openbook.index.snapshot import FORMAT_SHARDED, SnapshotStore, shards_checksum
+from openbook.index.snapshot import FORMAT_SHARDED, SEAL, SnapshotStore, manifest_seal, shards_checksum
 from openbook.index.vector_index import train_index
 
 FLAT = IndexConfig(factory="Flat", device="cpu")
@@ -116,6 +116,10 @@ def test_a_tampered_shard_list_fails_the_manifest_checksum(tmp_path):
     m = json.loads((snap.path / "manifest.json").read_text())
     m["shards"][1]["hi"] = 299
     (snap.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SnapshotError, match="manifest_sha256 does not match its contents"):
+        store.load(snap.version)
+    m[SEAL] = manifest_seal(m)  # re-sealed by hand: the shards checksum still catches it
+    (snap.path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SnapshotError, match="checksum does not match its shards list"):
         store.load(snap.version)
 
@@ -152,6 +156,7 @@ def test_shard_steps_are_recorded_and_a_manifest_without_them_still_loads(tmp_pa
     assert (m.oldest_step, m.mean_step) == (3, (100 * 3 + 200 * 9) / 300)
     path = store.path(v) / "manifest.json"
     old = json.loads(path.read_text())
+    del old[SEAL]  # such a manifest predates the seal too
     for s in old["shards"]:
         del s["encoder_step"]
     del old["rotation"]

@@ -27,7 +27,7 @@ from openbook.index import (
     SnapshotStore,
     build_index,
 )
-from openbook.index.snapshot import CRASH_STAGES, HIGHWATER
+from openbook.index.snapshot import CRASH_STAGES, HIGHWATER, SEAL, manifest_seal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,9 +174,10 @@ def damage(path: Path, how: str) -> str:
     if how == "bad_json":
         (path / "manifest.json").write_text("{not json")
         return rf"^{re.escape(str(path))}/manifest.json: invalid JSON"
-    if how == "wrong_count":
+    if how == "wrong_count":  # a manifest that disagrees with its files (re-sealed: the seal alone would catch it)
         m = json.loads((path / "manifest.json").read_text())
         m["count"] += 1
+        m[SEAL] = manifest_seal(m)
         (path / "manifest.json").write_text(json.dumps(m))
         return rf"^{re.escape(str(path))}/embeddings.npy: float16 \(300, 16\) != manifest"
     raise AssertionError(how)
@@ -197,9 +198,11 @@ def test_corrupt_newest_snapshot_is_skipped(tmp_path, caplog, how):
     with pytest.raises(SnapshotError, match=pattern) as e:
         fresh.load(2)
     assert "\n" not in str(e.value)
-    # keep=1 would keep only v2 (corrupt); the last good one that latest() found must survive.
+    # keep=1 would keep only v2 (corrupt); the last good one that latest() found must survive, and the
+    # corrupt one is moved aside (kept for inspection, out of the readers' sight).
     fresh.prune()
-    assert fresh.versions() == [1, 2] and fresh.latest().version == 1
+    assert fresh.versions() == [1] and fresh.latest().version == 1
+    assert [p.name.startswith(".bad-v000002-") for p in tmp_path.iterdir() if p.name.startswith(".bad-")] == [True]
 
 
 def test_missing_manifest_is_not_a_version(tmp_path):

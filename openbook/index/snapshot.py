@@ -2,12 +2,15 @@
 
 Layout under a store root::
 
-    <root>/v000001/manifest.json   format, version, encoder_step, times, dim, count, factory, files, checksum
+    <root>/v000001/manifest.json   format, version, encoder_step, times, dim, count, factory, files, checksum,
+                                   manifest_sha256 (a seal over every other key: a hand edit fails the load)
     <root>/v000001/index.faiss     CPU faiss index; label i <-> row i
     <root>/v000001/embeddings.npy  float16 [N, d] (the exact values the index was built from)
     <root>/v000001/doc_ids.npy     numpy unicode [N]: corpus string id of row i
     <root>/.tmp-<host>-<pid>-<rand>/    a publish in progress (or left by a killed writer)
     <root>/.trash-v000001-<rand>/       a pruned snapshot being deleted
+    <root>/.bad-v000001-<rand>/         a snapshot found bad (truncated, corrupt, edited), moved aside by prune and
+                                        kept for inspection; deleted only when space runs out (free_space)
     <root>/.highwater              the highest version ever claimed here: numbers are never reused,
                                    even after the newest vNNNNNN dirs were deleted by hand
 
@@ -15,9 +18,13 @@ Publishing writes everything into a hidden ``.tmp-*`` dir, fsyncs each file and 
 the next version with one ``os.rename`` — so a ``vNNNNNN`` dir is complete or absent, whatever
 moment a writer is killed at. Readers only ever look at ``vNNNNNN`` dirs holding a manifest.
 
+Pruning keeps the newest ``keep`` *whole* snapshots: one whose manifest does not read, validate or match its seal,
+whose files lack their recorded sizes, or that this store failed to load (a sha256 mismatch) counts for nothing,
+so a bad newest snapshot can never cost the good older ones; it is moved aside to ``.bad-*`` with one warning.
+
 A publish that fails writing (a full disk, a quota: an OSError) removes its partial files, deletes every
-old snapshot not protected and not the newest good one (:meth:`SnapshotStore.free_space`) and tries once
-more; if that fails too it is a one-line :class:`SnapshotError`, and the snapshots kept still load.
+old snapshot not protected and not the newest good one, and every ``.bad-*`` dir (:meth:`SnapshotStore.free_space`),
+and tries once more; if that fails too it is a one-line :class:`SnapshotError`, and the snapshots kept still load.
 
 Crash hook (tests only): with ``OPENBOOK_TEST_CRASH_PUBLISH=<stage>`` in the environment, ``publish``
 calls ``os._exit(137)`` (no cleanup, like SIGKILL) when it reaches ``<stage>``, one of
@@ -78,6 +85,8 @@ DOC_IDS_FILE = "doc_ids.npy"
 PAYLOAD = (EMBEDDINGS_FILE, DOC_IDS_FILE, INDEX_FILE)
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+BAD_PREFIX = ".bad-"
+SEAL = "manifest_sha256"
 HIGHWATER = ".highwater"
 CRASH_ENV = "OPENBOOK_TEST_CRASH_PUBLISH"
 CRASH_STAGES = ("after_embeddings", "after_index", "before_rename")
@@ -85,6 +94,11 @@ CRASH_STAGES = ("after_embeddings", "after_index", "before_rename")
 T = TypeVar("T")
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _TMP_DIR = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_BAD_DIR = re.compile(r"^\.bad-v(\d{6,})-[0-9a-f]{8}$")
+
+
+class NewerFormat(SnapshotError):
+    """A manifest of a format newer than this code reads: a newer openbook's snapshot, not a corrupt one."""
 
 
 def version_dir_name(version: int) -> str:
@@ -98,7 +112,8 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "weights_time": (int, float), "dim": (int,), "count": (int,), "factory": (str,), "files": (dict,),
     "checksum": (str,), "meta": (dict,), "index_config": (dict,),
 }
-_OPTIONAL: dict[str, tuple[type, ...]] = {"shards": (list,), "rotation": (dict,)}  # format 2 only
+# shards, rotation: format 2 only; manifest_sha256: absent from manifests written before the seal
+_OPTIONAL: dict[str, tuple[type, ...]] = {"shards": (list,), "rotation": (dict,), SEAL: (str,)}
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,7 @@ class Manifest:
     shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # format 2: ShardEntry dicts
     # refresh.strategy rolling: {"parts": R, "part": g}, the block of shards this refresh re-encoded (-1: all)
     rotation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    manifest_sha256: str = ""  # the seal (manifest_seal) it was read with; "" for a manifest older than seals
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,7 +151,7 @@ class Manifest:
             if not isinstance(data[key], types) or isinstance(data[key], bool):
                 raise SnapshotError(f"{where}: key '{key}' has the wrong type ({type(data[key]).__name__})")
         if data["format"] > FORMAT_SHARDED:
-            raise SnapshotError(f"{where}: format {data['format']} is newer than supported ({FORMAT_SHARDED})")
+            raise NewerFormat(f"{where}: format {data['format']} is newer than supported ({FORMAT_SHARDED})")
         for key, types in _OPTIONAL.items():
             if key in data and not isinstance(data[key], types):
                 raise SnapshotError(f"{where}: key '{key}' has the wrong type ({type(data[key]).__name__})")
@@ -177,6 +193,16 @@ def files_checksum(files: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256("".join(files[n]["sha256"] for n in sorted(files)).encode()).hexdigest()
 
 
+def manifest_seal(body: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of every key but the seal itself: ``files``/``shards`` checksums cover only
+    the payload, so without it a hand-edited ``encoder_step`` (or count, meta...) would load as the truth.
+
+    The body goes through a JSON round trip first, so the writer seals exactly what a reader parses back
+    (tuples become lists, int dict keys strings)."""
+    rest = json.loads(json.dumps({k: v for k, v in body.items() if k != SEAL}))
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def shards_checksum(shards: list[dict[str, Any]]) -> str:
     """Format 2: sha256 over each shard's name, row range and files checksum (and its encoder step, if the
     manifest records one), in shard order."""
@@ -209,12 +235,35 @@ def _read_manifest(path: Path) -> Manifest:
         data = json.loads(mpath.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise SnapshotError(f"{mpath}: invalid JSON ({one_line(e)})") from None
+    # A manifest without the seal was written before seals existed: it still loads (backward compatible).
+    if isinstance(data, dict) and SEAL in data and data[SEAL] != manifest_seal(data):
+        raise SnapshotError(f"{mpath}: {SEAL} does not match its contents (edited or corrupt)")
     return Manifest.from_json(data, str(mpath))
 
 
 def read_manifest(path: str | Path) -> Manifest:
     """The parsed manifest of the snapshot dir ``path`` (nothing else is read or checked)."""
     return _read_manifest(Path(path))
+
+
+def _check_version(path: Path, m: Manifest) -> None:
+    """A ``vNNNNNN`` dir must hold the manifest of that version (a manifest copied in from elsewhere does not)."""
+    named = _VERSION_DIR.match(path.name)
+    if named and int(named.group(1)) != m.version:
+        raise SnapshotError(f"{path / MANIFEST}: version {m.version} does not match directory {path.name}")
+
+
+def check_whole(path: Path) -> Manifest:
+    """Everything a load checks short of reading the data (cheap: no hashing): the manifest reads, validates and
+    matches its seal and directory, and every file it lists (each shard's too) has its recorded size. Pruning
+    counts only snapshots that pass toward ``keep``."""
+    m = _read_manifest(path)
+    _check_version(path, m)
+    _check_files(path, m, verify=False)
+    for e in m.shard_entries(str(path / MANIFEST)) if m.format == FORMAT_SHARDED else ():
+        for name, want in e.files.items():
+            check_file(path / e.name / name, want, False)
+    return m
 
 
 def _check_files(path: Path, m: Manifest, verify: bool) -> None:
@@ -279,9 +328,7 @@ class IndexSnapshot:
         if not path.is_dir():
             raise SnapshotError(f"{path}: snapshot directory not found")
         m = _read_manifest(path)
-        named = _VERSION_DIR.match(path.name)
-        if named and int(named.group(1)) != m.version:
-            raise SnapshotError(f"{path / MANIFEST}: version {m.version} does not match directory {path.name}")
+        _check_version(path, m)
         _check_files(path, m, verify)
         index_cfg = index_cfg or _index_cfg_from(m)
         index_cfg = index_cfg.on_cpu() if cpu else index_cfg
@@ -382,6 +429,7 @@ class SnapshotStore:
         self.index_cfg = index_cfg  # search params for loads; None = each snapshot's own
         self.stale_seconds = stale_seconds
         self._last_good: int | None = None  # newest version this store wrote or verified; never pruned
+        self._bad: dict[int, str] = {}  # version -> why it failed to load here (a sha256 mismatch prune cannot see)
 
     def path(self, version: int) -> Path:
         return self.root / version_dir_name(version)
@@ -399,9 +447,15 @@ class SnapshotStore:
         path = self.path(version)
         if not path.is_dir():
             raise SnapshotError(f"{path}: snapshot v{version} not found")
-        snap = IndexSnapshot.load(path, verify=verify, index_cfg=self.index_cfg, cpu=cpu)
+        try:
+            snap = IndexSnapshot.load(path, verify=verify, index_cfg=self.index_cfg, cpu=cpu)
+        except SnapshotError as e:
+            if not isinstance(e, NewerFormat):
+                self._bad[version] = one_line(e)  # the next prune moves it aside (versions are never reused)
+            raise
         if verify:
             self._last_good = max(version, self._last_good or 0)
+            self._bad.pop(version, None)
         return snap
 
     def find(self, encoder_step: int, weights_time: float) -> int | None:
@@ -493,25 +547,32 @@ class SnapshotStore:
                             f"{', '.join(freed)}") from None
 
     def free_space(self, protect: Iterable[int] = ()) -> list[str]:
-        """Delete every snapshot except the ``protect``-ed ones and the newest good one, and the leftovers of
-        dead writers (a publish failed for lack of space); the names of what went."""
+        """Delete every snapshot except the ``protect``-ed ones and the newest good one, the ``.bad-*`` dirs
+        (kept for inspection until space matters more) and the leftovers of dead writers (a publish failed for
+        lack of space); the names of what went."""
         keep = set(protect) | {v for v in (self._last_good, self._newest_whole()) if v is not None}
         gone = [version_dir_name(v) for v in self._remove([v for v in self.versions() if v not in keep])]
-        return gone + [p.name for p in self.cleanup()]
+        bad = sorted(p for p in self.root.iterdir() if p.name.startswith(BAD_PREFIX)) if self.root.is_dir() else []
+        for p in bad:
+            rmtree(p)
+        return gone + [p.name for p in bad] + [p.name for p in self.cleanup()]
 
     def _newest_whole(self) -> int | None:
-        """The newest version whose manifest reads and whose files have their recorded sizes (no hashing)."""
-        for v in reversed(self.versions()):
-            path = self.path(v)
-            try:
-                m = _read_manifest(path)
-                _check_files(path, m, verify=False)
-                for e in m.shard_entries(str(path / MANIFEST)) if m.format == FORMAT_SHARDED else ():
-                    for name, want in e.files.items():
-                        check_file(path / e.name / name, want, False)
-            except SnapshotError:
-                continue
-            return v
+        """The newest version that is whole (:func:`check_whole`: no hashing) and did not fail to load here."""
+        return next((v for v in reversed(self.versions()) if self._why_bad(v) is None), None)
+
+    def _why_bad(self, version: int) -> str | None:
+        """Why ``version`` is not a whole snapshot (one line), or None if it is: it failed to load in this store,
+        or fails :func:`check_whole`. An OSError (it vanished under a concurrent pruner) counts as bad too: moving
+        it aside then finds nothing and skips it."""
+        if version in self._bad:
+            return self._bad[version]
+        try:
+            check_whole(self.path(version))
+        except NewerFormat:
+            return None  # a newer openbook's, sharing the store: not ours to judge (or move)
+        except (SnapshotError, OSError) as e:
+            return one_line(e)
         return None
 
     def stage(self) -> Path:
@@ -585,7 +646,10 @@ class SnapshotStore:
         return {n: file_entry(tmp / n) for n in PAYLOAD}
 
     def _next_version(self) -> int:
-        return max(max((v for v, _ in self._version_dirs()), default=0), self._highwater()) + 1
+        """One past the highest version claimed: the dirs (moved-aside ``.bad-*`` ones too) and ``.highwater``."""
+        names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+        claimed = [int(m.group(1)) for n in names if (m := _VERSION_DIR.match(n) or _BAD_DIR.match(n))]
+        return max([*claimed, self._highwater()]) + 1
 
     def _highwater(self) -> int:
         try:
@@ -609,7 +673,8 @@ class SnapshotStore:
         """Rename ``tmp`` to the next free ``vNNNNNN``; a name taken by a concurrent writer -> try the next."""
         version = self._next_version()
         for _ in range(1000):
-            body["version"] = version  # the manifest names its own version: rewrite it per attempt
+            body["version"] = version  # the manifest names its own version: rewrite it (and the seal) per attempt
+            body[SEAL] = manifest_seal(body)
             write_json(tmp / MANIFEST, body)
             fsync_path(tmp)
             _crash_point("before_rename")
@@ -629,15 +694,47 @@ class SnapshotStore:
         raise SnapshotError(f"{self.root}: could not claim a version after 1000 attempts")
 
     def prune(self, protect: Iterable[int] = ()) -> list[int]:
-        """Delete all but the newest ``keep`` versions, ``protect``-ed ones and the last known-good one.
+        """Keep the newest ``keep`` whole versions, ``protect``-ed ones and the last known-good one; delete the
+        other whole ones and move every other bad one aside (:meth:`_move_aside`). Returns the versions gone.
 
-        Each victim is renamed to ``.trash-*`` first (one atomic step out of sight), then removed.
+        Only whole snapshots (:meth:`_why_bad`) count toward ``keep``: a corrupt newest one must never push the
+        good ones out while it stays. Each deleted one is renamed to ``.trash-*`` first (one atomic step out of
+        sight), then removed.
         """
         versions = self.versions()
-        keep = set(versions[-self.keep:]) | set(protect)
+        why = {v: w for v in versions if (w := self._why_bad(v)) is not None}
+        good = [v for v in versions if v not in why]
+        keep = set(good[-self.keep:]) | set(protect)
         if self._last_good is not None:
-            keep.add(self._last_good)  # a corrupt newer snapshot must never cost us the last good one
-        return self._remove([v for v in versions if v not in keep])
+            keep.add(self._last_good)  # the one this store wrote or verified last stays, whatever
+        moved = self._move_aside({v: w for v, w in why.items() if v not in keep})
+        return sorted(moved + self._remove([v for v in good if v not in keep]))
+
+    def _move_aside(self, bad: dict[int, str]) -> list[int]:
+        """Rename each bad version to ``.bad-vNNNNNN-<rand>`` (atomic; readers never look at hidden dirs; kept for
+        inspection), with one warning line each; one renamed away by another process meanwhile is skipped."""
+        if not bad:
+            return []
+        try:
+            self._raise_highwater(max(bad))  # its number must stay claimed even once the .bad dir is deleted
+        except OSError as e:
+            log.warning("%s: could not record version %d in %s: %s", self.root, max(bad), HIGHWATER, _why(e))
+        moved = []
+        for v, why in sorted(bad.items()):
+            dest = self.root / f"{BAD_PREFIX}{version_dir_name(v)}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.path(v), dest)
+            except FileNotFoundError:
+                continue  # another process pruned or moved it first
+            except OSError as e:  # the publish that pruned has succeeded: it must not fail over this
+                log.warning("snapshot %s is bad (%s); could not move it aside: %s", self.path(v), why, _why(e))
+                continue
+            log.warning("snapshot %s is bad (%s); moved aside to %s", self.path(v), why, dest)
+            self._bad.pop(v, None)
+            moved.append(v)
+        if moved:
+            fsync_path(self.root)
+        return moved
 
     def _remove(self, versions: list[int]) -> list[int]:
         removed = []
@@ -657,9 +754,10 @@ class SnapshotStore:
     def cleanup(self) -> list[Path]:
         """Remove leftovers of killed writers/pruners; returns what was removed.
 
-        ``.trash-*`` dirs always go (already out of sight). A ``.tmp-<host>-<pid>-*`` dir goes if its
-        writer is on this host and that pid is dead, or if nothing in it changed for
-        ``stale_seconds`` (writers on other hosts of a shared filesystem, or a reused pid).
+        ``.trash-*`` dirs always go (already out of sight); ``.bad-*`` ones stay, for inspection (only
+        :meth:`free_space` deletes them). A ``.tmp-<host>-<pid>-*`` dir goes if its writer is on this host and
+        that pid is dead, or if nothing in it changed for ``stale_seconds`` (writers on other hosts of a shared
+        filesystem, or a reused pid).
         """
         if not self.root.is_dir():
             return []
