@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
-from openbook.errors import PREEMPTED_EXIT, OpenbookError
+from openbook.errors import PREEMPTED_EXIT, FinishedRun, OpenbookError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -36,26 +37,51 @@ _STOPPED: list[str] = []  # the stop signals received outside the training loop
 
 
 def _stop_outside_training(signum: int, frame) -> None:
+    if _STOPPED:  # a stop is already under way (a second signal, or after a Ctrl-C): let it finish
+        return
     _STOPPED.append(signal.Signals(signum).name)
     raise StoppedOutsideTraining(_STOPPED[-1])
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def _interrupt(signum: int, frame) -> None:
+    """Ctrl-C: a KeyboardInterrupt, as Python's own handler (Lightning stops fit on it); a second one while the
+    first is being cleaned up ends the process at once (Ray's driver lives in a child, which exits with it)."""
+    if _STOPPED:
+        from openbook.trainer.rundir import release_held
+
+        print(f"openbook: interrupted again: exit {INTERRUPTED_EXIT} now", file=sys.stderr, flush=True)
+        release_held()
+        os._exit(INTERRUPTED_EXIT)
+    _STOPPED.append("SIGINT")
+    raise KeyboardInterrupt
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """A stop signal outside the training loop (the trainer's Preemption callback owns it inside) ends the run
     at once with exit 75: there is nothing new to checkpoint, the last checkpoint stays where a requeued job
     resumes. Installed first: the default action of SIGUSR1 kills the process (exit 138), and a scheduler
-    signalling a job still starting up would see it fail instead of requeue."""
+    signalling a job still starting up would see it fail instead of requeue. Ctrl-C: one line, exit 130."""
     before = {s: signal.signal(s, _stop_outside_training) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    before[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     _STOPPED.clear()
     try:
         return _train(args)
     except BaseException:  # the handler's exception, or what it became inside C code (Ray's: a SystemError)
         if not _STOPPED:
             raise
+        if _STOPPED[0] == "SIGINT":
+            print(f"openbook: interrupted (Ctrl-C): stopped; the last checkpoint stays; exit {INTERRUPTED_EXIT}",
+                  file=sys.stderr)
+            return INTERRUPTED_EXIT
         print(f"openbook: {_STOPPED[0]} outside the training loop: stopped, nothing new to checkpoint; exit "
               f"{PREEMPTED_EXIT} (resume with --resume auto)", file=sys.stderr)
         return PREEMPTED_EXIT
     finally:  # main() called in-process (tests, notebooks): the caller's handlers back
+        if _STOPPED[:1] == ["SIGINT"]:  # not Ctrl-C's, though: the process is on its way out; a second Ctrl-C now
+            before[signal.SIGINT] = signal.SIG_IGN  # would kill it (Python's exit resets its handlers) with no word
         for s, handler in before.items():
             signal.signal(s, handler)
 
@@ -71,11 +97,29 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = (resume_recipe(args.config, args.overrides, args.resume) if args.resume
            else load_recipe(args.config, args.overrides))
-    summary = run_train(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    try:
+        summary = run_train(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    except FinishedRun as e:
+        if args.resume != "auto":
+            raise
+        print(f"openbook: --resume auto: {e}", file=sys.stderr)  # a requeued or resubmitted job: done, exit 0
+        return 0
     _close_process_group()
     if "steps" in summary:  # rank 0 reports for the run
         print(json.dumps(summary, indent=2))
+    if summary.get("preempted") and "steps" in summary:
+        print(f"openbook: {preempted_line(summary)}", file=sys.stderr)
     return PREEMPTED_EXIT if summary.get("preempted") else 0
+
+
+def preempted_line(summary: dict) -> str:
+    """The exit line of a preempted run: where its resume starts, and how to."""
+    where = (f"resumes from {summary['checkpoint']} (step {summary['checkpoint_step']}"
+             + ("" if summary["checkpoint_written"] else f", {summary['steps'] - summary['checkpoint_step']} steps "
+                f"back: this stop's checkpoint failed: {summary.get('checkpoint_error')}") + ")"
+             if summary.get("checkpoint") else "has no checkpoint to resume from: a resume starts the run over")
+    why = "" if summary.get("reason", "SIGTERM").startswith("SIG") else f" ({summary['reason']})"
+    return f"preempted at step {summary['steps']}{why}, exit {PREEMPTED_EXIT}; the run {where}: {summary['resume']}"
 
 
 def _close_process_group() -> None:

@@ -15,6 +15,10 @@ class CorpusError(OpenbookError):
     """A corpus file is missing, empty or has malformed rows."""
 
 
+class FinishedRun(OpenbookError):
+    """A resume of a run that already reached ``train.max_steps``: there is nothing to train."""
+
+
 class SnapshotError(OpenbookError):
     """An index snapshot is missing, truncated, corrupt or incompatible."""
 

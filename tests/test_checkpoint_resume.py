@@ -89,9 +89,13 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_session, stop):
     assert sorted(resumed) == sorted(full_rec.losses) == list(range(1, 17))
     for step, loss in full_rec.losses.items():
         assert loss == pytest.approx(resumed[step], abs=1e-4), (step, full_rec.losses, resumed)
-    versions = first.callback.stats.versions + second.callback.stats.versions
+    # the history goes on across the resume: the resumed run's is the uninterrupted run's, from step 1
+    versions = second.callback.stats.versions
     assert versions == full.callback.stats.versions, (versions, full.callback.stats.versions)
     assert [v for _, v in versions] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    events = [(e.version, e.submitted_step, e.swapped_step) for e in second.callback.stats.events]
+    assert events == [(e.version, e.submitted_step, e.swapped_step) for e in full.callback.stats.events], events
+    assert len(events) == 3 and second.callback.state_dict()["published"] == 3
     # The checkpoint's snapshot was reused (no re-encode at resume): v3 is the step-8 refresh, v4 step 12.
     assert [SnapshotStore(tmp_path / "cut" / "run" / "snapshots").load(v).encoder_step for v in (3, 4)] == [8, 12]
 
@@ -114,8 +118,15 @@ def test_resume_reuses_the_snapshot_or_rebuilds_it(tmp_path, damage, caplog):
         emb = store.path(1) / "embeddings.npy"
         emb.write_bytes(emb.read_bytes()[:-16] + b"\0" * 16)
     elif damage == "replaced":  # a valid snapshot at the same path, but another index (other weights)
+        import json
+
+        from openbook.index.snapshot import SEAL, manifest_seal
+
         manifest = store.path(1) / "manifest.json"
-        manifest.write_text(manifest.read_text().replace('"encoder_step": 0', '"encoder_step": 99'))
+        m = json.loads(manifest.read_text())
+        m["encoder_step"] = 99
+        m[SEAL] = manifest_seal(m)  # sealed as a publish seals it (a hand edit alone fails the seal: corrupt)
+        manifest.write_text(json.dumps(m))
         assert store.load(1).encoder_step == 99
     with caplog.at_level(logging.INFO, logger="openbook.trainer.refresh_callback"):
         parts, rec, trainer = _run(_no_refresh(tmp_path, 6), resume=str(run / "checkpoints" / "step-00000004"))
@@ -142,6 +153,34 @@ def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
         assert main(["train", "--config", str(path), "--resume", resume, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("openbook: error: --resume") and expect in err and "\n" not in err, err
+
+
+def test_history_goes_on_across_resumes_and_a_finished_run_is_not_resumed(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(config_yaml(_no_refresh(tmp_path, 4)))
+    history = tmp_path / "run" / "refresh_history_rank0.json"
+
+    def train(*extra: str) -> int:
+        return main(["train", "--config", str(path), "--quiet", *extra])
+
+    assert train() == 0
+    first = history.read_text()
+    assert [s for s, _ in json.loads(first)["versions"]] == [1, 2, 3, 4]
+    capsys.readouterr()
+    assert train("--resume", "last") == 2  # at max_steps: nothing to train
+    err = capsys.readouterr().err.strip()
+    assert "step 4 and train.max_steps is 4: the run is finished" in err and "\n" not in err, err
+    assert history.read_text() == first  # not overwritten by an empty history
+    assert train("--resume", "auto") == 0  # a requeued finished job ends cleanly
+    assert "the run is finished" in capsys.readouterr().err
+    assert history.read_text() == first
+    assert train("--resume", "last", "--set", "train.max_steps=6") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 6 and summary["final_loss"] == summary["final_loss"]  # not NaN
+    versions = json.loads(history.read_text())["versions"]
+    assert versions == [[s, 1] for s in range(1, 7)], versions  # steps 1-4 kept, 5-6 added
 
 
 class Batches(pl.Callback):

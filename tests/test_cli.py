@@ -181,11 +181,13 @@ def test_two_process_ddp_run_resumes_from_its_checkpoint(ddp_reference):
                        "--resume", "last")
     assert second.stderr.count("not re-encoded") == 2  # one line per rank, the step-4 snapshot (v2) reused
     summary = json.loads(second.stdout[second.stdout.index("{"):])
-    assert summary["steps"] == 16 and summary["refreshes_published"] == 2 and summary["index_version"] == 4
+    # the history goes on across the resume: the step-4 refresh from before it, the step-8 and step-12 ones after
+    assert summary["steps"] == 16 and summary["refreshes_published"] == 3 and summary["index_version"] == 4
     h0, h1 = rank_histories(wd / "runs" / "resumed")
-    assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(9, 17))
+    assert h0["versions"] == h1["versions"] and [s for s, _ in h0["versions"]] == list(range(1, 17))
+    assert [e["submitted_step"] for e in h0["events"]] == [4, 8, 12] and not h1["events"]
     # the step-8 refresh (triggered at resume) is in use from step 10, the step-12 one from 14
-    assert [v for _, v in h0["versions"]] == DDP_PLAN[8:]
+    assert [v for _, v in h0["versions"]] == DDP_PLAN
     full, resumed = tb_scalars(wd / "runs" / "reference", "train/loss"), tb_scalars(wd / "runs" / "resumed", "train/loss")
     assert len(full) == 16 and sorted(resumed) == sorted(full), (sorted(full), sorted(resumed))
     for step, loss in full.items():

@@ -188,7 +188,8 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_as_if_uninterrupted(tm
     ref_path = recipe(tmp_path / "ref", tmp_path / "c", max_steps=end, checkpoint_every_n_steps=4)
     ref = cli("train", "--config", str(ref_path), "--quiet", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert before + after == versions(tmp_path / "ref" / "run")
+    assert after[:len(before)] == before  # the history goes on across the resume (issue 33)
+    assert after == versions(tmp_path / "ref" / "run")
     got, want = losses(run), losses(tmp_path / "ref" / "run")
     assert sorted(got) == sorted(want) and len(want) == end
     for step in want:
@@ -228,6 +229,104 @@ def test_a_stop_signal_during_start_up_exits_75_at_once_and_leaves_no_lock(tmp_p
     while raylets() - before and time.time() < deadline:  # Ray's own shutdown at exit, not instant
         time.sleep(0.5)
     assert not raylets() - before
+
+
+@pytest.mark.parametrize("when", ["spawning", "ray-starting"])
+def test_ctrl_c_twice_during_start_up_is_a_clean_stop(tmp_path, when):
+    """Ctrl-C twice (SIGINT to the whole process group, as a terminal sends it) while the child process that hosts
+    Ray is being spawned (right after Lightning's first lines), or once Ray's first process runs under it: it was a
+    segmentation fault (exit 139) inside Ray's driver. Now Lightning's one line or openbook's, no traceback from
+    either process, no lock, no Ray left."""
+    import threading
+
+    path = recipe(tmp_path, max_steps=10000)
+    before = raylets()
+    proc = subprocess.Popen([OPENBOOK, "train", "--config", str(path), "--quiet", "--set",
+                             "refresh.inject_delay_seconds=5"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # never blocks the test
+    reader.start()
+    deadline = time.time() + 300
+
+    def ready() -> bool:
+        if when == "spawning":
+            return any("TPU available" in line for line in list(lines))
+        return any("gcs_server" in cmd for cmd in descendants(proc.pid).values())
+
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+    for _ in range(2):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+    proc.wait(timeout=300)
+    reader.join(30)
+    out, err = proc.stdout.read(), "".join(lines)
+    assert proc.returncode in (1, 130), (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and "Segmentation" not in err and "steps" not in out, err[-3000:]
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    deadline = time.time() + 60
+    while raylets() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not raylets() - before
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The processes under ``pid`` (any depth): pid -> command line, read from /proc."""
+    parent, cmd = {}, {}
+    for d in Path("/proc").iterdir():
+        try:
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (ValueError, OSError, IndexError):
+            continue
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.update({c: cmd[c] for c in kids})
+        todo += kids
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_lost", ["checkpoint", "continue"])
+def test_a_raylet_killed_under_the_trainer_checkpoints_and_exits_75_or_goes_on(tmp_path, on_lost):
+    """The Ray node under a running `openbook train` dies (its raylet SIGKILLed once the first refresh is
+    published). Before, Ray ended the trainer (exit 1, Ray's state dump, no checkpoint, the lock left). Now the
+    trainer (Ray's driver runs in a child process of its own) says so in one line and, by refresh.on_ray_lost,
+    checkpoints and exits 75 (and the resume starts a new Ray) or trains on with the index it has."""
+    steps = 10000 if on_lost == "checkpoint" else 40
+    path = recipe(tmp_path, max_steps=steps, checkpoint_every_n_steps=1000)
+    run, out_file, err_file = tmp_path / "run", tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_file.open("w") as out_f, err_file.open("w") as err_f:
+        proc = subprocess.Popen([OPENBOOK, "train", "--config", str(path), "--quiet", "--set",
+                                 f"refresh.on_ray_lost={on_lost}"], cwd=tmp_path, stdout=out_f, stderr=err_f, text=True)
+        while not (run / "snapshots" / "v000002").is_dir():
+            assert proc.poll() is None, err_file.read_text()[-3000:]
+            time.sleep(0.2)
+        (raylet,) = [p for p, cmd in descendants(proc.pid).items() if "raylet/raylet" in cmd]
+        os.kill(raylet, signal.SIGKILL)
+        proc.wait(timeout=600)
+    out, err = out_file.read_text(), err_file.read_text()
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("the Ray node under this trainer is gone at step") == 1, err[-3000:]
+    summary = json.loads(out[out.index("{"):])
+    assert not (run / LOCK_FILE).exists()
+    if on_lost == "continue":
+        assert proc.returncode == 0 and summary["steps"] == steps and summary["refresh_failures"] >= 1, summary
+        assert "training goes on with index" in err
+        return
+    assert proc.returncode == 75, err[-3000:]
+    stopped = summary["steps"]
+    assert summary["reason"] == "the Ray node under this trainer is gone" and summary["checkpoint_written"], summary
+    assert (run / "checkpoints" / f"step-{stopped:08d}" / "model.ckpt").is_file()
+    assert f"preempted at step {stopped} (the Ray node under this trainer is gone), exit 75" in err
+    resumed = cli(*shlex.split(summary["resume"])[1:], "--quiet", "--set", f"train.max_steps={stopped + 8}",
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == stopped + 8
 
 
 @pytest.mark.slow

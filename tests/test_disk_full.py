@@ -297,3 +297,82 @@ def test_under_ddp_a_checkpoint_that_does_not_fit_is_skipped_on_every_rank(tmp_p
     assert out["stderr"].count("not written: No space left on device (partial files removed)") == 2
     h0, h1 = rank_histories(tmp_path / "run")
     assert h0["versions"] == h1["versions"] and len(h0["versions"]) == 6  # both ranks trained every step
+
+
+# ------------------------------------------------------------------------- preemption on a full disk (issue 33)
+
+def _sigterm_once(path: Path) -> None:
+    """A real SIGTERM to this process as soon as ``path`` exists (a thread: the trainer runs meanwhile)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while not path.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def preempted_on_a_full_disk(tmp: str, case: str) -> dict:
+    """(In the child.) ``openbook train`` gets a SIGTERM once its step-2 checkpoint (``room``: step-4) exists, on a
+    disk where the preemption checkpoint does not fit. ``room``: keep 2, on a disk for 2.5 checkpoints: deleting the older
+    checkpoint makes room. ``snapshots``: keep 1, checkpoints and snapshots on one disk that two old snapshots
+    fill: deleting them (not the one in use) makes room. ``none``: keep 1, nothing openbook may delete."""
+    import numpy as np
+
+    from openbook.cli import preempted_line
+    from openbook.index import IndexConfig, SnapshotStore
+    from openbook.models.retriever import build_retriever
+    from openbook.trainer.checkpoints import checkpoint_root
+    from openbook.trainer.train import run_train
+
+    tmp = Path(tmp)
+    keep = 2 if case == "room" else 1
+    cfg = tiny_recipe(tmp, train={"max_steps": 400, "checkpoint_every_n_steps": 2, "keep_checkpoints": keep},
+                      refresh={"enabled": False}, snapshots={"dir": str(tmp / "disk" / "snapshots")})
+    model, _ = build_retriever(cfg.retriever)
+    one = 12 * sum(p.numel() for p in model.parameters())  # one model.ckpt: fp32 weights + Adam's 2 moments
+    disk = tmp / "disk"
+    if case == "snapshots":
+        rows = one * 7 // 10 // (16 * 6)  # a snapshot of ~0.7 checkpoints: float16 rows + a flat float32 index
+        mount_small_disk(disk, one * 3 // 2 + 2 * rows * 16 * 6 + 2**20)
+        store = SnapshotStore(disk / "snapshots", keep=10)
+        for seed in (1, 2):
+            x = np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
+            store.publish(x, [f"d{seed}-{i}" for i in range(rows)], encoder_step=0, index_cfg=IndexConfig())
+    else:
+        mount_small_disk(disk, one * 5 // 2 if case == "room" else one * 3 // 2)
+    (disk / "checkpoints").mkdir()
+    Path(cfg.run_dir).mkdir(parents=True)
+    checkpoint_root(cfg.run_dir).symlink_to(disk / "checkpoints")  # the checkpoints and snapshots share the disk
+    _sigterm_once(disk / "checkpoints" / ("step-00000004" if case == "room" else "step-00000002"))
+    with logged("openbook.trainer") as warnings:
+        summary = run_train(cfg, progress=False)
+    return {"summary": summary, "warnings": warnings, "line": preempted_line(summary),
+            "names": sorted(p.name for p in (disk / "checkpoints").iterdir()),
+            "snapshots": SnapshotStore(disk / "snapshots").versions()}
+
+
+@needs_small_disks
+@pytest.mark.parametrize("case", ["room", "snapshots", "none"])
+def test_a_preemption_checkpoint_that_does_not_fit_frees_room_or_names_the_newest_resumable_one(tmp_path, case):
+    out = on_small_disks("tests.test_disk_full:preempted_on_a_full_disk", str(tmp_path), case)
+    s = out["summary"]
+    assert s["preempted"] and s["exit_code"] == 75 and s["steps"] > 2, s
+    if case == "none":  # its own checkpoint failed: the summary and the exit line name the newest one that resumes
+        assert not s["checkpoint_written"] and s["checkpoint_error"] == "No space left on device", s
+        assert s["checkpoint_step"] == 2 and s["checkpoint"].endswith("step-00000002") and out["names"] == [
+            "step-00000002"], s
+        assert f"resumes from {s['checkpoint']} (step 2, {s['steps'] - 2} steps back" in out["line"], out["line"]
+        assert any(w.startswith(f"preempted at step {s['steps']}: its checkpoint could not be written (No space left "
+                                f"on device); the newest resumable checkpoint is ") for w in out["warnings"])
+        return
+    assert s["checkpoint_written"] and s["checkpoint_step"] == s["steps"], s
+    assert s["checkpoint"].endswith(f"step-{s['steps']:08d}") and out["names"][-1] == f"step-{s['steps']:08d}", out
+    assert f"resumes from {s['checkpoint']} (step {s['steps']})" in out["line"], out["line"]
+    made_room = [w for w in out["warnings"] if "to make room, trying once more" in w]
+    assert made_room and all("\n" not in w for w in made_room), out["warnings"]
+    if case == "snapshots":
+        assert "snapshots/v000001, snapshots/v000002" in made_room[0], made_room
+        assert out["snapshots"] == [3], out  # the one in use (built at the start) stays

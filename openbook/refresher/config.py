@@ -79,6 +79,11 @@ class RefreshConfig:
     wait_warning_share: float = opt(0.5, "async: warn when the trainer had to wait for more than this share of "
                                     "the last 6 refreshes, and waiting took > 2% of that time (the pool is too "
                                     "slow for swap_lag)")
+    on_ray_lost: Literal["checkpoint", "continue"] = opt(
+        "checkpoint", "when the Ray node under the trainer dies (its raylet killed, the node lost): checkpoint: "
+        "finish the step, write a checkpoint and exit 75 (the SLURM template requeues; the resume starts a new "
+        "Ray); continue: train on with the index in use, refresh off for the rest of the run (each refresh due "
+        "counts as failed)")
     inject_delay_seconds: float = opt(0.0, "fault injection for tests and drills: each encoder actor sleeps this "
                                       "long before every shard (a slow or loaded pool)")
 

@@ -27,10 +27,10 @@ def load_numpy_state(module: torch.nn.Module, state: dict[str, np.ndarray]) -> N
 def numpy_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
     """A CPU copy of the weights as numpy arrays (zero-copy through Ray's object store). numpy has no bfloat16
     (a ``bf16-true`` trainer's weights): those go as float32, which the actors' float32 encoders load exactly."""
-    return {k: _cpu(v).numpy() for k, v in module.state_dict().items()}
+    return {k: cpu_copy(v).numpy() for k, v in module.state_dict().items()}
 
 
-def _cpu(v: torch.Tensor) -> torch.Tensor:
+def cpu_copy(v: torch.Tensor) -> torch.Tensor:
     return v.detach().to("cpu", dtype=torch.float32 if v.dtype == torch.bfloat16 else v.dtype, copy=True)
 
 

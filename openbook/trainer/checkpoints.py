@@ -8,10 +8,12 @@ schedule position) and ``config.yaml``, the resolved recipe. A directory appears
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from openbook.trainer.loaders import process_group
 log = logging.getLogger(__name__)
 CKPT_FILE = "model.ckpt"
 CONFIG_FILE = "config.yaml"
+ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write failed for want of room: freeing may help
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -62,21 +65,37 @@ def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
     return ckpt
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The global step a ``.ckpt`` was taken at: from its ``step-N`` directory, else from the file itself."""
+    named = _STEP_DIR.match(Path(ckpt).parent.name)
+    if named:
+        return int(named.group(1))
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line answer
+        raise OpenbookError(f"{ckpt}: not a readable Lightning checkpoint ({type(e).__name__})") from None
+
+
 class StepCheckpoint(Checkpoint):
     """Every ``every`` optimizer steps (0: only when asked, as at preemption), ``trainer.save_checkpoint`` into
     ``step-{n:08d}/model.ckpt`` plus ``config.yaml``; keeps the newest ``keep``. Also saves the Python/NumPy/torch
     RNG states (Lightning does not), every rank's under DDP, so a resumed run draws the same dropout masks and
     negatives on every rank.
 
-    A write that fails with an OSError (a full disk, a quota) costs that checkpoint only: its partial files
-    are removed, one line is logged, ``failed`` counts it (logged as ``checkpoint/failures``) and training
-    goes on; the older checkpoints are not pruned, so the last good one stays."""
+    A write that fails for want of room (a full disk, a quota) first frees what openbook may: every checkpoint but
+    the newest good one, and ``free_more``'s (the snapshots no swap needs, on that filesystem), then tries once
+    more. A write that still fails costs that checkpoint only: its partial files are removed, one line is
+    logged, ``failed`` counts it (logged as ``checkpoint/failures``) and training goes on; the last good
+    checkpoint stays."""
 
     def __init__(self, run_dir: str | Path, every: int, keep: int, config_yaml: str):
         self.root, self.every, self.keep, self.config_yaml = checkpoint_root(run_dir), every, keep, config_yaml
         self.saved: list[Path] = []
         self.last_step = -1  # the step last saved (a preemption checkpoint may come first at a periodic step)
         self.failed = 0
+        self.last_error: str | None = None  # why the last checkpoint that failed was not written
+        # frees more room once old checkpoints are gone (given the checkpoint root): names of what went
+        self.free_more: Callable[[Path], list[str]] | None = None
         self._by_rank: list[dict] | None = None  # every rank's RNG states, gathered at each save under DDP
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -88,10 +107,26 @@ class StepCheckpoint(Checkpoint):
 
     def save(self, trainer: pl.Trainer, step: int) -> Path | None:
         """Write the step-``step`` checkpoint; its final path, or None if it could not be written. Every rank
-        calls it (the collectives below run on all of them, in the same order, whatever happens on rank 0)."""
+        calls it (the collectives below run on all of them, in the same order, whatever happens on rank 0).
+        Out of room, rank 0 frees what openbook may (:meth:`_make_room`) and every rank tries once more."""
         self.last_step = step
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
+        error = self._attempt_save(trainer, tmp, final)
+        freed = self._make_room(final, error) if trainer.is_global_zero and error is not None else []
+        if trainer.strategy.broadcast(bool(freed), src=0):
+            error = self._attempt_save(trainer, tmp, final)
+        if trainer.is_global_zero and error is not None:
+            self._give_up(final, error, freed)
+        # rank 0's outcome, so every rank returns and counts the same (and waits for rank 0 to finish)
+        ok = trainer.strategy.broadcast(error is None, src=0)
+        if not ok:
+            self.failed += 1
+            return None
+        return final
+
+    def _attempt_save(self, trainer: pl.Trainer, tmp: Path, final: Path) -> OSError | None:
+        """One try (a collective): rank 0's OSError, its partial files removed; None once ``final`` exists."""
         error = _attempt(lambda: _fresh_dir(tmp)) if trainer.is_global_zero else None
         trainer.strategy.barrier()
         self._by_rank = gather_rng_states()  # a collective (under DDP): before save_checkpoint asks state_dict
@@ -103,14 +138,26 @@ class StepCheckpoint(Checkpoint):
             trainer.strategy.barrier("Trainer.save_checkpoint")
         if trainer.is_global_zero and error is None:
             error = _attempt(lambda: self._commit(tmp, final))
-        if trainer.is_global_zero and error is not None:
-            self._give_up(tmp, final, error)
-        # rank 0's outcome, so every rank returns and counts the same (and waits for rank 0 to finish)
-        ok = trainer.strategy.broadcast(error is None, src=0)
-        if not ok:
-            self.failed += 1
-            return None
-        return final
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return error
+
+    def _make_room(self, final: Path, error: OSError) -> list[str]:
+        """Out of room (ENOSPC, EDQUOT, EFBIG): delete every checkpoint but the newest good one, and what
+        ``free_more`` frees (the refresh callback's unprotected snapshots on the same filesystem); the names of
+        what went (nothing: no retry)."""
+        if error.errno not in ROOM_ERRNOS:
+            return []
+        gone = []
+        for old in list_checkpoints(self.root.parent)[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old.name)
+        if self.free_more is not None:
+            gone += self.free_more(self.root)
+        if gone:
+            log.warning("checkpoint %s: %s; deleted %s to make room, trying once more", final.name,
+                        error.strerror or error, ", ".join(gone))
+        return gone
 
     def _commit(self, tmp: Path, final: Path) -> None:
         (tmp / CONFIG_FILE).write_text(self.config_yaml)
@@ -121,12 +168,12 @@ class StepCheckpoint(Checkpoint):
         self._prune()
         log.info("checkpoint %s", final)
 
-    def _give_up(self, tmp: Path, final: Path, error: OSError) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def _give_up(self, final: Path, error: OSError, freed: list[str]) -> None:
+        self.last_error = error.strerror or str(error)
         good = list_checkpoints(self.root.parent)
         last = f"the last good checkpoint is {good[-1].name}" if good else "no checkpoint written yet"
-        log.warning("checkpoint %s not written: %s (partial files removed); training goes on, %s", final.name,
-                    error.strerror or error, last)
+        log.warning("checkpoint %s not written: %s (partial files removed%s); training goes on, %s", final.name,
+                    self.last_error, ", even after deleting " + ", ".join(freed) if freed else "", last)
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.root.parent)[:-self.keep]:

@@ -14,13 +14,14 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from openbook.errors import PREEMPTED_EXIT
-from openbook.trainer.checkpoints import StepCheckpoint
+from openbook.trainer.checkpoints import CKPT_FILE, StepCheckpoint, checkpoint_step, list_checkpoints
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -33,6 +34,9 @@ class Preemption(pl.Callback):
     def __init__(self, checkpoint: StepCheckpoint):
         self.checkpoint = checkpoint
         self.received: int | None = None
+        # other reasons to stop the same way (the refresh callback's, when its Ray node is gone): a reason or None
+        self.requests: list[Callable[[], str | None]] = []
+        self.reason: str | None = None  # why it stopped: the signal's name or a request's reason
         self.stopped_at: int | None = None
         self.path: Path | None = None
 
@@ -53,14 +57,37 @@ class Preemption(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        stop = self.received is not None
+        asked = next((r for r in (f() for f in self.requests) if r), None)
+        stop = self.received is not None or asked is not None
         if trainer.world_size > 1:  # every rank stops after the same step, whichever got the signal
             flag = torch.tensor([1.0 if stop else 0.0], device=trainer.strategy.root_device)
             stop = bool(trainer.strategy.reduce(flag, reduce_op="max").item() > 0)
         if not stop or self.stopped_at is not None:
             return
         step = trainer.global_step
+        self.reason = signal.Signals(self.received).name if self.received is not None else asked or "another rank"
         self.stopped_at, self.path = step, self.checkpoint.save(trainer, step)
         trainer.should_stop = True
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        if self.path is not None:
             log.warning("preempted: checkpoint %s written at step %d; resume with --resume last", self.path, step)
+        elif self.resumable is not None:
+            log.warning("preempted at step %d: its checkpoint could not be written (%s); the newest resumable "
+                        "checkpoint is %s (step %d, %d steps back)", step, self.checkpoint.last_error,
+                        self.resumable, self.resumable_step, step - self.resumable_step)
+        else:
+            log.warning("preempted at step %d: its checkpoint could not be written (%s) and there is no older one: "
+                        "a resume starts the run over", step, self.checkpoint.last_error)
+
+    @property
+    def resumable(self) -> Path | None:
+        """The checkpoint directory a resume starts from: this stop's, else the newest older one."""
+        if self.path is not None:
+            return self.path
+        found = list_checkpoints(self.checkpoint.root.parent)
+        return found[-1] if found else None
+
+    @property
+    def resumable_step(self) -> int | None:
+        return None if self.resumable is None else checkpoint_step(self.resumable / CKPT_FILE)

@@ -33,6 +33,7 @@ from openbook.refresher.config import RefreshConfig
 from openbook.refresher.encode import numpy_state
 from openbook.refresher.schedule import RefreshSchedule
 from openbook.trainer.keepalive import KEEPALIVE_SECONDS, in_background, wait_for_rank0
+from openbook.trainer.loaders import process_group
 from openbook.trainer.swap import Pending, Prefetch, Published, RefresherState, RefreshEvent, RefreshStats
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class IndexRefreshCallback(pl.Callback):
         self._started = False  # the pool (rank 0) and the first snapshot are up: at fit start, or a validate before
         self.logged: dict[str, float] = {}  # the figures of the last step, as logged (the exporter serves them)
         self.keepalive = KEEPALIVE_SECONDS  # under DDP, how often a busy rank 0 tells the others it still works
+        self._lost: str | None = None  # rank 0: why the coordinator's process (Ray's driver) is gone, once it is
+        self.stop_request: str | None = None  # rank 0: why the run should checkpoint and stop (Preemption acts)
 
     # -- start and stop ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -97,7 +100,12 @@ class IndexRefreshCallback(pl.Callback):
         if self.index_cfg is not None:
             self.index_cfg = searcher_config(self.index_cfg, pl_module.device, trainer.world_size)
         if trainer.is_global_zero and self.refreshing:
-            self.coordinator = self.make_coordinator().start()
+            coordinator = self.make_coordinator()
+            try:
+                self.coordinator = coordinator.start()
+            except BaseException:  # a stop signal while Ray starts, too: no Ray (or its process) left behind
+                coordinator.shutdown()
+                raise
         if self._resume is not None:
             self._restore(trainer, pl_module)
         elif self.holder.get() is None:
@@ -114,7 +122,7 @@ class IndexRefreshCallback(pl.Callback):
         """Rank 0: start building the first snapshot; its poll (see keepalive.py)."""
         if self.coordinator is not None:
             log.info("index: the actor pool encodes the corpus with the step-%d weights", step)
-            ticket = self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step)
+            ticket = self.coordinator.submit(self._weights(pl_module), step)
 
             def poll(timeout: float | None) -> tuple[bool, Published | None]:
                 res = self.coordinator.wait_for(ticket, timeout)
@@ -213,7 +221,8 @@ class IndexRefreshCallback(pl.Callback):
             step=self._step, last_refresh_step=self._last_refresh_step, skipped=self.stats.skipped,
             failures=self.stats.failures, published=self._base["published"] + len(self.stats.events),
             schedule=self.schedule.spec, mode=self.cfg.mode, in_use=self._in_use, pending=pending, queue=self._queue,
-            in_flight=bool(self.coordinator is not None and self.coordinator.busy)).to_dict()
+            in_flight=bool(self.coordinator is not None and self.coordinator.busy),
+            history=self.stats.history()).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Called by Lightning (with the weights already restored) before ``on_fit_start``."""
@@ -222,6 +231,12 @@ class IndexRefreshCallback(pl.Callback):
         self._base = {"skipped": self._resume.skipped, "failures": self._resume.failures,
                       "published": self._resume.published}
         self.stats.skipped, self.stats.failures = self._resume.skipped, self._resume.failures
+        # the history goes on: its refreshes count once, in events. The checkpoint holds rank 0's: another rank
+        # takes the versions in use (the same on every rank), not the refreshes only rank 0 drove
+        _, rank = process_group()
+        self.stats.restore(self._resume.history if rank == 0 else
+                           {"version_runs": self._resume.history.get("version_runs", [])})
+        self._base["published"] -= len(self.stats.events)
 
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resume: the checkpoint's snapshot if it still loads and verifies (no re-encode), else a rebuild
@@ -321,6 +336,8 @@ class IndexRefreshCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = self._step = trainer.global_step  # optimizer steps taken so far
+        if self.coordinator is not None and getattr(self.coordinator, "lost", None):
+            self._ray_lost(step)
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= step  # no later step would use it
         if self.refreshing and self.schedule.due(step) and not last:
             self._trigger(trainer, pl_module, step)
@@ -332,18 +349,53 @@ class IndexRefreshCallback(pl.Callback):
             self._enqueue(trainer, pl_module, step)
             return
         if self.coordinator is not None:
-            self.coordinator.submit(numpy_state(self.doc_encoder(pl_module)), step, self._protect())
+            self.coordinator.submit(self._weights(pl_module), step, self._protect())
+
+    def _ray_lost(self, step: int) -> None:
+        """Rank 0: the coordinator's process (Ray's driver) is gone (refresher/host.py). Its counts are kept, it
+        is dropped (refreshes due from now on fail: every rank keeps the index in use), and under
+        ``on_ray_lost: checkpoint`` :attr:`stop_request` asks Preemption to checkpoint and exit 75."""
+        why = self.coordinator.lost
+        self.metrics_counts()
+        self.coordinator.shutdown()
+        self.coordinator, self._lost = None, why
+        if self.cfg.on_ray_lost == "checkpoint":
+            self.stop_request = "the Ray node under this trainer is gone"
+            log.error("refresh: the Ray node under this trainer is gone at step %d: checkpoint, then exit 75 "
+                      "(refresh.on_ray_lost: checkpoint; a requeued or resumed run starts a new Ray)", step)
+        else:
+            log.error("refresh: the Ray node under this trainer is gone at step %d: training goes on with index v%d, "
+                      "refresh off (refresh.on_ray_lost: continue; each refresh due counts as failed)", step,
+                      self._in_use.version if self._in_use else -1)
+
+    def _weights(self, pl_module: pl.LightningModule) -> dict:
+        """Rank 0: the doc encoder's weights as numpy arrays, in the form the coordinator takes them cheapest (a
+        hosted one: in a file its process maps, refresher/host.py)."""
+        encoder = self.doc_encoder(pl_module)
+        take = getattr(type(self.coordinator), "weights", None)
+        return take(encoder) if take is not None else numpy_state(encoder)
 
     def _protect(self) -> tuple[int, ...]:
         """Snapshots a publish must not prune: the one in use and those waiting for their swap."""
         waiting = [p.published.version for p in self._queue if p.published is not None]
         return (*((self._in_use.version,) if self._in_use else ()), *waiting)
 
+    def free_snapshots(self, near: Path) -> list[str]:
+        """Out of room for a checkpoint under ``near``: delete the snapshots no swap needs (all but the one in use,
+        those waiting and the newest whole one), if they share its filesystem; the names of what went."""
+        if self._in_use is None:
+            return []
+        root = Path(self._in_use.path).parent
+        if _device(root) != _device(Path(near)):
+            return []
+        protect = (*self._protect(), *((self._pending.version,) if self._pending else ()))
+        return [f"snapshots/{name}" for name in SnapshotStore(root).free_space(protect)]
+
     # -- the deterministic swap --------------------------------------------------------------
     def _enqueue(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         p = Pending(step, step + self.lag, time.time())
         if self.coordinator is not None:  # rank 0 submits; every rank records when it is due
-            p.state = numpy_state(self.doc_encoder(pl_module))
+            p.state = self._weights(pl_module)
             p.ticket = self.coordinator.submit(p.state, step, self._protect(), queue=True,
                                                weights_time=p.weights_time)
         self._queue.append(p)
@@ -384,8 +436,9 @@ class IndexRefreshCallback(pl.Callback):
         """Rank 0: wait (up to ``timeout``) until ``p`` is published or failed; True once it is."""
         if p.settled:
             return True
-        if p.ticket is None:
-            p.error = "it was never submitted"
+        if p.ticket is None or self.coordinator is None:  # none: its process (Ray's driver) is gone
+            p.error = (f"lost with the refresh process: {self._lost}" if self._lost
+                       else "it was never submitted")
             self._count_failure()
             return True
         out = self.coordinator.wait_for(p.ticket, timeout)
@@ -533,7 +586,8 @@ class IndexRefreshCallback(pl.Callback):
             "refresh/failures": float(self.stats.failures),
             "refresh/in_flight": float(bool(self.coordinator and self.coordinator.busy)),
             # rank 0 with refresh on: the pool has all its actors up and the last refresh did not fail
-            "refresh/healthy": float(self.coordinator.healthy) if self.coordinator is not None else 1.0,
+            "refresh/healthy": (float(self.coordinator.healthy) if self.coordinator is not None
+                                else 0.0 if self._lost else 1.0),
             "refresh/interval_steps": float(self.schedule.interval(trainer.global_step) or 0),
         }
 
@@ -541,6 +595,16 @@ class IndexRefreshCallback(pl.Callback):
         m = self.logged = self.metrics(trainer)  # one reading per step: TensorBoard and Prometheus agree
         self.stats.versions.append((trainer.global_step, int(m["index/version"])))
         pl_module.log_dict(m, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+def _device(path: Path) -> int | None:
+    """The filesystem (st_dev) ``path`` is on, or would be created on (its nearest existing parent)."""
+    for p in (path, *path.parents):
+        try:
+            return p.stat().st_dev
+        except OSError:
+            continue
+    return None
 
 
 def searcher_config(cfg: IndexConfig, device: torch.device, world: int) -> IndexConfig:

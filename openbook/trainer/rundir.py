@@ -25,6 +25,7 @@ from openbook.errors import OpenbookError
 log = logging.getLogger(__name__)
 LOCK_FILE = ".openbook.lock"
 HEARTBEAT_SECONDS = 30.0
+HELD: list[RunLock] = []  # the locks this process holds
 STALE_SECONDS = 600.0
 # What a training run writes into its run_dir: a directory holding any of these holds results.
 RESULTS = ("config.yaml", "checkpoints", "tb", "retriever.pt", "model.pt", "summary.json")
@@ -74,6 +75,12 @@ def alive(h: Holder, mtime: float) -> bool:
     return time.time() - mtime < STALE_SECONDS
 
 
+def release_held() -> None:
+    """Release every lock this process holds (a process about to ``os._exit``: a second Ctrl-C)."""
+    for lock in list(HELD):
+        lock.release()
+
+
 class RunLock:
     """``with RunLock(run_dir):`` holds the run directory's lock (a heartbeat thread keeps it fresh)."""
 
@@ -99,6 +106,7 @@ class RunLock:
                 json.dump(asdict(me()), f)
             self._thread = threading.Thread(target=self._beat, name="openbook-runlock", daemon=True)
             self._thread.start()
+            HELD.append(self)
             return self
         raise OpenbookError(f"{self.path}: could not take the run directory's lock")
 
@@ -129,6 +137,8 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self in HELD:
+            HELD.remove(self)
         try:
             if Holder(**json.loads(self.path.read_text())).pid == os.getpid():
                 self.path.unlink()

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
+
 from openbook.index import IndexSnapshot
 
 
@@ -116,7 +118,35 @@ class RefreshStats:
     events: list[RefreshEvent] = field(default_factory=list)
     stalls: list[float] = field(default_factory=list)  # seconds the loop waited, per step
     versions: list[tuple[int, int]] = field(default_factory=list)  # (global step, version in use)
-    initial_docs: int = 0  # passages the initial index build of this process encoded (0 after a resume reuse)
+    initial_docs: int = 0  # passages the initial index builds encoded (a resume that reuses its snapshot: none)
+
+    def history(self) -> dict:
+        """What a checkpoint carries so that a resumed run's history and counters go on from it: the refreshes,
+        waits, stalls (float32) and the version in use per step, as runs ``[first, last, version]``."""
+        return {"events": [asdict(e) for e in self.events], "waits": self.waits, "wait_seconds": self.wait_seconds,
+                "initial_docs": self.initial_docs, "stalls": np.asarray(self.stalls, np.float32),
+                "version_runs": version_runs(self.versions)}
+
+    def restore(self, history: dict) -> None:
+        """The history of a checkpoint (:meth:`history`); a checkpoint from before it carried one: none."""
+        if not history:
+            return
+        self.events = [RefreshEvent(**e) for e in history.get("events", [])]
+        self.waits, self.wait_seconds = int(history.get("waits", 0)), float(history.get("wait_seconds", 0.0))
+        self.initial_docs = int(history.get("initial_docs", 0))
+        self.stalls = [float(x) for x in np.asarray(history.get("stalls", []), np.float64)]
+        self.versions = [(s, v) for first, last, v in history.get("version_runs", []) for s in range(first, last + 1)]
+
+
+def version_runs(versions: list[tuple[int, int]]) -> list[list[int]]:
+    """``(step, version)`` per step as runs of consecutive steps with one version: ``[first, last, version]``."""
+    runs: list[list[int]] = []
+    for step, version in versions:
+        if runs and runs[-1][2] == version and runs[-1][1] + 1 == step:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step, version])
+    return runs
 
 
 @dataclass
@@ -134,6 +164,7 @@ class RefresherState:
     pending: Published | None = None  # asap: published, not yet swapped in
     queue: list[Pending] = field(default_factory=list)  # async/sync: triggered, waiting for their swap step
     in_flight: bool = False
+    history: dict = field(default_factory=dict)  # RefreshStats.history(): the run's history up to ``step``
 
     def to_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_use", "pending", "queue")},
@@ -146,4 +177,5 @@ class RefresherState:
         pub = {k: Published(**d[k]) if d.get(k) else None for k in ("in_use", "pending")}
         return cls(int(d["step"]), int(d["last_refresh_step"]), int(d["skipped"]), int(d["failures"]),
                    int(d["published"]), str(d.get("schedule", "")), str(d.get("mode", "asap")), **pub,
-                   queue=[Pending.from_state(q) for q in d.get("queue") or []], in_flight=bool(d.get("in_flight")))
+                   queue=[Pending.from_state(q) for q in d.get("queue") or []], in_flight=bool(d.get("in_flight")),
+                   history=d.get("history") or {})

@@ -95,10 +95,16 @@ def refresh_callback(s: Shared, spec: ModelSpec, progress: bool = False) -> Inde
     target = index_target(cfg, s.data.corpus)
 
     def make_coordinator():
-        from openbook.refresher.coordinator import RefreshCoordinator
+        import ray
 
-        return RefreshCoordinator(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target,
-                                  gpus=refresh_gpus(cfg))
+        from openbook.refresher.coordinator import RefreshCoordinator
+        from openbook.refresher.host import HostedCoordinator
+
+        # Ray's driver in a child process, so a dead Ray node does not take the trainer with it (refresher/host.py);
+        # where Ray is up in this process already (a Ray Train worker, a test's session) the trainer shares its fate
+        kind = RefreshCoordinator if ray.is_initialized() else HostedCoordinator
+        return kind(refresh, cfg.encode, spec.encoder_spec(s), s.tokens, s.data.corpus.ids, target,
+                    gpus=refresh_gpus(cfg))
 
     def build_initial(module: pl.LightningModule, step: int) -> Published:
         snap, stats = publish_in_process(target, spec.doc_encoder(module), s.tokens, s.data.corpus.ids, step,
@@ -140,7 +146,10 @@ def make_trainer(cfg: RecipeConfig, callbacks: list, logger=None, **overrides) -
     from openbook.trainer.checkpoints import StepCheckpoint
     from openbook.trainer.preemption import Preemption
     step_ckpt = StepCheckpoint(cfg.run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints, config_yaml(cfg))
-    callbacks = [*callbacks, Preemption(step_ckpt), step_ckpt]
+    step_ckpt.free_more = next((c.free_snapshots for c in callbacks if isinstance(c, IndexRefreshCallback)), None)
+    pre = Preemption(step_ckpt)
+    pre.requests += [lambda c=c: c.stop_request for c in callbacks if isinstance(c, IndexRefreshCallback)]
+    callbacks = [*callbacks, pre, step_ckpt]
     val = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
     kwargs = dict(**val, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                   strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
@@ -189,6 +198,7 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
         from openbook.trainer.resume import check_resume
         ckpt = resolve_checkpoint(cfg.train.resume_from, cfg.run_dir)
         check_resume(cfg, ckpt)
+        check_unfinished(cfg, ckpt)
         log.info("resuming from %s", ckpt)
     lock = RunLock(cfg.run_dir).acquire() if launch_rank() == 0 else None
     try:
@@ -198,6 +208,19 @@ def run_train(cfg: RecipeConfig, progress: bool = True, data: DataBundle | None 
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_unfinished(cfg: RecipeConfig, ckpt: Path) -> None:
+    """A resume from a checkpoint at ``train.max_steps`` or beyond would train nothing and report a NaN loss
+    and an empty history over the run's results: refused in one line (:class:`FinishedRun`)."""
+    from openbook.errors import FinishedRun
+    from openbook.trainer.checkpoints import checkpoint_step
+
+    step = checkpoint_step(ckpt)
+    if step >= cfg.train.max_steps:
+        raise FinishedRun(f"{ckpt} is at step {step} and train.max_steps is {cfg.train.max_steps}: the run is "
+                          f"finished, nothing to train (its results are kept); to train on, add --set "
+                          f"train.max_steps=N with N > {step}")
 
 
 def _train(cfg: RecipeConfig, progress: bool, data: DataBundle | None, ckpt, trainer_overrides: dict) -> dict:
@@ -269,7 +292,11 @@ def preemption_summary(trainer: pl.Trainer) -> dict | None:
     if pre is None or pre.stopped_at is None:
         return None
     run_dir = shlex.quote(str(pre.checkpoint.root.parent))  # run_dir/checkpoints: whatever set it (--set run_dir=...)
-    return {"preempted": True, "steps": pre.stopped_at, "checkpoint": str(pre.path) if pre.path else None,
+    resumable = pre.resumable  # the newest checkpoint a resume starts from (an older one if this one failed)
+    return {"preempted": True, "reason": pre.reason, "steps": pre.stopped_at,
+            "checkpoint": str(resumable) if resumable else None,
+            "checkpoint_step": pre.resumable_step, "checkpoint_written": pre.path is not None,
+            **({} if pre.path else {"checkpoint_error": pre.checkpoint.last_error}),
             "exit_code": PREEMPTED_EXIT, "resume": f"openbook train --resume {run_dir}", **scheduler_job()}
 
 
