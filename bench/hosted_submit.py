@@ -24,8 +24,6 @@ import statistics
 import time
 from multiprocessing.managers import BaseManager
 
-import numpy as np
-
 from bench.common import machine, table, write_section
 from openbook.refresher.encode import numpy_state
 from openbook.refresher.host import HostedCoordinator, _Served, _Spawn
