@@ -68,33 +68,35 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_one(name: str, module, sink, repeats: int) -> dict:
+    """The three hand-overs of one doc encoder's weights, side by side."""
+    queue: list = []
+    size = sum(v.nbytes for v in numpy_state(module).values())
+
+    def shared() -> int:
+        state = HostedCoordinator.weights(module)
+        try:
+            return sink.submit_mapped(state.layout)
+        finally:
+            state.unlink()
+
+    inline = timed(lambda: queue.append(numpy_state(module)) or queue.clear(), repeats)
+    pickled = timed(lambda: sink.submit(numpy_state(module)), repeats)
+    via_shm = timed(shared, repeats)
+    assert shared() == size  # every byte arrived
+    return {"doc encoder": name, "MB": round(size / 1e6, 1), "in process (before), ms": inline * 1e3,
+            "pickled, ms": pickled * 1e3, "shared file (now), ms": via_shm * 1e3,
+            "now / before": via_shm / inline, "pickled / now": pickled / via_shm}
+
+
 def measure(repeats: int) -> list[dict]:
     manager = _Manager(ctx=_Spawn)
     manager.start()
     sink = manager.Sink()
-    rows = []
     try:
-        for name, module in encoders().items():
-            queue: list = []
-            size = sum(v.nbytes for v in numpy_state(module).values())
-
-            def shared() -> int:
-                state = HostedCoordinator.weights(module)
-                try:
-                    return sink.submit_mapped(state.layout)
-                finally:
-                    state.unlink()
-
-            inline = timed(lambda: queue.append(numpy_state(module)) or queue.clear(), repeats)
-            pickled = timed(lambda: sink.submit(numpy_state(module)), repeats)
-            via_shm = timed(shared, repeats)
-            assert shared() == size  # every byte arrived
-            rows.append({"doc encoder": name, "MB": round(size / 1e6, 1), "in process (before), ms": inline * 1e3,
-                         "pickled, ms": pickled * 1e3, "shared file (now), ms": via_shm * 1e3,
-                         "now / before": via_shm / inline, "pickled / now": pickled / via_shm})
+        return [measure_one(name, module, sink, repeats) for name, module in encoders().items()]
     finally:
         manager.shutdown()
-    return rows
 
 
 def main() -> None:
